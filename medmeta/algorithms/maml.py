@@ -1,0 +1,138 @@
+"""Model-agnostic meta-learning (Finn et al., 2017), second order by default.
+
+Functional: the inner loop never clones or mutates the model. Adapted weights are a dict of
+tensors fed to ``torch.func.functional_call``; inner gradients come from ``torch.func.grad``, and
+the outer loss keeps the graph through every inner step, so ``outer_loss(...).backward()`` puts
+the exact second-order meta-gradient into ``model.parameters()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class MAML:
+    """Second-order MAML over a meta-batch of tasks with a leading task dimension ``T``.
+
+    Args:
+        model: the network; its parameters are the meta-learned initialisation θ.
+        inner_lr: inner-loop SGD step size α.
+        inner_steps: inner SGD steps on the support set during meta-training.
+        eval_inner_steps: inner steps when adapting for evaluation (default: ``inner_steps``).
+        first_order: drop second-order terms (FOMAML) when ``True``.
+        task_reduction: ``"mean"`` or ``"sum"`` of the query losses over the tasks; ``"sum"`` with
+            plain SGD at rate β is the update θ ← θ − β∇θ Σᵢ L_Tᵢ(f_θᵢ') of the paper.
+        loss_fn: loss on (predictions, targets); cross-entropy by default.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float = 0.4,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        task_reduction: Literal["mean", "sum"] = "mean",
+        loss_fn: LossFn = F.cross_entropy,
+    ) -> None:
+        if inner_steps < 0 or (eval_inner_steps is not None and eval_inner_steps < 0):
+            raise ValueError("inner_steps and eval_inner_steps must be >= 0")
+        if task_reduction not in ("mean", "sum"):
+            raise ValueError(f"task_reduction must be 'mean' or 'sum', got {task_reduction!r}")
+        self.model = model
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        self.first_order = first_order
+        self.task_reduction = task_reduction
+        self.loss_fn = loss_fn
+
+    def _forward(self, params: Params, x: Tensor) -> Tensor:
+        buffers = dict(self.model.named_buffers())
+        return functional_call(self.model, (params, buffers), (x,))
+
+    def _support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self.loss_fn(self._forward(params, x), y)
+
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        steps: int | None = None,
+        first_order: bool | None = None,
+        params: Params | None = None,
+    ) -> Params:
+        """Adapted weights θ' for one task after ``steps`` SGD steps on its support set.
+
+        With ``first_order=False`` the returned tensors stay differentiable functions of θ
+        (second order); with ``True`` the inner gradients are treated as constants.
+        """
+        _require_grad_mode()
+        steps = self.inner_steps if steps is None else steps
+        first_order = self.first_order if first_order is None else first_order
+        if params is None:
+            params = dict(self.model.named_parameters())
+        support_grad = grad(self._support_loss)
+        for _ in range(steps):
+            grads = support_grad(params, support_x, support_y)
+            params = {
+                name: p - self.inner_lr * (grads[name].detach() if first_order else grads[name])
+                for name, p in params.items()
+            }
+        return params
+
+    def outer_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+        """Query loss of the adapted models, reduced over the ``T`` tasks; differentiable in θ."""
+        _check_task_batch(support_x, support_y, query_x, query_y)
+        losses = []
+        for task in range(support_x.shape[0]):
+            adapted = self.adapt(support_x[task], support_y[task])
+            losses.append(self.loss_fn(self._forward(adapted, query_x[task]), query_y[task]))
+        stacked = torch.stack(losses)
+        return stacked.sum() if self.task_reduction == "sum" else stacked.mean()
+
+    def adapt_and_predict(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
+    ) -> Tensor:
+        """Query logits ``[T, N*Q, N]`` after adapting to each task (``eval_inner_steps`` steps).
+
+        Works under ``torch.no_grad`` (the inner gradients are computed functionally); the result
+        is detached from θ.
+        """
+        steps = self.eval_inner_steps if steps is None else steps
+        theta = {name: p.detach() for name, p in self.model.named_parameters()}
+        logits = []
+        for task in range(support_x.shape[0]):
+            adapted = self.adapt(support_x[task], support_y[task], steps=steps, first_order=True, params=theta)
+            logits.append(self._forward(adapted, query_x[task]).detach())
+        return torch.stack(logits)
+
+
+def _require_grad_mode() -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "MAML adaptation needs gradients but is running under torch.inference_mode; "
+            "set `trainer.inference_mode: false` in the config (Trainer(inference_mode=False))."
+        )
+
+
+def _check_task_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> None:
+    if support_x.dim() < 3 or support_y.dim() < 2 or query_y.dim() < 2:
+        raise ValueError(
+            "expected a leading task dimension: support_x [T, N*K, C, ...], support_y [T, N*K], "
+            f"query_x [T, N*Q, C, ...], query_y [T, N*Q]; got {tuple(support_x.shape)}, "
+            f"{tuple(support_y.shape)}, {tuple(query_x.shape)}, {tuple(query_y.shape)}"
+        )
+    if not (support_x.shape[0] == support_y.shape[0] == query_x.shape[0] == query_y.shape[0]):
+        raise ValueError("support and query tensors must share the task dimension T")

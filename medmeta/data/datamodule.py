@@ -1,0 +1,252 @@
+"""Lightning data module: folders of images in, batches of few-shot episodes out."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from monai.data import CacheDataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler, split_classes
+from medmeta.data.records import ImageRecord, discover_records
+from medmeta.data.transforms import KEY, augment_transforms, load_transforms
+from medmeta.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """Where medmeta keeps generated data: ``$MEDMETA_CACHE``, else ``$XDG_CACHE_HOME/medmeta``, else ``~/.cache/medmeta``."""
+    if os.environ.get("MEDMETA_CACHE"):
+        return Path(os.environ["MEDMETA_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "medmeta"
+
+
+def synthetic_root(seed: int) -> Path:
+    """Folder of the built-in synthetic lesion data set for ``seed``."""
+    return default_cache_dir() / f"synthetic-lesions-v1-seed{seed}"
+
+
+class EpisodeDataset(Dataset):
+    """Episode ``i`` of a meta-split as tensors; augmentation is seeded by (seed, split, i)."""
+
+    def __init__(self, images: torch.Tensor, sampler: EpisodeSampler, length: int, augment: bool) -> None:
+        self.images, self.sampler, self.length = images, sampler, length
+        self.augment = augment_transforms(images.dim() - 2) if augment else None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        episode = self.sampler.episode(index)
+        support_x, query_x = self.images[episode.support], self.images[episode.query]
+        if self.augment is not None:
+            state = np.random.SeedSequence([self.sampler.seed, 99, index]).generate_state(1)[0]
+            self.augment.set_random_state(seed=int(state))
+            support_x, query_x = self._augmented(support_x), self._augmented(query_x)
+        return {
+            "support_x": support_x,
+            "support_y": torch.from_numpy(episode.support_labels),
+            "query_x": query_x,
+            "query_y": torch.from_numpy(episode.query_labels),
+            "episode": torch.tensor(episode.index),
+        }
+
+    def _augmented(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.augment({KEY: image})[KEY] for image in images])
+
+
+class EpochEpisodeSampler(Sampler[int]):
+    """Yields episode indices ``epoch * length ... epoch * length + length - 1``: new episodes every epoch."""
+
+    def __init__(self, length: int) -> None:
+        self.length, self.epoch = length, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at the start of every epoch."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.epoch * self.length, (self.epoch + 1) * self.length))
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class EpisodicDataModule(L.LightningDataModule):
+    """N-way K-shot Q-query episodes from ``root/<class>/<files>`` over class-disjoint meta-splits.
+
+    Args:
+        root: data folder with one sub-folder per class; ``None`` uses the built-in synthetic
+            lesion data set, generated on first use under the medmeta cache folder.
+        n_way: classes per episode.
+        k_shot: support images per class.
+        q_query: query images per class.
+        meta_batch_size: episodes (tasks) per training batch.
+        eval_batch_size: episodes per validation/test batch.
+        image_size: side length images are resized to.
+        in_channels: image channels.
+        spatial_dims: 2 (images) or 3 (volumes).
+        window: intensity window ``[low, high]`` mapped to [0, 1] (HU for CT); ``null`` for per-image min/max.
+        split_ratios: train/val/test fractions of the classes.
+        splits: explicit class lists per meta-split (overrides ``split_ratios``).
+        seed: seed of the class split and of every episode.
+        train_batches_per_epoch: meta-batches in one training epoch.
+        val_episodes: frozen validation episodes.
+        test_episodes: frozen test episodes.
+        augment: random flips/rotations of training images.
+        num_workers: data-loader worker processes.
+        synthetic_seed: seed of the generated data set when ``root`` is ``None``.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        *,
+        n_way: int = 5,
+        k_shot: int = 1,
+        q_query: int = 15,
+        meta_batch_size: int = 4,
+        eval_batch_size: int = 8,
+        image_size: int = 32,
+        in_channels: int = 1,
+        spatial_dims: int = 2,
+        window: tuple[float, float] | None = (-1100.0, 400.0),
+        split_ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
+        splits: dict[str, list[str]] | None = None,
+        seed: int = 0,
+        train_batches_per_epoch: int = 100,
+        val_episodes: int = 100,
+        test_episodes: int = 600,
+        augment: bool = True,
+        num_workers: int = 0,
+        synthetic_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser() if root is not None else None
+        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
+        self.meta_batch_size, self.eval_batch_size = meta_batch_size, eval_batch_size
+        self.image_size, self.in_channels, self.spatial_dims = image_size, in_channels, spatial_dims
+        self.window = tuple(window) if window is not None else None
+        self.split_ratios, self.explicit_splits, self.seed = tuple(split_ratios), splits, seed
+        self.train_batches_per_epoch = train_batches_per_epoch
+        self.episodes = {"val": val_episodes, "test": test_episodes}
+        self.augment, self.num_workers, self.synthetic_seed = augment, num_workers, synthetic_seed
+        self.class_splits: ClassSplits | None = None
+        self._records: list[ImageRecord] = []
+        self._datasets: dict[str, EpisodeDataset] = {}
+
+    @property
+    def data_root(self) -> Path:
+        """The folder images are read from."""
+        return self.root if self.root is not None else synthetic_root(self.synthetic_seed)
+
+    def prepare_data(self) -> None:
+        """Generate the built-in synthetic data set if it is used and missing."""
+        if self.root is None and not synthetic_root(self.synthetic_seed).exists():
+            from medmeta.data.synthetic import generate_synthetic_dataset
+
+            target = synthetic_root(self.synthetic_seed)
+            logger.info("generating the synthetic lesion data set at %s", target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            generate_synthetic_dataset(target, seed=self.synthetic_seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Discover files, split classes, check episode feasibility and cache the images needed."""
+        if self.class_splits is None:
+            self._records, _ = discover_records(self.data_root)
+            self.class_splits = split_classes(
+                [r.label for r in self._records], ratios=self.split_ratios, seed=self.seed, explicit=self.explicit_splits
+            )
+            logger.info(
+                "meta-splits: %d train, %d val, %d test classes",
+                *(len(self.class_splits.of(s)) for s in SPLITS),
+            )
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
+            if split not in self._datasets:
+                self._datasets[split] = self._build(split)
+
+    def _build(self, split: str) -> EpisodeDataset:
+        assert self.class_splits is not None
+        classes = self.class_splits.of(split)
+        records = [r for r in self._records if r.label in classes]
+        sampler = EpisodeSampler(
+            [r.label for r in records], [r.patient for r in records], classes, split=split,
+            n_way=self.n_way, k_shot=self.k_shot, q_query=self.q_query, seed=self.seed,
+        )  # fmt: skip
+        images = self._cache(records)
+        length = self.train_batches_per_epoch * self.meta_batch_size if split == "train" else self.episodes[split]
+        return EpisodeDataset(images, sampler, length, augment=self.augment and split == "train")
+
+    def _cache(self, records: Sequence[ImageRecord]) -> torch.Tensor:
+        """Run the deterministic transforms once per image (MONAI ``CacheDataset``) and stack the results."""
+        transform = load_transforms(image_size=self.image_size, window=self.window, spatial_dims=self.spatial_dims)
+        items = [{KEY: str(r.path)} for r in records]
+        try:
+            cached = CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
+            images = torch.stack([cached[i][KEY] for i in range(len(cached))])
+        except Exception as error:  # find the file that broke the cache and name it
+            for record in records:
+                try:
+                    transform({KEY: str(record.path)})
+                except Exception as inner:
+                    raise DataError(f"cannot read {record.path}: {_reason(inner)}") from inner
+            raise DataError(f"cannot cache images under {self.data_root}: {_reason(error)}") from error
+        expected = (self.in_channels, *(self.image_size,) * self.spatial_dims)
+        if tuple(images.shape[1:]) != expected:
+            raise DataError(
+                f"images under {self.data_root} load as {tuple(images.shape[1:])}, expected {expected} "
+                f"(in_channels={self.in_channels}, spatial_dims={self.spatial_dims})"
+            )
+        bad = ~torch.isfinite(images.flatten(1)).all(dim=1)
+        if bad.any():
+            raise DataError(f"non-finite pixel values in {records[int(bad.nonzero()[0])].path}")
+        return images
+
+    def _loader(self, split: str, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
+        if split not in self._datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        return DataLoader(
+            self._datasets[split], batch_size=batch_size, sampler=sampler, shuffle=False,
+            num_workers=self.num_workers, persistent_workers=False,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        """Meta-batches of ``meta_batch_size`` new episodes."""
+        length = self.train_batches_per_epoch * self.meta_batch_size
+        return self._loader("train", self.meta_batch_size, EpochEpisodeSampler(length))
+
+    def val_dataloader(self) -> DataLoader:
+        """The frozen validation episodes."""
+        return self._loader("val", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """The frozen test episodes."""
+        return self._loader("test", self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The frozen test episodes (prediction returns query logits)."""
+        return self._loader("test", self.eval_batch_size)
+
+    def describe(self) -> Mapping[str, object]:
+        """A JSON-ready summary of the episodes (no file paths, no patient keys)."""
+        splits = {s: list(self.class_splits.of(s)) for s in SPLITS} if self.class_splits else None
+        return {
+            "n_way": self.n_way, "k_shot": self.k_shot, "q_query": self.q_query, "seed": self.seed,
+            "test_episodes": self.episodes["test"], "class_splits": splits,
+        }  # fmt: skip
+
+
+def _reason(error: BaseException) -> str:
+    """The innermost cause of a MONAI transform error, in one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

@@ -1,0 +1,79 @@
+"""The Conv-4 backbone of the MAML paper (Finn et al., 2017), in 2D or 3D."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from monai.networks.layers.factories import Conv, Norm, Pool
+from torch import nn
+
+NormName = Literal["batch", "group", "instance"]
+
+
+def _norm_layer(norm: NormName, channels: int, spatial_dims: int) -> nn.Module:
+    """A normalisation layer that always uses the statistics of the batch it sees.
+
+    Batch norm keeps no running statistics: at adaptation and test time it normalises with the
+    statistics of the current batch (the transductive setting of the MAML paper).
+    """
+    if norm == "batch":
+        return Norm[Norm.BATCH, spatial_dims](channels, track_running_stats=False)
+    if norm == "instance":
+        return Norm[Norm.INSTANCE, spatial_dims](channels, affine=True, track_running_stats=False)
+    if norm == "group":
+        return nn.GroupNorm(num_groups=min(32, channels // 4) or 1, num_channels=channels)
+    raise ValueError(f"unknown norm {norm!r}; choose 'batch', 'group' or 'instance'")
+
+
+class Conv4(nn.Module):
+    """Four blocks of [conv 3x3, norm, ReLU, max-pool 2] followed by a linear head.
+
+    Args:
+        in_channels: image channels.
+        n_way: number of output classes (the head size).
+        hidden_channels: channels of every conv block (64 in the MAML paper).
+        spatial_dims: 2 for images, 3 for volumes.
+        norm: ``"batch"``, ``"group"`` or ``"instance"``.
+        image_size: input side length, used to size the head.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        n_way: int = 5,
+        hidden_channels: int = 64,
+        spatial_dims: int = 2,
+        norm: NormName = "batch",
+        image_size: int = 32,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        conv, pool = Conv[Conv.CONV, spatial_dims], Pool[Pool.MAX, spatial_dims]
+        blocks: list[nn.Module] = []
+        channels, side = in_channels, image_size
+        for _ in range(4):
+            blocks += [
+                conv(channels, hidden_channels, kernel_size=3, padding=1),
+                _norm_layer(norm, hidden_channels, spatial_dims),
+                nn.ReLU(),
+                pool(kernel_size=2, ceil_mode=True),
+            ]
+            channels, side = hidden_channels, -(-side // 2)
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.feature_dim = hidden_channels * side**spatial_dims
+        self.head = nn.Linear(self.feature_dim, n_way)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[B, n_way]`` for images ``[B, C, *spatial]``."""
+        return self.head(self.features(x))
+
+
+def get_backbone(name: str, **kwargs: object) -> nn.Module:
+    """Build a backbone by name (``"conv4"``)."""
+    registry = {"conv4": Conv4}
+    if name not in registry:
+        raise ValueError(f"unknown backbone {name!r}; available: {sorted(registry)}")
+    return registry[name](**kwargs)
