@@ -13,12 +13,14 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DSfloat
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +77,9 @@ def lesion_classes(n_classes: int = 30) -> tuple[LesionClass, ...]:
     return _SPREAD_ORDER[:n_classes]
 
 
-def image_rngs(seed: int, class_idx: int, patient_idx: int, image_idx: int) -> tuple[np.random.Generator, np.random.Generator]:
+def image_rngs(
+    seed: int, class_idx: int, patient_idx: int, image_idx: int
+) -> tuple[np.random.Generator, np.random.Generator]:
     """Return fresh ``(patient_rng, image_rng)`` for one image, as used by the generator."""
     if min(seed, class_idx, patient_idx, image_idx) < 0:
         raise ValueError("seed and indices must be non-negative")
@@ -136,7 +140,10 @@ def _eval_harmonics(phi: np.ndarray, terms: list[tuple[int, float, float]]) -> n
 # ----------------------------------------------------------------------------- background
 
 
-def _vessel_segments(rng: np.random.Generator, size: int, scale: float) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
+_Segment = tuple[np.ndarray, np.ndarray, float, float]
+
+
+def _vessel_segments(rng: np.random.Generator, size: int, scale: float) -> list[_Segment]:
     """Random curved, branching vessel trees as (p0, p1, width0, width1) segments."""
     segments = []
     for _ in range(int(rng.integers(1, 5))):
@@ -221,7 +228,12 @@ def _background(prng: np.random.Generator, irng: np.random.Generator, size: int,
 # ----------------------------------------------------------------------------- lesion
 
 
-def _lesion(lesion: LesionClass, prng: np.random.Generator, irng: np.random.Generator, size: int, scale: float):
+_Geometry = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _lesion(
+    lesion: LesionClass, prng: np.random.Generator, irng: np.random.Generator, size: int, scale: float
+) -> tuple[np.ndarray, float, _Geometry]:
     """Patient/image draws for the lesion geometry; returns (centre, extent, fn) with fn(yy, xx) -> (sd, t, phi)."""
     c = (size - 1) / 2.0
     centre_p = c + prng.uniform(-3, 3, 2) * scale
@@ -231,19 +243,19 @@ def _lesion(lesion: LesionClass, prng: np.random.Generator, irng: np.random.Gene
     base = _harmonics(prng, range(2, 4), 0.025)
     n_lobes, lobe_amp = int(prng.integers(3, 6)), prng.uniform(0.3, 0.45)
     lobe_phase, lobe_var = prng.uniform(0, 2 * np.pi), _harmonics(prng, range(1, 3), 0.15)
-    rough = _harmonics(prng, range(2, 4), 0.1) + _harmonics(prng, range(5, 13), 0.05)
+    rough = [(k, a / k, p) for k, a, p in _harmonics(prng, range(2, 17), 0.3)]  # 1/f radius noise
     n_spikes = int(prng.integers(6, 15))
     spike_angles = np.linspace(0, 2 * np.pi, n_spikes, endpoint=False) + prng.uniform(0, 2 * np.pi)
     spike_angles += prng.normal(0, 0.15, n_spikes)
     spike_len = prng.uniform(0.5, 1.1, n_spikes)
-    spike_w = prng.uniform(0.7, 1.2) * scale
+    spike_w = prng.uniform(0.7, 1.2) * scale * (1.5 if lesion.margin == "ill-defined" else 1.0)
     # image-level
     centre = centre_p + irng.normal(0, 0.7 * scale, 2)
     r *= irng.uniform(0.9, 1.08)
     theta += irng.normal(0, 0.1)
     spike_len = spike_len * irng.uniform(0.8, 1.1, n_spikes)
     shape = lesion.shape
-    extent = r * (1.8 if shape == "spiculated" else 1.5 if shape == "oval" else 1.25)
+    extent = r * 1.9 + 2 * scale if shape == "spiculated" else r * (1.5 if shape == "oval" else 1.3)
 
     def geometry(yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dy, dx = yy - centre[0], xx - centre[1]
@@ -267,7 +279,7 @@ def _lesion(lesion: LesionClass, prng: np.random.Generator, irng: np.random.Gene
             sd = rho - radius
             for ang, length in zip(spike_angles, spike_len):
                 direction = np.array([np.sin(ang), np.cos(ang)])
-                d, t = _segment_distance(v, u, 0.5 * r * direction, (0.72 + length) * r * direction)
+                d, t = _segment_distance(v, u, 0.5 * r * direction, ((0.72 + length) * r + 2 * scale) * direction)
                 sd = np.minimum(sd, d - (spike_w * (1 - t) + 0.2 * scale * t))
             return sd, rho / radius, phi
         return rho - radius, rho / radius, phi
@@ -328,21 +340,20 @@ def render_slice_with_mask(lesion: LesionClass, patient_rng: np.random.Generator
     tex = 0.8 * _smooth_noise(patient_rng, size, 1.2 * scale) + 0.6 * _smooth_noise(image_rng, size, 1.2 * scale)
     inside = _density_map(lesion.density, patient_rng, t, -sd, phi, tex, bg, lung, scale)
 
-    feather = patient_rng.uniform(1.8, 3.2) * scale
-    halo_amp, halo_w, halo_hu = patient_rng.uniform(0.25, 0.45), patient_rng.uniform(2, 4) * scale, patient_rng.uniform(-650, -450)
-    if lesion.margin == "sharp":
-        alpha = np.clip(0.5 - sd / (0.8 * scale), 0.0, 1.0)
-        img = bg
-    else:
+    feather, halo_w = patient_rng.uniform(1.0, 2.0) * scale, patient_rng.uniform(2.5, 4.5) * scale
+    halo_amp, halo_hu = patient_rng.uniform(0.25, 0.45), patient_rng.uniform(-650, -450)
+    alpha = np.clip(0.5 - sd / (0.8 * scale), 0.0, 1.0)
+    img = bg
+    if lesion.margin == "ill-defined":  # feathered, patchy edge with a ground-glass halo
         fuzz = _smooth_noise(image_rng, size, 2.0 * scale)
-        alpha = 0.5 * (1 - np.tanh((sd + 0.8 * scale * fuzz) / feather))
-        halo = halo_amp * np.exp(-np.maximum(sd, 0) / halo_w) * np.clip(0.6 + 0.4 * fuzz, 0, 1)
+        alpha = _blur(np.clip(0.5 - (sd + 0.7 * scale * fuzz) / (0.8 * scale), 0.0, 1.0), feather)
+        halo = halo_amp * np.clip(2 * _blur(alpha, halo_w), 0, 1) * np.clip(0.6 + 0.4 * fuzz, 0, 1)
         img = bg + halo * np.maximum(halo_hu - bg, 0)
     img = img * (1 - alpha) + inside * alpha
 
     # CT reconstruction: blur, correlated noise, per-patient calibration
     img = _blur(img, patient_rng.uniform(0.5, 0.9) * scale)
-    sigma, gain, offset = patient_rng.uniform(10, 40), patient_rng.uniform(0.94, 1.06), patient_rng.normal(0, 12)
+    sigma, gain, offset = patient_rng.uniform(10, 40), patient_rng.uniform(0.97, 1.03), patient_rng.normal(0, 8)
     noise = _blur(image_rng.standard_normal((size, size)), 0.6 * scale)
     img = img + sigma * noise / (noise.std() + 1e-8)
     img = -1000 + (img + 1000) * gain + offset
@@ -371,6 +382,10 @@ _UID_ROOT = "medmeta-synthetic-v1"
 _FIXED_DATE, _FIXED_TIME = "20000101", "120000"
 
 
+def _ds(value: float) -> DSfloat:
+    return DSfloat(float(value), auto_format=True)  # DS strings are limited to 16 characters
+
+
 def _uid(*parts: object) -> str:
     return str(generate_uid(entropy_srcs=[_UID_ROOT, *map(str, parts)]))
 
@@ -388,43 +403,29 @@ def _write_dicom(path: Path, hu: np.ndarray, *, uid_key: tuple, patient_idx: int
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
 
+    z = image_idx * slice_thickness
     ds = Dataset()
     ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = _FIXED_DATE
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = _FIXED_TIME
-    ds.AccessionNumber = ""
-    ds.Modality = "CT"
-    ds.Manufacturer = "medmeta synthetic"
-    ds.ReferringPhysicianName = ""
-    ds.PatientName = f"Synthetic^Patient{class_idx:03d}{patient_idx:03d}"
-    ds.PatientID = f"SYNTH-{class_idx:03d}-{patient_idx:03d}"
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
-    ds.StudyInstanceUID = _uid("study", *patient_key)
-    ds.SeriesInstanceUID = _uid("series", *patient_key)
-    ds.FrameOfReferenceUID = _uid("frame", *patient_key)
-    ds.StudyID = f"{class_idx:03d}{patient_idx:03d}"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = image_idx + 1
-    ds.PositionReferenceIndicator = ""
-    ds.SliceThickness = slice_thickness
-    z = image_idx * slice_thickness
-    ds.ImagePositionPatient = [-cols * spacing / 2, -rows * spacing / 2, z]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.SliceLocation = z
-    ds.PixelSpacing = [spacing, spacing]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = RESCALE_INTERCEPT, 1, "HU"
-    ds.WindowCenter, ds.WindowWidth = -600, 1500
-    ds.BurnedInAnnotation = "NO"
+    for keyword, value in {
+        "SpecificCharacterSet": "ISO_IR 100", "ImageType": ["DERIVED", "SECONDARY", "AXIAL"],
+        "SOPClassUID": CTImageStorage, "SOPInstanceUID": sop_uid,
+        "StudyDate": _FIXED_DATE, "SeriesDate": _FIXED_DATE, "ContentDate": _FIXED_DATE,
+        "StudyTime": _FIXED_TIME, "SeriesTime": _FIXED_TIME, "ContentTime": _FIXED_TIME,
+        "AccessionNumber": "", "Modality": "CT", "Manufacturer": "medmeta synthetic", "ReferringPhysicianName": "",
+        "PatientName": f"Synthetic^Patient{class_idx:03d}{patient_idx:03d}",
+        "PatientID": f"SYNTH-{class_idx:03d}-{patient_idx:03d}", "PatientBirthDate": "", "PatientSex": "O",
+        "StudyInstanceUID": _uid("study", *patient_key), "SeriesInstanceUID": _uid("series", *patient_key),
+        "FrameOfReferenceUID": _uid("frame", *patient_key), "StudyID": f"{class_idx:03d}{patient_idx:03d}",
+        "SeriesNumber": 1, "InstanceNumber": image_idx + 1, "PositionReferenceIndicator": "",
+        "SliceThickness": _ds(slice_thickness), "SliceLocation": _ds(z),
+        "ImagePositionPatient": [_ds(-(cols - 1) * spacing / 2), _ds(-(rows - 1) * spacing / 2), _ds(z)],
+        "ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "PixelSpacing": [_ds(spacing), _ds(spacing)],
+        "SamplesPerPixel": 1, "PhotometricInterpretation": "MONOCHROME2", "Rows": rows, "Columns": cols,
+        "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15, "PixelRepresentation": 1,
+        "RescaleIntercept": RESCALE_INTERCEPT, "RescaleSlope": 1, "RescaleType": "HU",
+        "WindowCenter": -600, "WindowWidth": 1500, "BurnedInAnnotation": "NO",
+    }.items():
+        setattr(ds, keyword, value)
     stored = np.clip(np.round(hu.astype(np.float64)) - RESCALE_INTERCEPT, -32768, 32767).astype("<i2")
     ds.add_new(0x7FE00010, "OW", stored.tobytes())
     ds.save_as(path, enforce_file_format=True)
@@ -446,7 +447,7 @@ def generate_synthetic_dataset(out_dir: str | Path, *, n_classes: int = 30, pati
     out_dir = Path(out_dir)
     classes = lesion_classes(n_classes)
     if patients_per_class < 1 or images_per_patient < 1 or image_size < 16 or pixel_spacing_mm <= 0 or seed < 0:
-        raise ValueError("patients_per_class, images_per_patient >= 1, image_size >= 16, spacing > 0, seed >= 0 required")
+        raise ValueError("need patients_per_class, images_per_patient >= 1, image_size >= 16, spacing > 0, seed >= 0")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not an empty directory; refusing to overwrite it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

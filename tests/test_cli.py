@@ -1,0 +1,72 @@
+"""The ``medmeta`` console script, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+def _medmeta(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MEDMETA_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "2", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "medmeta.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _tiny_fit_args(root: Path, out: Path) -> list[str]:
+    return [
+        "fit", "--config", str(QUICKSTART), "--data.root", str(root),
+        "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+        "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
+        "--data.image_size", "16", "--data.val_episodes", "4", "--data.test_episodes", "6",
+        "--data.n_way", "3", "--data.q_query", "2", "--data.split_ratios", "[0.5, 0.25, 0.25]",
+        "--model.hidden_channels", "8", "--model.inner_steps", "1", "--model.eval_inner_steps", "2",
+    ]  # fmt: skip
+
+
+def test_synth_writes_dicom_classes(tmp_path: Path) -> None:
+    result = _medmeta("synth", "--out", str(tmp_path / "synth"), "--classes", "6", "--patients", "2",
+                      "--images", "2", "--size", "32", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "wrote 24 DICOM files in 6 lesion classes" in result.stdout
+    assert len([p for p in (tmp_path / "synth").iterdir() if p.is_dir()]) == 6
+    again = _medmeta("synth", "--out", str(tmp_path / "synth"), cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stdout and "Traceback" not in again.stderr
+
+
+def test_fit_then_test_end_to_end(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _medmeta(*_tiny_fit_args(tiny_dicom_root, out), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "test accuracy:" in result.stdout and "(95% CI, 6 frozen test episodes)" in result.stdout
+    metrics_line = next(line for line in result.stdout.splitlines() if line.startswith("metrics: "))
+    metrics = json.loads(Path(metrics_line.removeprefix("metrics: ").strip()).read_text())
+    assert metrics["test_episodes"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["normalisation"].startswith("transductive")
+    checkpoint_line = next(line for line in result.stdout.splitlines() if line.startswith("checkpoint: "))
+    checkpoint = torch.load(checkpoint_line.removeprefix("checkpoint: ").strip(), weights_only=True)
+    assert checkpoint["hyper_parameters"]["n_way"] == 3  # linked from data.n_way
+    assert checkpoint["state_dict"]["model.head.weight"].shape[0] == 3
+    assert not (tiny_dicom_root / "runs").exists()
+
+
+def test_model_n_way_cannot_disagree_with_data(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    result = _medmeta(*_tiny_fit_args(tiny_dicom_root, tmp_path / "run"), "--model.n_way", "4", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "n_way" in result.stderr
+    assert not (tmp_path / "run").exists()  # refused before any data was read or run started
+
+
+def test_bad_data_folder_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    result = _medmeta(*_tiny_fit_args(tmp_path / "missing", tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "does not exist" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
