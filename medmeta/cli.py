@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -84,10 +85,19 @@ def synth_main(argv: list[str]) -> int:
     return 0
 
 
+def _quiet_third_party_noise() -> None:
+    """Hide start-up chatter that says nothing about the user's run (optional GPU codecs, deprecations)."""
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*NvImgCodec.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medmeta`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_third_party_noise()
     try:
         if argv[:1] == ["synth"]:
             return synth_main(argv[1:])

@@ -70,3 +70,13 @@ def test_bad_data_folder_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "does not exist" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_optimizer_choice_replaces_the_default_adam(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [*_tiny_fit_args(tiny_dicom_root, out), "--optimizer", "SGD", "--optimizer.lr", "0.0125"]
+    result = _medmeta(*args, "--test_after_fit", "false", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    last = next(out.rglob("last.ckpt"))
+    groups = torch.load(last, weights_only=True)["optimizer_states"][0]["param_groups"]
+    assert groups[0]["lr"] == 0.0125 and "momentum" in groups[0] and "betas" not in groups[0]
