@@ -58,7 +58,9 @@ class MedMetaCLI(LightningCLI):
             )
         console.print(f"normalisation: {summary['normalisation']}")
         callback = self.trainer.checkpoint_callback
-        checkpoint = (callback.best_model_path or callback.last_model_path) if callback else ""
+        checkpoint = self.trainer.ckpt_path or (
+            (callback.best_model_path or callback.last_model_path) if callback else ""
+        )
         if checkpoint:
             console.print(f"checkpoint: {checkpoint}")
         console.print(f"metrics: {summary['metrics_file']}")
@@ -95,16 +97,16 @@ def _quiet_third_party_noise() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medmeta`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    words = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_third_party_noise()
     try:
-        if argv[:1] == ["synth"]:
-            return synth_main(argv[1:])
+        if words[:1] == ["synth"]:
+            return synth_main(list(words[1:]))
         MedMetaCLI(
             FewShotModule,
             EpisodicDataModule,
-            args=argv,
+            args=argv,  # None: LightningCLI reads sys.argv itself
             trainer_defaults={"inference_mode": False},
             save_config_kwargs={"overwrite": True},
         )

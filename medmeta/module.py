@@ -84,13 +84,18 @@ class FewShotModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Second-order meta-loss over the meta-batch; refuses non-finite losses before any update."""
         self._check_n_way(batch)
-        loss = self.algorithm.outer_loss(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
+        loss, logits = self.algorithm.outer_loss_and_logits(
+            batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"]
+        )
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite meta-loss {loss.item()} at training episodes {batch['episode'].tolist()}; "
                 "no update was applied"
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["support_x"].shape[0])
+        tasks = batch["support_x"].shape[0]
+        accuracy = (logits.detach().argmax(dim=-1) == batch["query_y"]).float().mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=tasks)
+        self.log("train/acc", accuracy, prog_bar=True, batch_size=tasks)
         return loss
 
     def _episode_accuracy(self, batch: Batch) -> torch.Tensor:

@@ -94,13 +94,21 @@ class MAML:
 
     def outer_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
         """Query loss of the adapted models, reduced over the ``T`` tasks; differentiable in θ."""
+        return self.outer_loss_and_logits(support_x, support_y, query_x, query_y)[0]
+
+    def outer_loss_and_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The outer loss and the adapted models' query logits ``[T, N*Q, N]`` (kept in the graph)."""
         _check_task_batch(support_x, support_y, query_x, query_y)
-        losses = []
+        losses, logits = [], []
         for task in range(support_x.shape[0]):
             adapted = self.adapt(support_x[task], support_y[task])
-            losses.append(self.loss_fn(self._forward(adapted, query_x[task]), query_y[task]))
+            logits.append(self._forward(adapted, query_x[task]))
+            losses.append(self.loss_fn(logits[-1], query_y[task]))
         stacked = torch.stack(losses)
-        return stacked.sum() if self.task_reduction == "sum" else stacked.mean()
+        loss = stacked.sum() if self.task_reduction == "sum" else stacked.mean()
+        return loss, torch.stack(logits)
 
     def adapt_and_predict(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None

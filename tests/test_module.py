@@ -1,0 +1,59 @@
+"""The Lightning module: confidence intervals, non-finite losses, inference-mode safety."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from medmeta.module import FewShotModule, mean_and_ci95
+
+
+def _batch(tasks: int = 2, n_way: int = 3, side: int = 8) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "support_x": torch.rand(tasks, n_way, 1, side, side, generator=g),
+        "support_y": torch.arange(n_way).repeat(tasks, 1),
+        "query_x": torch.rand(tasks, 2 * n_way, 1, side, side, generator=g),
+        "query_y": torch.arange(n_way).repeat_interleave(2).repeat(tasks, 1),
+        "episode": torch.arange(7, 7 + tasks),
+    }
+
+
+def _module() -> FewShotModule:
+    return FewShotModule(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, eval_inner_steps=2)
+
+
+def test_mean_and_ci95_by_hand() -> None:
+    values = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    mean, ci = mean_and_ci95(values)
+    sd = math.sqrt(((0.3**2 + 0.1**2) * 2) / 3)  # sample sd around 0.5
+    assert mean == pytest.approx(0.5)
+    assert ci == pytest.approx(1.96 * sd / 2)
+
+
+def test_non_finite_loss_stops_with_episode_ids_and_applies_no_update(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = _module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    batch = _batch()
+    batch["query_x"][1, 0, 0, 0, 0] = float("nan")
+    loader = DataLoader([{k: v[t] for k, v in batch.items()} for t in range(2)], batch_size=2)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        inference_mode=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"training episodes \[7, 8\].*no update was applied"):
+        trainer.fit(module, loader)
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_evaluation_under_inference_mode_is_a_clear_error(tmp_path: Path) -> None:
+    module = _module()
+    loader = DataLoader([{k: v[0] for k, v in _batch().items()}], batch_size=1)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, inference_mode=True, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="inference_mode: false"):
+        trainer.validate(module, loader, verbose=False)
