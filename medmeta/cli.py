@@ -6,6 +6,7 @@ The CLI holds no logic: it parses, links the data and model shapes, and reports.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
@@ -15,6 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
 from medmeta.data.datamodule import EpisodicDataModule
+from medmeta.data.episodes import SPLITS
 from medmeta.errors import DataError
 from medmeta.module import FewShotModule
 
@@ -87,6 +89,52 @@ def synth_main(argv: list[str]) -> int:
     return 0
 
 
+def data_check_main(argv: list[str]) -> int:
+    """``medmeta data check SOURCE``: read every file, report usable images and skipped files, check episodes."""
+    from rich.table import Table
+
+    from medmeta.data.inventory import take_inventory
+
+    parser = argparse.ArgumentParser(prog="medmeta data check", description=data_check_main.__doc__)
+    parser.add_argument("source", type=Path, help="data folder, CSV manifest or MedMNIST .npz")
+    parser.add_argument("--n-way", type=int, default=5)
+    parser.add_argument("--k-shot", type=int, default=1)
+    parser.add_argument("--q-query", type=int, default=15)
+    parser.add_argument("--spatial-dims", type=int, default=2, choices=(2, 3))
+    parser.add_argument("--split-ratios", type=float, nargs=3, default=(0.6, 0.2, 0.2), metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--require-deidentified", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print a JSON report instead of tables")
+    args = parser.parse_args(argv)
+    inventory = take_inventory(
+        args.source, spatial_dims=args.spatial_dims, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
+        split_ratios=args.split_ratios, seed=args.seed, require_deidentified=args.require_deidentified,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(inventory.to_json(), indent=2))
+        return 0 if inventory.ok else 1
+    split_of = {name: split for split in SPLITS for name in inventory.class_splits.of(split)}
+    classes = Table(title=f"usable images per class ({args.source})")
+    for column in ("class", "images", "patients", "meta-split"):
+        classes.add_column(column)
+    for name, (images, patients) in inventory.classes().items():
+        classes.add_row(name, str(images), str(patients), split_of.get(name, "-"))
+    console.print(classes)
+    if inventory.problems:
+        skipped = Table(title=f"skipped files ({len(inventory.problems)})")
+        for column in ("file", "reason", "detail"):
+            skipped.add_column(column)
+        for problem in inventory.problems:
+            skipped.add_row(str(problem.path), problem.reason, problem.detail)
+        console.print(skipped)
+    episode = f"{args.n_way}-way {args.k_shot}-shot {args.q_query}-query"
+    for split, message in inventory.feasibility.items():
+        verdict = "[green]ok[/]" if message is None else f"[red]cannot[/] ({message})"
+        console.print(f"{split}: {episode} episodes {verdict}", highlight=False)
+    console.print(inventory.summary_line(), highlight=False)
+    return 0 if inventory.ok else 1
+
+
 def _quiet_third_party_noise() -> None:
     """Hide start-up chatter that says nothing about the user's run (optional GPU codecs, deprecations)."""
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -103,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if words[:1] == ["synth"]:
             return synth_main(list(words[1:]))
+        if words[:2] == ["data", "check"]:
+            return data_check_main(list(words[2:]))
         MedMetaCLI(
             FewShotModule,
             EpisodicDataModule,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,8 +14,9 @@ import torch
 from monai.data import CacheDataset
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler, split_classes
-from medmeta.data.records import ImageRecord, discover_records
+from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler
+from medmeta.data.inventory import Inventory, take_inventory
+from medmeta.data.records import ImageRecord
 from medmeta.data.transforms import KEY, augment_transforms, load_transforms
 from medmeta.errors import DataError
 
@@ -29,9 +31,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "medmeta"
 
 
-def synthetic_root(seed: int) -> Path:
-    """Folder of the built-in synthetic lesion data set for ``seed``."""
-    return default_cache_dir() / f"synthetic-lesions-v1-seed{seed}"
+def synthetic_root(seed: int, spatial_dims: int = 2) -> Path:
+    """Folder of the built-in synthetic lesion data set (2D DICOM or 3D NIfTI) for ``seed``."""
+    kind = "synthetic-lesions" if spatial_dims == 2 else "synthetic-lesions-3d"
+    return default_cache_dir() / f"{kind}-v1-seed{seed}"
 
 
 class EpisodeDataset(Dataset):
@@ -84,8 +87,9 @@ class EpisodicDataModule(L.LightningDataModule):
     """N-way K-shot Q-query episodes from ``root/<class>/<files>`` over class-disjoint meta-splits.
 
     Args:
-        root: data folder with one sub-folder per class; ``None`` uses the built-in synthetic
-            lesion data set, generated on first use under the medmeta cache folder.
+        root: a folder with one sub-folder per class, a CSV manifest
+            (``path,label[,patient_id][,study_id][,split]``) or a MedMNIST ``.npz``; ``None`` uses
+            the built-in synthetic lesion data set, generated on first use in the medmeta cache.
         n_way: classes per episode.
         k_shot: support images per class.
         q_query: query images per class.
@@ -95,6 +99,11 @@ class EpisodicDataModule(L.LightningDataModule):
         in_channels: image channels.
         spatial_dims: 2 (images) or 3 (volumes).
         window: intensity window ``[low, high]`` mapped to [0, 1] (HU for CT); ``null`` for per-image min/max.
+        preset: named intensity preset (``ct-lung``, ``ct-mediastinum``, ``ct-soft-tissue``,
+            ``ct-bone``, ``ct-brain``, ``ct-abdomen``, ``mr-zscore``, ``mr-percentile``, ``xray``,
+            ``photo``); overrides ``window``.
+        spacing: 3D only: resample volumes to this voxel spacing (mm).
+        roi_size: 3D only: centre crop / pad volumes to this size before resizing.
         split_ratios: train/val/test fractions of the classes.
         splits: explicit class lists per meta-split (overrides ``split_ratios``).
         seed: seed of the class split and of every episode.
@@ -104,6 +113,8 @@ class EpisodicDataModule(L.LightningDataModule):
         augment: random flips/rotations of training images.
         num_workers: data-loader worker processes.
         synthetic_seed: seed of the generated data set when ``root`` is ``None``.
+        preflight: read every file fully at setup and skip bad ones (with a one-line summary).
+        require_deidentified: refuse DICOM files not marked ``PatientIdentityRemoved = YES``.
     """
 
     def __init__(
@@ -119,6 +130,9 @@ class EpisodicDataModule(L.LightningDataModule):
         in_channels: int = 1,
         spatial_dims: int = 2,
         window: tuple[float, float] | None = (-1100.0, 400.0),
+        preset: str | None = None,
+        spacing: tuple[float, float, float] | None = None,
+        roi_size: tuple[int, int, int] | None = None,
         split_ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
         splits: dict[str, list[str]] | None = None,
         seed: int = 0,
@@ -128,6 +142,8 @@ class EpisodicDataModule(L.LightningDataModule):
         augment: bool = True,
         num_workers: int = 0,
         synthetic_seed: int = 0,
+        preflight: bool = True,
+        require_deidentified: bool = False,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser() if root is not None else None
@@ -135,49 +151,73 @@ class EpisodicDataModule(L.LightningDataModule):
         self.meta_batch_size, self.eval_batch_size = meta_batch_size, eval_batch_size
         self.image_size, self.in_channels, self.spatial_dims = image_size, in_channels, spatial_dims
         self.window = tuple(window) if window is not None else None
+        self.preset, self.spacing, self.roi_size = preset, spacing, roi_size
+        self.preflight, self.require_deidentified = preflight, require_deidentified
         self.split_ratios, self.explicit_splits, self.seed = tuple(split_ratios), splits, seed
         self.train_batches_per_epoch = train_batches_per_epoch
         self.episodes = {"val": val_episodes, "test": test_episodes}
         self.augment, self.num_workers, self.synthetic_seed = augment, num_workers, synthetic_seed
-        self.class_splits: ClassSplits | None = None
-        self._records: list[ImageRecord] = []
+        self.inventory: Inventory | None = None
         self._datasets: dict[str, EpisodeDataset] = {}
+
+    @property
+    def class_splits(self) -> ClassSplits | None:
+        """The class-disjoint meta-splits (after ``setup``)."""
+        return self.inventory.class_splits if self.inventory is not None else None
 
     @property
     def data_root(self) -> Path:
         """The folder images are read from."""
-        return self.root if self.root is not None else synthetic_root(self.synthetic_seed)
+        return self.root if self.root is not None else synthetic_root(self.synthetic_seed, self.spatial_dims)
 
     def prepare_data(self) -> None:
         """Generate the built-in synthetic data set if it is used and missing."""
-        if self.root is None and not synthetic_root(self.synthetic_seed).exists():
+        target = synthetic_root(self.synthetic_seed, self.spatial_dims)
+        if self.root is not None or target.exists():
+            return
+        logger.info("generating the synthetic lesion data set at %s", target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if self.spatial_dims == 3:
+            from medmeta.data.synthetic3d import generate_synthetic_volumes
+
+            generate_synthetic_volumes(target, seed=self.synthetic_seed)
+        else:
             from medmeta.data.synthetic import generate_synthetic_dataset
 
-            target = synthetic_root(self.synthetic_seed)
-            logger.info("generating the synthetic lesion data set at %s", target)
-            target.parent.mkdir(parents=True, exist_ok=True)
             generate_synthetic_dataset(target, seed=self.synthetic_seed)
 
     def setup(self, stage: str | None = None) -> None:
-        """Discover files, split classes, check episode feasibility and cache the images needed."""
-        if self.class_splits is None:
-            self._records, _ = discover_records(self.data_root)
-            self.class_splits = split_classes(
-                [r.label for r in self._records], ratios=self.split_ratios, seed=self.seed, explicit=self.explicit_splits
-            )
-            logger.info(
-                "meta-splits: %d train, %d val, %d test classes",
-                *(len(self.class_splits.of(s)) for s in SPLITS),
-            )
+        """Preflight the source, split classes, check episode feasibility and cache the images needed."""
+        if self.inventory is None:
+            self.inventory = take_inventory(
+                self.data_root, spatial_dims=self.spatial_dims, n_way=self.n_way, k_shot=self.k_shot,
+                q_query=self.q_query, split_ratios=self.split_ratios, splits=self.explicit_splits, seed=self.seed,
+                preflight=self.preflight, require_deidentified=self.require_deidentified,
+            )  # fmt: skip
+            log = logger.warning if self.inventory.problems else logger.info
+            log("%s", self.inventory.summary_line())
+            self._write_class_splits()
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
+            if self.inventory.feasibility[split] is not None:
+                raise DataError(self.inventory.feasibility[split])
             if split not in self._datasets:
                 self._datasets[split] = self._build(split)
 
+    def _write_class_splits(self) -> None:
+        """Record the resolved meta-splits next to the run outputs."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.is_global_zero or not trainer.log_dir or self.class_splits is None:
+            return
+        out = Path(trainer.log_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        splits = {s: list(self.class_splits.of(s)) for s in SPLITS}
+        (out / "class_splits.json").write_text(json.dumps(splits, indent=2) + "\n")
+
     def _build(self, split: str) -> EpisodeDataset:
-        assert self.class_splits is not None
-        classes = self.class_splits.of(split)
-        records = [r for r in self._records if r.label in classes]
+        assert self.inventory is not None
+        classes = self.inventory.class_splits.of(split)
+        records = [r for r in self.inventory.records if r.label in classes]
         sampler = EpisodeSampler(
             [r.label for r in records], [r.patient for r in records], classes, split=split,
             n_way=self.n_way, k_shot=self.k_shot, q_query=self.q_query, seed=self.seed,
@@ -188,15 +228,20 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def _cache(self, records: Sequence[ImageRecord]) -> torch.Tensor:
         """Run the deterministic transforms once per image (MONAI ``CacheDataset``) and stack the results."""
-        transform = load_transforms(image_size=self.image_size, window=self.window, spatial_dims=self.spatial_dims)
-        items = [{KEY: str(r.path)} for r in records]
+        arrays = self.inventory.arrays if self.inventory is not None else None
+        transform = load_transforms(
+            image_size=self.image_size, window=self.window, preset=self.preset, spatial_dims=self.spatial_dims,
+            in_channels=self.in_channels, from_array=arrays is not None, spacing=self.spacing, roi_size=self.roi_size,
+            array_channel_dim=-1 if arrays is not None and arrays.ndim == self.spatial_dims + 2 else "no_channel",
+        )  # fmt: skip
+        items = [{KEY: arrays[r.item] if arrays is not None else str(r.path)} for r in records]
         try:
             cached = CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
             images = torch.stack([cached[i][KEY] for i in range(len(cached))])
         except Exception as error:  # find the file that broke the cache and name it
-            for record in records:
+            for record, item in zip(records, items):
                 try:
-                    transform({KEY: str(record.path)})
+                    transform(dict(item))
                 except Exception as inner:
                     raise DataError(f"cannot read {record.path}: {_reason(inner)}") from inner
             raise DataError(f"cannot cache images under {self.data_root}: {_reason(error)}") from error

@@ -16,22 +16,28 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from medmeta.data.readers import DICOM_SUFFIXES
 from medmeta.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg")
-DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _SALT = secrets.token_bytes(16)
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """One image: its file, its class name and a salted hash of its patient."""
+    """One image: its file (or DICOM series folder), class name and a salted hash of its patient.
+
+    ``split`` fixes the class's meta-split when a manifest says so; ``item`` indexes an image
+    inside an array file (MedMNIST ``.npz``).
+    """
 
     path: Path
     label: str
     patient: str
+    split: str | None = None
+    item: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,12 +70,24 @@ def _patient_of(path: Path, class_dir: Path) -> str:
     return hash_patient(f"path:{class_dir.name}/{key}")
 
 
-def discover_records(root: str | Path) -> tuple[list[ImageRecord], list[SkippedFile]]:
+def _series_folders(class_dir: Path) -> set[Path]:
+    """Folders holding two or more DICOM files: each is one series (one volume) in 3D."""
+    counts: dict[Path, int] = {}
+    for path in class_dir.rglob("*"):
+        if path.is_file() and path.name.lower().endswith(DICOM_SUFFIXES):
+            counts[path.parent] = counts.get(path.parent, 0) + 1
+    return {folder for folder, n in counts.items() if n > 1}
+
+
+def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[ImageRecord], list[SkippedFile]]:
     """Image records under ``root/<class>/`` (sorted, so the order never depends on the file system).
 
+    In 3D (``spatial_dims=3``) a folder of DICOM files is one series, i.e. one volume; in 2D
+    every file is an image.
+
     Returns:
-        The usable records and the files skipped with a reason code (``not-image``, ``empty``,
-        ``unreadable``).
+        The records and the files skipped with a reason code (``not-image``, ``empty``,
+        ``unreadable``). Pixel data is not read here: that is the preflight's job.
 
     Raises:
         DataError: if ``root`` is not a folder or holds no class folder with images.
@@ -80,8 +98,13 @@ def discover_records(root: str | Path) -> tuple[list[ImageRecord], list[SkippedF
     records: list[ImageRecord] = []
     skipped: list[SkippedFile] = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(p for p in class_dir.rglob("*") if p.is_file()):
-            if not _is_image(path):
+        series = _series_folders(class_dir) if spatial_dims == 3 else set()
+        candidates = sorted(series | {p for p in class_dir.rglob("*") if p.is_file() and p.parent not in series})
+        for path in candidates:
+            if path.is_dir():
+                first = sorted(p for p in path.iterdir() if p.name.lower().endswith(DICOM_SUFFIXES))[0]
+                records.append(ImageRecord(path, class_dir.name, _patient_of(first, class_dir)))
+            elif not _is_image(path):
                 skipped.append(SkippedFile(path, "not-image"))
             elif path.stat().st_size == 0:
                 skipped.append(SkippedFile(path, "empty"))

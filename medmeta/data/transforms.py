@@ -2,64 +2,120 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
-from monai.data import PydicomReader
+import torch
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
+    Orientationd,
     RandFlipd,
     RandRotate90d,
     Resized,
-    ScaleIntensityd,
-    ScaleIntensityRanged,
+    ResizeWithPadOrCropd,
+    Spacingd,
 )
+
+from medmeta.data.presets import intensity_transform
+from medmeta.data.readers import MedmetaDicomReader
 
 KEY = "image"
 
 
-def load_transforms(
-    *, image_size: int, window: Sequence[float] | None = (-1100.0, 400.0), spatial_dims: int = 2
-) -> Compose:
-    """Read, window and resize one image; the result has no metadata left.
+class ConformImaged(MapTransform):
+    """Bring a channel-first image to ``in_channels`` channels and ``spatial_dims`` dimensions.
 
-    DICOM is read with MONAI's pydicom reader with pruned metadata (geometry only, no patient
-    tags), and ``EnsureTyped(track_meta=False)`` drops what remains, so cached tensors carry no
-    header value at all.
+    RGB becomes grayscale by the channel mean (grayscale becomes RGB by repetition), and a 2D
+    image stored with a trailing singleton axis (a NIfTI slice ``X×Y×1``) loses that axis.
+    """
+
+    def __init__(self, keys: str, *, in_channels: int, spatial_dims: int) -> None:
+        super().__init__(keys)
+        self.in_channels, self.spatial_dims = in_channels, spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = out[key]
+            if not torch.is_floating_point(image):
+                image = image.float()
+            while image.dim() > self.spatial_dims + 1 and image.shape[-1] == 1:
+                image = image[..., 0]
+            channels = image.shape[0]
+            if channels != self.in_channels:
+                if self.in_channels == 1:
+                    image = image.mean(dim=0, keepdim=True)
+                elif channels == 1:
+                    image = image.repeat(self.in_channels, *([1] * (image.dim() - 1)))
+                else:
+                    raise ValueError(f"cannot turn {channels} channels into {self.in_channels}")
+            out[key] = image
+        return out
+
+
+def load_transforms(
+    *,
+    image_size: int,
+    window: Sequence[float] | None = (-1100.0, 400.0),
+    preset: str | None = None,
+    spatial_dims: int = 2,
+    in_channels: int = 1,
+    from_array: bool = False,
+    array_channel_dim: int | str = "no_channel",
+    spacing: Sequence[float] | None = None,
+    roi_size: Sequence[int] | None = None,
+) -> Compose:
+    """Read (or take an array), conform, normalise intensity and resize one image; no metadata survives.
+
+    DICOM is read with a pydicom reader that keeps geometry only (no patient tags), NIfTI with
+    MONAI's nibabel reader, PNG/JPEG with its PIL reader; ``EnsureTyped(track_meta=False)`` drops
+    whatever metadata remains, so cached tensors carry no header value at all.
 
     Args:
         image_size: side length after resizing.
-        window: ``(low, high)`` intensity window (Hounsfield units for CT) mapped to ``[0, 1]``
-            with clipping; ``None`` rescales each image's own min/max to ``[0, 1]``.
+        window: ``(low, high)`` intensity window (HU for CT) mapped to ``[0, 1]`` with clipping;
+            ``None`` rescales each image's own min/max to ``[0, 1]``.
+        preset: a named intensity preset (see ``medmeta.data.presets``), overriding ``window``.
         spatial_dims: 2 or 3.
+        in_channels: channels of the result.
+        from_array: inputs are arrays already (MedMNIST), not file names.
+        array_channel_dim: where array inputs keep their channels (``"no_channel"`` or ``-1``).
+        spacing: 3D only: resample to this voxel spacing (mm) after orienting to RAS.
+        roi_size: 3D only: centre crop / pad to this size before resizing.
     """
-    if window is not None:
-        low, high = (float(v) for v in window)
-        if not low < high:
-            raise ValueError(f"window must be (low, high) with low < high, got {list(window)}")
-        intensity = ScaleIntensityRanged(KEY, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    steps: list = []
+    if from_array:
+        steps.append(EnsureChannelFirstd(KEY, channel_dim=array_channel_dim))
     else:
-        intensity = ScaleIntensityd(KEY, minv=0.0, maxv=1.0)
-    return Compose(
-        [
-            LoadImaged(KEY, reader=PydicomReader(prune_metadata=True), image_only=True),
-            EnsureChannelFirstd(KEY),
-            intensity,
-            Resized(KEY, spatial_size=(image_size,) * spatial_dims, mode="area"),
-            EnsureTyped(KEY, dtype="float32", track_meta=False),
-        ]
-    )
+        load = LoadImaged(KEY, image_only=True)  # picks a reader by suffix: nibabel, PIL, ...
+        load.register(MedmetaDicomReader())  # ... and ours, first, for DICOM files and series folders
+        steps += [load, EnsureChannelFirstd(KEY)]
+    steps.append(ConformImaged(KEY, in_channels=in_channels, spatial_dims=spatial_dims))
+    if spatial_dims == 3:
+        if not from_array:
+            steps.append(Orientationd(KEY, axcodes="RAS"))
+        if spacing is not None:
+            steps.append(Spacingd(KEY, pixdim=tuple(spacing), mode="bilinear"))
+        if roi_size is not None:
+            steps.append(ResizeWithPadOrCropd(KEY, spatial_size=tuple(roi_size), mode="edge"))
+    steps += [
+        intensity_transform(KEY, preset=preset, window=window),
+        Resized(KEY, spatial_size=(image_size,) * spatial_dims, mode="area"),
+        EnsureTyped(KEY, dtype=torch.float32, track_meta=False),
+    ]
+    return Compose(steps)
 
 
 def augment_transforms(spatial_dims: int = 2) -> Compose:
     """Label-preserving random flips and 90° rotations, drawn anew for every episode."""
+    flips = [RandFlipd(KEY, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
     return Compose(
         [
-            RandFlipd(KEY, prob=0.5, spatial_axis=0),
-            RandFlipd(KEY, prob=0.5, spatial_axis=1),
+            *flips,
             RandRotate90d(KEY, prob=0.5, max_k=3, spatial_axes=(0, 1)),
-            EnsureTyped(KEY, dtype="float32", track_meta=False),
+            EnsureTyped(KEY, dtype=torch.float32, track_meta=False),
         ]
     )

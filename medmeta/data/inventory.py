@@ -1,0 +1,180 @@
+"""What a data source can give: usable images, skipped files with reasons, class splits, feasibility.
+
+One function, ``take_inventory``, serves both ``medmeta data check`` and the data module's setup,
+so the command and training always agree on which files are used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler, split_classes
+from medmeta.data.manifest import read_manifest
+from medmeta.data.medmnist import load_medmnist, medmnist_records
+from medmeta.data.preflight import FileProblem, check_image
+from medmeta.data.records import DICOM_SUFFIXES, ImageRecord, discover_records
+from medmeta.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Inventory:
+    """The usable records of a source, what was skipped and why, and the meta-splits."""
+
+    source: Path
+    records: list[ImageRecord]
+    problems: list[FileProblem]
+    class_splits: ClassSplits
+    feasibility: dict[str, str | None] = field(default_factory=dict)
+    arrays: np.ndarray | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether every meta-split can supply the configured episodes."""
+        return all(message is None for message in self.feasibility.values())
+
+    def classes(self) -> dict[str, tuple[int, int]]:
+        """Usable images and distinct patients per class."""
+        images = Counter(r.label for r in self.records)
+        patients = {label: len({r.patient for r in self.records if r.label == label}) for label in images}
+        return {label: (images[label], patients[label]) for label in sorted(images)}
+
+    def summary_line(self) -> str:
+        """One line: usable images, classes, and skipped files counted by reason."""
+        reasons = Counter(p.reason for p in self.problems)
+        skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items()))
+        line = f"{len(self.records)} usable images in {len(self.classes())} classes under {self.source}"
+        return line + (f"; skipped {len(self.problems)} ({skipped})" if self.problems else "")
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready report (counts and file paths; never a patient key or tag value)."""
+        return {
+            "source": str(self.source),
+            "usable_images": len(self.records),
+            "classes": {k: {"images": n, "patients": p} for k, (n, p) in self.classes().items()},
+            "skipped": [{"path": str(p.path), "reason": p.reason, "detail": p.detail} for p in self.problems],
+            "class_splits": {s: list(self.class_splits.of(s)) for s in SPLITS},
+            "feasibility": self.feasibility,
+            "ok": self.ok,
+        }
+
+
+def take_inventory(
+    source: str | Path,
+    *,
+    spatial_dims: int = 2,
+    n_way: int = 5,
+    k_shot: int = 1,
+    q_query: int = 15,
+    split_ratios: Sequence[float] = (0.6, 0.2, 0.2),
+    splits: Mapping[str, Sequence[str]] | None = None,
+    seed: int = 0,
+    preflight: bool = True,
+    require_deidentified: bool = False,
+) -> Inventory:
+    """Discover, fully read (preflight) and split a folder, CSV manifest or MedMNIST ``.npz``.
+
+    Raises:
+        DataError: when the source cannot be read at all, a required decoder is missing, or
+            (with ``require_deidentified``) a DICOM file is not marked de-identified.
+    """
+    source = Path(source).expanduser()
+    arrays = None
+    problems: list[FileProblem] = []
+    if source.suffix.lower() == ".npz":
+        arrays, labels = load_medmnist(source)
+        records = medmnist_records(source, labels)
+        records, problems = _check_arrays(records, arrays)
+    else:
+        if source.suffix.lower() == ".csv":
+            records = read_manifest(source)
+        else:
+            records, skipped = discover_records(source, spatial_dims=spatial_dims)
+            problems = [FileProblem(s.path, s.reason, "skipped at discovery") for s in skipped]
+        if require_deidentified:
+            _require_deidentified(records)
+        if preflight:
+            records, found = _preflight(records, spatial_dims)
+            problems += found
+    if not records:
+        raise DataError(f"no usable images under {source} ({len(problems)} file(s) skipped)")
+    class_splits = _class_splits(records, split_ratios=split_ratios, splits=splits, seed=seed)
+    inventory = Inventory(source, records, problems, class_splits, arrays=arrays)
+    for split in SPLITS:
+        inventory.feasibility[split] = _feasibility(inventory, split, n_way, k_shot, q_query, seed)
+    return inventory
+
+
+def _preflight(records: list[ImageRecord], spatial_dims: int) -> tuple[list[ImageRecord], list[FileProblem]]:
+    usable, problems = [], []
+    for record in records:
+        problem = check_image(record.path, spatial_dims=spatial_dims)
+        if problem is None:
+            usable.append(record)
+        elif problem.reason.startswith("decoder-missing"):
+            raise DataError(f"cannot decode {record.path}: {problem.detail}")
+        else:
+            problems.append(problem)
+    return usable, problems
+
+
+def _check_arrays(records: list[ImageRecord], arrays: np.ndarray) -> tuple[list[ImageRecord], list[FileProblem]]:
+    usable, problems = [], []
+    for record in records:
+        image = arrays[record.item]
+        if not np.isfinite(image).all():
+            problems.append(FileProblem(record.path, "non-finite", f"image {record.item} holds NaN or Inf"))
+        elif image.min() == image.max():
+            problems.append(FileProblem(record.path, "constant", f"image {record.item} is constant"))
+        else:
+            usable.append(record)
+    return usable, problems
+
+
+def _require_deidentified(records: list[ImageRecord]) -> None:
+    for record in records:
+        files = sorted(record.path.iterdir()) if record.path.is_dir() else [record.path]
+        for path in files:
+            if not path.name.lower().endswith(DICOM_SUFFIXES):
+                continue
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientIdentityRemoved"])
+            if str(getattr(header, "PatientIdentityRemoved", "")).upper() != "YES":
+                raise DataError(
+                    f"{path} is not marked de-identified (PatientIdentityRemoved != YES) and "
+                    "require_deidentified is set; de-identify the export or unset the option"
+                )
+
+
+def _class_splits(
+    records: list[ImageRecord], *, split_ratios: Sequence[float], splits: Mapping[str, Sequence[str]] | None, seed: int
+) -> ClassSplits:
+    labels = [r.label for r in records]
+    if splits is None and any(r.split for r in records):
+        from_manifest: dict[str, set[str]] = {s: set() for s in SPLITS}
+        for record in records:
+            if record.split is None:
+                raise DataError(f"{record.path}: the manifest gives a split for some rows but not this one")
+            from_manifest[record.split].add(record.label)
+        splits = {s: sorted(names) for s, names in from_manifest.items()}
+    return split_classes(labels, ratios=split_ratios, seed=seed, explicit=splits)
+
+
+def _feasibility(inventory: Inventory, split: str, n_way: int, k_shot: int, q_query: int, seed: int) -> str | None:
+    classes = inventory.class_splits.of(split)
+    records = [r for r in inventory.records if r.label in classes]
+    try:
+        EpisodeSampler(
+            [r.label for r in records], [r.patient for r in records], classes,
+            split=split, n_way=n_way, k_shot=k_shot, q_query=q_query, seed=seed,
+        )  # fmt: skip
+    except DataError as error:
+        return str(error)
+    return None

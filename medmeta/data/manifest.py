@@ -1,0 +1,73 @@
+"""CSV manifests: ``path,label[,patient_id][,study_id][,split]``, one row per image.
+
+Relative paths are resolved against the manifest's folder, so one data set can mix formats and
+folders. Patient and study identifiers are hashed as soon as they are read.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from medmeta.data.episodes import SPLITS
+from medmeta.data.records import ImageRecord, hash_patient
+from medmeta.errors import DataError
+
+REQUIRED_COLUMNS = ("path", "label")
+OPTIONAL_COLUMNS = ("patient_id", "study_id", "split")
+
+
+def read_manifest(manifest: str | Path) -> list[ImageRecord]:
+    """Image records listed in a CSV manifest.
+
+    Patients come from ``patient_id``, else ``study_id``, else each row is its own patient.
+    ``split`` (``train``/``val``/``test``), when present, fixes each class's meta-split.
+
+    Raises:
+        DataError: on a missing column, an empty manifest, an unknown split value, or a class
+            listed under two splits; the message names the manifest and the row.
+    """
+    manifest = Path(manifest).expanduser()
+    if not manifest.is_file():
+        raise DataError(f"manifest {manifest} does not exist")
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise DataError(f"manifest {manifest} lacks column(s) {missing}; found {columns}")
+        records = [_record(manifest, row_number, row) for row_number, row in enumerate(reader, start=2)]
+    if not records:
+        raise DataError(f"manifest {manifest} lists no images")
+    _check_one_split_per_class(manifest, records)
+    return records
+
+
+def _record(manifest: Path, row_number: int, row: dict[str, str]) -> ImageRecord:
+    row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+    if not row.get("path") or not row.get("label"):
+        raise DataError(f"manifest {manifest} row {row_number}: empty path or label")
+    path = Path(row["path"]).expanduser()
+    path = path if path.is_absolute() else manifest.parent / path
+    split = row.get("split") or None
+    if split is not None and split not in SPLITS:
+        raise DataError(f"manifest {manifest} row {row_number}: split {split!r} is not one of {list(SPLITS)}")
+    if row.get("patient_id"):
+        patient = hash_patient("manifest-patient:" + row["patient_id"])
+    elif row.get("study_id"):
+        patient = hash_patient("manifest-study:" + row["study_id"])
+    else:
+        patient = hash_patient(f"manifest-row:{path}")
+    return ImageRecord(path=path, label=row["label"], patient=patient, split=split)
+
+
+def _check_one_split_per_class(manifest: Path, records: list[ImageRecord]) -> None:
+    splits: dict[str, set[str]] = {}
+    for record in records:
+        splits.setdefault(record.label, set()).add(record.split or "")
+    for label, values in sorted(splits.items()):
+        if len(values) > 1:
+            raise DataError(
+                f"manifest {manifest}: class {label!r} has rows in several meta-splits "
+                f"{sorted(v or '<none>' for v in values)}; a class belongs to exactly one"
+            )

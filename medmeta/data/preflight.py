@@ -1,0 +1,213 @@
+"""Preflight: read every image fully and say, with a reason code, why it cannot be used.
+
+Reason codes (``FileProblem.code``) and what they come from:
+
+``not-image``
+    a suffix that is not DICOM (``.dcm .dicom .ima``), NIfTI (``.nii .nii.gz``) or PNG/JPEG
+    (``.png .jpg .jpeg``); a DICOM file without pixel data (e.g. a structured report); a folder
+    checked as 2D (folders are read only as 3D DICOM series).
+``empty``
+    a zero-byte file, or an image with no pixels.
+``truncated``
+    a DICOM file ending inside its header or pixel data; a NIfTI whose header or voxel data is
+    cut short, or a ``.nii.gz`` whose gzip stream ends early; a PNG/JPEG cut short.
+``decoder-missing``
+    compressed DICOM pixel data whose pydicom decoder plugin is not installed. ``reason`` then
+    reads ``decoder-missing:<pkg1>,<pkg2>`` and ``packages`` lists the pip packages.
+``non-finite``
+    NaN or Inf in the pixel values (after rescaling).
+``constant``
+    every pixel has the same value.
+``wrong-dims``
+    a volume with more than one slice checked as 2D, or a 2D image checked as 3D. A NIfTI of
+    shape ``X x Y x 1`` counts as 2D; an RGB image is 2D with channels.
+``inconsistent-series``
+    a DICOM series folder with no valid slice, mixed series/size/orientation/spacing, duplicated
+    positions or a missing slice.
+``unreadable``
+    everything else: random bytes under an image suffix, a ``.nii.gz`` that is not gzip at all
+    (nothing was cut: the bytes are not what the name says) or a corrupt gzip stream, a NIfTI
+    header nibabel rejects, undecodable pixel data, unsupported transfer syntaxes, any other error.
+
+``check_image`` never raises for a bad file and never puts a DICOM tag value in ``detail``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from medmeta.data.readers import DICOM_SUFFIXES, DecoderMissingError, DicomReadError, read_dicom
+
+logger = logging.getLogger(__name__)
+
+REASON_CODES = (
+    "not-image", "empty", "truncated", "decoder-missing", "non-finite", "constant", "wrong-dims",
+    "inconsistent-series", "unreadable",
+)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_NIFTI_HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """Why one file (or series folder) cannot be used.
+
+    Attributes:
+        path: the file or folder.
+        reason: a reason code from ``REASON_CODES``; for a missing decoder with known packages,
+            ``decoder-missing:<pkg1>,<pkg2>`` (``code`` gives the bare code).
+        detail: one short human line, without any tag value.
+        packages: pip packages to install (``decoder-missing`` only).
+    """
+
+    path: Path
+    reason: str
+    detail: str
+    packages: tuple[str, ...] = ()
+
+    @property
+    def code(self) -> str:
+        """The bare reason code, always one of ``REASON_CODES``."""
+        return self.reason.split(":", 1)[0]
+
+
+class _Problem(Exception):
+    """Internal: carries a reason code and detail out of a reader."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def check_image(path: Path, *, spatial_dims: int = 2) -> FileProblem | None:
+    """Fully read one image (file, or DICOM series folder when spatial_dims == 3) and say what is wrong, or None.
+
+    Args:
+        path: an image file, or a folder holding one DICOM series.
+        spatial_dims: 2 or 3, the dimensionality the data set is used with.
+
+    Returns:
+        None if the image is usable, else a :class:`FileProblem` (never raises for a bad file).
+    """
+    path = Path(path)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    try:
+        array, n_spatial, slices = _read(path, spatial_dims)
+        _check_pixels(array, n_spatial, slices, spatial_dims)
+    except _Problem as problem:
+        return _found(FileProblem(path, problem.reason, problem.detail))
+    except DicomReadError as err:
+        return _found(FileProblem(path, err.reason, err.detail))
+    except DecoderMissingError as err:
+        reason = f"decoder-missing:{','.join(err.packages)}" if err.packages else "decoder-missing"
+        return _found(FileProblem(path, reason, err.detail, tuple(err.packages)))
+    except Exception as err:  # a preflight must report, not crash; no message text (may hold values)
+        return _found(FileProblem(path, "unreadable", f"cannot be read ({type(err).__name__})"))
+    return None
+
+
+def _found(problem: FileProblem) -> FileProblem:
+    logger.debug("preflight: %s: %s (%s)", problem.path, problem.reason, problem.detail)
+    return problem
+
+
+def _read(path: Path, spatial_dims: int) -> tuple[np.ndarray, int, int]:
+    """Return the pixel array, its number of spatial axes (the rest are channels) and slices."""
+    name = path.name.lower()
+    if path.is_dir():
+        if spatial_dims != 3:
+            raise _Problem("not-image", "a folder (DICOM series folders are read only when spatial_dims == 3)")
+        return _dicom(path)
+    if not path.is_file():
+        raise _Problem("unreadable", "no such file")
+    if path.stat().st_size == 0:
+        raise _Problem("empty", "zero-byte file")
+    if name.endswith(DICOM_SUFFIXES):
+        return _dicom(path)
+    if name.endswith(NIFTI_SUFFIXES):
+        return _read_nifti(path)
+    if name.endswith(PICTURE_SUFFIXES):
+        return _read_picture(path)
+    raise _Problem("not-image", f"not an image file type ({path.suffix or 'no suffix'})")
+
+
+def _dicom(path: Path) -> tuple[np.ndarray, int, int]:
+    """DICOM file or series folder; slices are the first axis of a volume."""
+    array, spacing = read_dicom(path)
+    return array, len(spacing), array.shape[0] if len(spacing) == 3 else 1
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, int, int]:
+    """Decompress and parse a NIfTI-1/2 image, then read every voxel (nibabel alone is lazy)."""
+    raw = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        if raw[:2] != b"\x1f\x8b":
+            raise _Problem("unreadable", "named .nii.gz but not gzip-compressed")
+        try:
+            raw = gzip.decompress(raw)
+        except EOFError as err:
+            raise _Problem("truncated", "gzip stream ends early (truncated)") from err
+        except (OSError, zlib.error) as err:
+            raise _Problem("unreadable", f"corrupt gzip stream ({type(err).__name__})") from err
+        if not raw:
+            raise _Problem("empty", "gzip stream holds no data")
+    header_size = next((size for size in _NIFTI_HEADER_SIZES for order in "<>"
+                        if len(raw) >= 4 and struct.unpack(f"{order}i", raw[:4])[0] == size), None)
+    if header_size is None:
+        raise _Problem("unreadable", "not a NIfTI header")
+    if len(raw) < header_size:
+        raise _Problem("truncated", "NIfTI header cut short (truncated)")
+    try:
+        image = _NIFTI_HEADER_SIZES[header_size].from_bytes(raw)
+    except Exception as err:
+        raise _Problem("unreadable", f"NIfTI header rejected ({type(err).__name__})") from err
+    try:
+        data = image.get_fdata(dtype=np.float32)
+    except OSError as err:
+        raise _Problem("truncated", "NIfTI voxel data shorter than the header says (truncated)") from err
+    shape = list(data.shape)
+    while len(shape) > 2 and shape[-1] == 1:  # X x Y x 1 (x 1 ...) is a 2D image
+        shape.pop()
+    return data.reshape(shape), len(shape), shape[2] if len(shape) == 3 else 1
+
+
+def _read_picture(path: Path) -> tuple[np.ndarray, int, int]:
+    """Decode a PNG/JPEG fully; 2D, with a trailing channel axis for colour."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            array = np.asarray(image)
+    except UnidentifiedImageError as err:
+        raise _Problem("unreadable", "not a PNG/JPEG image") from err
+    except (OSError, SyntaxError) as err:
+        if "truncat" in str(err).lower():
+            raise _Problem("truncated", "image file is cut short (truncated)") from err
+        raise _Problem("unreadable", f"image cannot be decoded ({type(err).__name__})") from err
+    return array, 2, 1
+
+
+def _check_pixels(array: np.ndarray, n_spatial: int, slices: int, spatial_dims: int) -> None:
+    """Raise a _Problem for empty, wrong-dims, non-finite or constant pixels."""
+    if array.size == 0:
+        raise _Problem("empty", "image has no pixels")
+    if n_spatial > 3:
+        raise _Problem("wrong-dims", f"{n_spatial}D data, but {spatial_dims}D images are configured")
+    if spatial_dims == 2 and slices > 1:
+        raise _Problem("wrong-dims", f"a 3D volume with {slices} slices, but 2D images are configured")
+    if spatial_dims == 3 and slices < 2:
+        raise _Problem("wrong-dims", f"a 2D image (shape {tuple(array.shape)}), but 3D volumes are configured")
+    if not np.isfinite(array).all():
+        raise _Problem("non-finite", f"{int(np.size(array) - np.isfinite(array).sum())} NaN/Inf pixel value(s)")
+    if array.min() == array.max():
+        raise _Problem("constant", "every pixel has the same value")
