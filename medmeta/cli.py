@@ -109,6 +109,7 @@ def data_check_main(argv: list[str]) -> int:
     inventory = take_inventory(
         args.source, spatial_dims=args.spatial_dims, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
         split_ratios=args.split_ratios, seed=args.seed, require_deidentified=args.require_deidentified,
+        skip_undecodable=True,
     )  # fmt: skip
     if args.json:
         print(json.dumps(inventory.to_json(), indent=2))

@@ -80,3 +80,56 @@ def test_optimizer_choice_replaces_the_default_adam(tiny_dicom_root: Path, tmp_p
     last = next(out.rglob("last.ckpt"))
     groups = torch.load(last, weights_only=True)["optimizer_states"][0]["param_groups"]
     assert groups[0]["lr"] == 0.0125 and "momentum" in groups[0] and "betas" not in groups[0]
+
+
+def test_data_check_reports_feasibility_and_exit_codes(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    base = ["data", "check", str(tiny_dicom_root), "--n-way", "3", "--split-ratios", "0.5", "0.25", "0.25"]
+    good = _medmeta(*base, "--q-query", "2", cwd=tmp_path)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "test: 3-way 1-shot 2-query episodes ok" in good.stdout
+    assert "144 usable images in 12 classes" in good.stdout
+    too_many = _medmeta(*base, "--q-query", "20", cwd=tmp_path)
+    assert too_many.returncode == 1 and "cannot" in too_many.stdout and "Traceback" not in too_many.stderr
+    report = json.loads(_medmeta(*base, "--q-query", "2", "--json", cwd=tmp_path).stdout)
+    assert report["ok"] is True and report["usable_images"] == 144 and len(report["classes"]) == 12
+    assert set(report["class_splits"]) == {"train", "val", "test"}
+
+
+def test_fit_skips_bad_files_with_a_one_line_summary(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dicom_root, root)
+    first_class = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (first_class / "zero.dcm").write_bytes(b"")
+    (first_class / "noise.dcm").write_bytes(np.random.default_rng(0).bytes(500))
+    nan_image = np.full((16, 16), np.nan, dtype=np.float32)
+    nib.save(nib.Nifti1Image(nan_image, np.eye(4)), first_class / "nan.nii.gz")
+    check = _medmeta("data", "check", str(root), "--n-way", "3", "--q-query", "2", "--split-ratios", "0.5", "0.25",
+                     "0.25", cwd=tmp_path)  # fmt: skip
+    for reason in ("empty", "unreadable", "non-finite"):
+        assert reason in check.stdout
+    result = _medmeta(*_tiny_fit_args(root, tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "skipped 3 (empty: 1, non-finite: 1, unreadable: 1)" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_3d_config_runs_end_to_end(tmp_path: Path) -> None:
+    from medmeta.data.synthetic3d import generate_synthetic_volumes
+
+    root = generate_synthetic_volumes(tmp_path / "vols", n_classes=8, patients_per_class=3, volumes_per_patient=2, size=16)
+    out = tmp_path / "run3d"
+    result = _medmeta(
+        "fit", "--config", str(REPO / "configs" / "synthetic_3d.yaml"), "--data.root", str(root),
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(out),
+        "--trainer.logger.init_args.save_dir", str(out), "--data.image_size", "8", "--data.roi_size", "[12, 12, 12]",
+        "--data.n_way", "2", "--data.q_query", "2", "--data.split_ratios", "[0.5, 0.25, 0.25]",
+        "--data.val_episodes", "2", "--data.test_episodes", "4", "--model.hidden_channels", "4",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "(95% CI, 4 frozen test episodes)" in result.stdout

@@ -3,7 +3,7 @@
 Why this is not flaky: every random draw is seeded (weights via seed_everything, episodes by
 (seed, split, index), data by the generator seed) and the run is on the CPU, so the figure is
 reproducible on one machine; across machines only float round-off differs. Measured on a 2-core
-CPU it reaches 43.9% ± 1.3% (95% CI) on 200 frozen test episodes of 6 unseen classes, while the
+CPU it reaches 43.3% ± 1.2% (95% CI) on 200 frozen test episodes of 6 unseen classes, while the
 pixel nearest-neighbour baseline gets 22.8% (chance is 20%). The thresholds (35%, and 10 points
 above the baseline) sit 7 CIs below the measured figure and far above chance.
 """

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler
 from medmeta.data.inventory import Inventory, take_inventory
 from medmeta.data.records import ImageRecord
-from medmeta.data.transforms import KEY, augment_transforms, load_transforms
+from medmeta.data.transforms import KEY, augment_images, load_transforms
 from medmeta.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,7 @@ class EpisodeDataset(Dataset):
     """Episode ``i`` of a meta-split as tensors; augmentation is seeded by (seed, split, i)."""
 
     def __init__(self, images: torch.Tensor, sampler: EpisodeSampler, length: int, augment: bool) -> None:
-        self.images, self.sampler, self.length = images, sampler, length
-        self.augment = augment_transforms(images.dim() - 2) if augment else None
+        self.images, self.sampler, self.length, self.augment = images, sampler, length, augment
 
     def __len__(self) -> int:
         return self.length
@@ -50,10 +49,10 @@ class EpisodeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         episode = self.sampler.episode(index)
         support_x, query_x = self.images[episode.support], self.images[episode.query]
-        if self.augment is not None:
-            state = np.random.SeedSequence([self.sampler.seed, 99, index]).generate_state(1)[0]
-            self.augment.set_random_state(seed=int(state))
-            support_x, query_x = self._augmented(support_x), self._augmented(query_x)
+        if self.augment:
+            state = np.random.SeedSequence([self.sampler.seed, 99, index]).generate_state(2)
+            generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+            support_x, query_x = augment_images(support_x, generator), augment_images(query_x, generator)
         return {
             "support_x": support_x,
             "support_y": torch.from_numpy(episode.support_labels),
@@ -61,9 +60,6 @@ class EpisodeDataset(Dataset):
             "query_y": torch.from_numpy(episode.query_labels),
             "episode": torch.tensor(episode.index),
         }
-
-    def _augmented(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.augment({KEY: image})[KEY] for image in images])
 
 
 class EpochEpisodeSampler(Sampler[int]):
@@ -115,6 +111,8 @@ class EpisodicDataModule(L.LightningDataModule):
         synthetic_seed: seed of the generated data set when ``root`` is ``None``.
         preflight: read every file fully at setup and skip bad ones (with a one-line summary).
         require_deidentified: refuse DICOM files not marked ``PatientIdentityRemoved = YES``.
+        skip_undecodable: skip (and report) compressed DICOM files whose decoder is missing
+            instead of stopping with an error naming the packages to install.
     """
 
     def __init__(
@@ -144,6 +142,7 @@ class EpisodicDataModule(L.LightningDataModule):
         synthetic_seed: int = 0,
         preflight: bool = True,
         require_deidentified: bool = False,
+        skip_undecodable: bool = False,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser() if root is not None else None
@@ -153,6 +152,7 @@ class EpisodicDataModule(L.LightningDataModule):
         self.window = tuple(window) if window is not None else None
         self.preset, self.spacing, self.roi_size = preset, spacing, roi_size
         self.preflight, self.require_deidentified = preflight, require_deidentified
+        self.skip_undecodable = skip_undecodable
         self.split_ratios, self.explicit_splits, self.seed = tuple(split_ratios), splits, seed
         self.train_batches_per_epoch = train_batches_per_epoch
         self.episodes = {"val": val_episodes, "test": test_episodes}
@@ -193,6 +193,7 @@ class EpisodicDataModule(L.LightningDataModule):
                 self.data_root, spatial_dims=self.spatial_dims, n_way=self.n_way, k_shot=self.k_shot,
                 q_query=self.q_query, split_ratios=self.split_ratios, splits=self.explicit_splits, seed=self.seed,
                 preflight=self.preflight, require_deidentified=self.require_deidentified,
+                skip_undecodable=self.skip_undecodable,
             )  # fmt: skip
             log = logger.warning if self.inventory.problems else logger.info
             log("%s", self.inventory.summary_line())

@@ -79,12 +79,18 @@ def take_inventory(
     seed: int = 0,
     preflight: bool = True,
     require_deidentified: bool = False,
+    skip_undecodable: bool = False,
 ) -> Inventory:
     """Discover, fully read (preflight) and split a folder, CSV manifest or MedMNIST ``.npz``.
 
+    Args:
+        skip_undecodable: list compressed DICOM files whose decoder is missing among the skipped
+            files (``decoder-missing:<packages>``) instead of stopping with an error.
+
     Raises:
-        DataError: when the source cannot be read at all, a required decoder is missing, or
-            (with ``require_deidentified``) a DICOM file is not marked de-identified.
+        DataError: when the source cannot be read at all, a required decoder is missing (unless
+            ``skip_undecodable``), or (with ``require_deidentified``) a DICOM file is not marked
+            de-identified.
     """
     source = Path(source).expanduser()
     arrays = None
@@ -102,7 +108,7 @@ def take_inventory(
         if require_deidentified:
             _require_deidentified(records)
         if preflight:
-            records, found = _preflight(records, spatial_dims)
+            records, found = _preflight(records, spatial_dims, skip_undecodable)
             problems += found
     if not records:
         raise DataError(f"no usable images under {source} ({len(problems)} file(s) skipped)")
@@ -113,13 +119,15 @@ def take_inventory(
     return inventory
 
 
-def _preflight(records: list[ImageRecord], spatial_dims: int) -> tuple[list[ImageRecord], list[FileProblem]]:
+def _preflight(
+    records: list[ImageRecord], spatial_dims: int, skip_undecodable: bool
+) -> tuple[list[ImageRecord], list[FileProblem]]:
     usable, problems = [], []
     for record in records:
         problem = check_image(record.path, spatial_dims=spatial_dims)
         if problem is None:
             usable.append(record)
-        elif problem.reason.startswith("decoder-missing"):
+        elif problem.reason.startswith("decoder-missing") and not skip_undecodable:
             raise DataError(f"cannot decode {record.path}: {problem.detail}")
         else:
             problems.append(problem)

@@ -12,8 +12,6 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
-    RandFlipd,
-    RandRotate90d,
     Resized,
     ResizeWithPadOrCropd,
     Spacingd,
@@ -96,7 +94,7 @@ def load_transforms(
     steps.append(ConformImaged(KEY, in_channels=in_channels, spatial_dims=spatial_dims))
     if spatial_dims == 3:
         if not from_array:
-            steps.append(Orientationd(KEY, axcodes="RAS"))
+            steps.append(Orientationd(KEY, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
         if spacing is not None:
             steps.append(Spacingd(KEY, pixdim=tuple(spacing), mode="bilinear"))
         if roi_size is not None:
@@ -109,13 +107,21 @@ def load_transforms(
     return Compose(steps)
 
 
-def augment_transforms(spatial_dims: int = 2) -> Compose:
-    """Label-preserving random flips and 90° rotations, drawn anew for every episode."""
-    flips = [RandFlipd(KEY, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
-    return Compose(
-        [
-            *flips,
-            RandRotate90d(KEY, prob=0.5, max_k=3, spatial_axes=(0, 1)),
-            EnsureTyped(KEY, dtype=torch.float32, track_meta=False),
-        ]
-    )
+def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Label-preserving random flips along every spatial axis and 90° in-plane rotations, per image.
+
+    Vectorised over the whole stack ``[B, C, *spatial]`` (MONAI's ``RandFlipd``/``RandRotate90d``
+    work image by image, which made augmentation the slowest part of episode assembly); every
+    draw comes from ``generator``, so an episode's augmentation is a function of its seed.
+    """
+    out = images.clone()
+    n, spatial = images.shape[0], images.dim() - 2
+    for axis in range(spatial):
+        flip = torch.rand(n, generator=generator) < 0.5
+        out[flip] = out[flip].flip(2 + axis)
+    turns = torch.randint(0, 4, (n,), generator=generator)
+    if images.shape[2] == images.shape[3]:  # square in-plane: a quarter turn keeps the shape
+        for k in (1, 2, 3):
+            chosen = turns == k
+            out[chosen] = torch.rot90(out[chosen], k, dims=(2, 3))
+    return out

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 import torch
 from monai.data import MetaTensor
 
-from medmeta.data.transforms import augment_transforms, load_transforms
+from medmeta.data.transforms import augment_images, load_transforms
 
 
 def test_window_is_applied_to_hounsfield_units(tiny_dicom_root: Path) -> None:
@@ -34,13 +35,14 @@ def test_resize_and_minmax_without_window(tiny_dicom_root: Path) -> None:
     np.testing.assert_allclose(small[0].numpy(), native[0].numpy().reshape(16, 2, 16, 2).mean(axis=(1, 3)), atol=1e-5)
 
 
-def test_augmentation_is_seeded_and_label_preserving() -> None:
-    image = torch.arange(16.0).reshape(1, 4, 4)
-    outputs = []
-    for _ in range(2):
-        augment = augment_transforms()
-        augment.set_random_state(seed=5)
-        outputs.append([augment({"image": image})["image"] for _ in range(8)])
-    assert all(torch.equal(a, b) for a, b in zip(*outputs))
-    assert all(sorted(o.flatten().tolist()) == list(range(16)) for o in outputs[0])  # same pixels, moved
-    assert any(not torch.equal(o, image) for o in outputs[0])
+@pytest.mark.parametrize("shape", [(8, 1, 4, 4), (6, 1, 4, 4, 4)])
+def test_augmentation_is_seeded_per_image_and_label_preserving(shape: tuple[int, ...]) -> None:
+    images = torch.arange(float(np.prod(shape[1:]))).reshape(1, *shape[1:]).repeat(shape[0], *([1] * (len(shape) - 1)))
+    first = augment_images(images, torch.Generator().manual_seed(5))
+    again = augment_images(images, torch.Generator().manual_seed(5))
+    other = augment_images(images, torch.Generator().manual_seed(6))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    for original, moved in zip(images, first):  # same pixels, moved around
+        assert torch.equal(original.flatten().sort().values, moved.flatten().sort().values)
+    assert len({tuple(x.flatten().tolist()) for x in first}) > 1  # images get different draws
+    assert torch.equal(images[0], images[-1])  # the input is untouched
