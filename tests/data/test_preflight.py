@@ -11,40 +11,21 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import RLELossless
 
 from medmeta.data.preflight import REASON_CODES, FileProblem, check_image
-
-SECRET = "SECRET-PATIENT-0815"
-
+from tests.data.test_readers import SECRET, ct_dataset, write
 
 def ct(path: Path, stored: np.ndarray | None = None, *, z: float = 0.0, spacing=(0.5, 0.5),
        frames: int | None = None, compress: bool = False) -> Path:
     """Write a small CT DICOM file (unsigned 12-bit stored values, HU = stored - 1024)."""
     if stored is None:
         stored = np.random.default_rng(int(z * 10) + 1).integers(0, 4096, (16, 16)).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-    ds.PatientID, ds.PatientName, ds.SeriesInstanceUID = SECRET, f"{SECRET}^X", "1.2.3"
-    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, z], [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing, (ds.Rows, ds.Columns) = list(spacing), stored.shape[-2:]
-    if frames:
-        ds.NumberOfFrames = frames
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.PixelData = stored.astype("<u2").tobytes()
+    ds = ct_dataset(stored, position=(0.0, 0.0, z), spacing=spacing, series_uid="1.2.3", frames=frames)
     if compress:
         ds.compress(RLELossless)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write(ds, path)
 
 
 def series(folder: Path, n: int = 4) -> Path:
