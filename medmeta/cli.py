@@ -69,23 +69,32 @@ class MedMetaCLI(LightningCLI):
 
 
 def synth_main(argv: list[str]) -> int:
-    """``medmeta synth --out DIR``: write the synthetic lesion data set as DICOM files."""
+    """``medmeta synth --out DIR``: write the synthetic lesion data set (2D DICOM or 3D NIfTI)."""
     from medmeta.data.synthetic import generate_synthetic_dataset
+    from medmeta.data.synthetic3d import generate_synthetic_volumes
 
     parser = argparse.ArgumentParser(prog="medmeta synth", description=synth_main.__doc__)
     parser.add_argument("--out", required=True, type=Path, help="new folder to write (must not exist)")
     parser.add_argument("--classes", type=int, default=30, help="number of lesion classes (at most 80)")
     parser.add_argument("--patients", type=int, default=8, help="patients per class")
-    parser.add_argument("--images", type=int, default=3, help="images per patient")
-    parser.add_argument("--size", type=int, default=64, help="image side length in pixels")
+    parser.add_argument("--images", type=int, default=3, help="images (volumes in 3D) per patient")
+    parser.add_argument("--size", type=int, default=None, help="side length in pixels (default 64; 32 in 3D)")
+    parser.add_argument("--spatial-dims", type=int, default=2, choices=(2, 3), help="2: DICOM slices, 3: NIfTI volumes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    root = generate_synthetic_dataset(
-        args.out, n_classes=args.classes, patients_per_class=args.patients,
-        images_per_patient=args.images, image_size=args.size, seed=args.seed,
-    )  # fmt: skip
-    n_files = sum(1 for _ in root.rglob("*.dcm"))
-    console.print(f"wrote {n_files} DICOM files in {args.classes} lesion classes to {root}")
+    if args.spatial_dims == 3:
+        root = generate_synthetic_volumes(
+            args.out, n_classes=args.classes, patients_per_class=args.patients,
+            volumes_per_patient=args.images, size=args.size or 32, seed=args.seed,
+        )  # fmt: skip
+        kind, n_files = "NIfTI volumes", sum(1 for _ in root.rglob("*.nii.gz"))
+    else:
+        root = generate_synthetic_dataset(
+            args.out, n_classes=args.classes, patients_per_class=args.patients,
+            images_per_patient=args.images, image_size=args.size or 64, seed=args.seed,
+        )  # fmt: skip
+        kind, n_files = "DICOM files", sum(1 for _ in root.rglob("*.dcm"))
+    console.print(f"wrote {n_files} {kind} in {args.classes} lesion classes to {root}")
     return 0
 
 

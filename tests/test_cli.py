@@ -38,6 +38,9 @@ def test_synth_writes_dicom_classes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "wrote 24 DICOM files in 6 lesion classes" in result.stdout
     assert len([p for p in (tmp_path / "synth").iterdir() if p.is_dir()]) == 6
+    volumes = _medmeta("synth", "--out", str(tmp_path / "vols"), "--classes", "3", "--patients", "2",
+                       "--images", "1", "--size", "16", "--spatial-dims", "3", cwd=tmp_path)  # fmt: skip
+    assert volumes.returncode == 0 and "wrote 6 NIfTI volumes in 3 lesion classes" in volumes.stdout
     again = _medmeta("synth", "--out", str(tmp_path / "synth"), cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stdout and "Traceback" not in again.stderr
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -46,3 +47,21 @@ def test_augmentation_is_seeded_per_image_and_label_preserving(shape: tuple[int,
         assert torch.equal(original.flatten().sort().values, moved.flatten().sort().values)
     assert len({tuple(x.flatten().tolist()) for x in first}) > 1  # images get different draws
     assert torch.equal(images[0], images[-1])  # the input is untouched
+
+
+def test_3d_volumes_are_oriented_to_ras_and_resampled(tmp_path: Path) -> None:
+    volume = np.zeros((8, 8, 4), dtype=np.float32)
+    volume[0, 0, 0] = 1000.0  # a marker in the first voxel of an LPS volume with 2 mm slices
+    lps = np.diag([-1.0, -1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(volume, lps), tmp_path / "v.nii.gz")
+    chain = load_transforms(image_size=8, window=(0, 1000), spatial_dims=3, spacing=(1.0, 1.0, 1.0), roi_size=(8, 8, 8))
+    image = chain({"image": str(tmp_path / "v.nii.gz")})["image"]
+    assert image.shape == (1, 8, 8, 8)
+    peak = np.unravel_index(int(image.argmax()), image.shape[1:])
+    assert peak[:2] == (7, 7)  # L->R and P->A flipped the first two axes
+    resampled = load_transforms(image_size=8, window=(0, 1000), spatial_dims=3, spacing=(1.0, 1.0, 1.0), roi_size=None)
+    inner = resampled.transforms[:-3]  # before intensity, resize and the metadata drop
+    data = {"image": str(tmp_path / "v.nii.gz")}
+    for step in inner:
+        data = step(data)
+    assert tuple(data["image"].shape[1:]) == (8, 8, 7)  # 4 slices 2 mm apart become 7 at 1 mm
