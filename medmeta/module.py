@@ -69,17 +69,22 @@ class FewShotModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = get_backbone(
+        model = get_backbone(
             backbone, in_channels=in_channels, n_way=n_way, hidden_channels=hidden_channels,
             spatial_dims=spatial_dims, norm=norm, image_size=image_size,
         )  # fmt: skip
         self.algorithm = MAML(
-            self.model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
+            model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
             first_order=first_order, task_reduction=task_reduction,
         )  # fmt: skip
         self._test_acc: list[torch.Tensor] = []
         self._test_pixel_acc: list[torch.Tensor] = []
         self.test_summary: dict[str, object] = {}
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The backbone being meta-trained."""
+        return self.algorithm.model
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Second-order meta-loss over the meta-batch; refuses non-finite losses before any update."""

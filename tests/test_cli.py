@@ -57,7 +57,7 @@ def test_fit_then_test_end_to_end(tiny_dicom_root: Path, tmp_path: Path) -> None
     checkpoint_line = next(line for line in result.stdout.splitlines() if line.startswith("checkpoint: "))
     checkpoint = torch.load(checkpoint_line.removeprefix("checkpoint: ").strip(), weights_only=True)
     assert checkpoint["hyper_parameters"]["n_way"] == 3  # linked from data.n_way
-    assert checkpoint["state_dict"]["model.head.weight"].shape[0] == 3
+    assert checkpoint["state_dict"]["algorithm.model.head.weight"].shape[0] == 3
     assert not (tiny_dicom_root / "runs").exists()
 
 

@@ -20,8 +20,11 @@ Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class MAML:
+class MAML(nn.Module):
     """Second-order MAML over a meta-batch of tasks with a leading task dimension ``T``.
+
+    An ``nn.Module`` holding the backbone as ``self.model``, so that subclasses can add
+    meta-learned tensors (learning rates) that an optimiser over ``self.parameters()`` updates.
 
     Args:
         model: the network; its parameters are the meta-learned initialisation θ.
@@ -49,6 +52,7 @@ class MAML:
             raise ValueError("inner_steps and eval_inner_steps must be >= 0")
         if task_reduction not in ("mean", "sum"):
             raise ValueError(f"task_reduction must be 'mean' or 'sum', got {task_reduction!r}")
+        super().__init__()
         self.model = model
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
@@ -58,8 +62,8 @@ class MAML:
         self.loss_fn = loss_fn
 
     def _forward(self, params: Params, x: Tensor) -> Tensor:
-        buffers = dict(self.model.named_buffers())
-        return functional_call(self.model, (params, buffers), (x,))
+        """The backbone's output with ``params`` in place of (some of) its weights."""
+        return functional_call(self.model, params, (x,), strict=False)
 
     def _support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(self._forward(params, x), y)
@@ -82,15 +86,22 @@ class MAML:
         steps = self.inner_steps if steps is None else steps
         first_order = self.first_order if first_order is None else first_order
         if params is None:
-            params = dict(self.model.named_parameters())
+            params = self.adaptable_parameters()
         support_grad = grad(self._support_loss)
-        for _ in range(steps):
+        for step in range(steps):
             grads = support_grad(params, support_x, support_y)
-            params = {
-                name: p - self.inner_lr * (grads[name].detach() if first_order else grads[name])
-                for name, p in params.items()
-            }
+            if first_order:
+                grads = {name: g.detach() for name, g in grads.items()}
+            params = self.inner_update(params, grads, step)
         return params
+
+    def inner_update(self, params: Params, grads: Params, step: int) -> Params:
+        """One inner SGD step θ ← θ − α ∇θ L_support (subclasses learn α or restrict θ)."""
+        return {name: p - self.inner_lr * grads[name] for name, p in params.items()}
+
+    def adaptable_parameters(self) -> Params:
+        """The weights the inner loop adapts (all of the backbone's)."""
+        return dict(self.model.named_parameters())
 
     def outer_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
         """Query loss of the adapted models, reduced over the ``T`` tasks; differentiable in θ."""
@@ -119,7 +130,7 @@ class MAML:
         is detached from θ.
         """
         steps = self.eval_inner_steps if steps is None else steps
-        theta = {name: p.detach() for name, p in self.model.named_parameters()}
+        theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
         logits = []
         for task in range(support_x.shape[0]):
             adapted = self.adapt(support_x[task], support_y[task], steps=steps, first_order=True, params=theta)
