@@ -11,7 +11,7 @@ from typing import Literal
 import lightning as L
 import torch
 
-from medmeta.algorithms import MAML, pixel_nearest_neighbour
+from medmeta.algorithms import AlgorithmName, build_algorithm, pixel_nearest_neighbour
 from medmeta.networks import get_backbone
 from medmeta.networks.conv4 import NormName
 
@@ -29,9 +29,10 @@ def mean_and_ci95(values: torch.Tensor) -> tuple[float, float]:
 
 
 class FewShotModule(L.LightningModule):
-    """Meta-trains a backbone with second-order MAML on episode batches.
+    """Meta-trains a backbone on episode batches with the chosen algorithm (second-order MAML by default).
 
     Args:
+        algorithm: ``"maml"``, ``"meta_sgd"``, ``"anil"``, ``"protonet"`` or ``"mann"``.
         n_way: classes per episode (linked to the data module's ``n_way`` by the CLI).
         in_channels: image channels (linked to the data module).
         image_size: image side length (linked to the data module).
@@ -43,8 +44,9 @@ class FewShotModule(L.LightningModule):
         inner_lr: inner-loop step size α.
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps when adapting at validation and test.
-        first_order: first-order MAML instead of second order.
+        first_order: drop second-order terms (MAML, Meta-SGD, ANIL).
         task_reduction: ``"mean"`` or ``"sum"`` of query losses over the tasks of a meta-batch.
+        distance: ProtoNet distance, ``"squared_euclidean"`` or ``"cosine"``.
         meta_lr: Adam learning rate of the outer loop (``--optimizer`` on the CLI overrides it).
         pixel_baseline: also score a nearest-neighbour-on-pixels baseline on the test episodes.
     """
@@ -52,6 +54,7 @@ class FewShotModule(L.LightningModule):
     def __init__(
         self,
         *,
+        algorithm: AlgorithmName = "maml",
         n_way: int = 5,
         in_channels: int = 1,
         image_size: int = 32,
@@ -64,6 +67,7 @@ class FewShotModule(L.LightningModule):
         eval_inner_steps: int = 10,
         first_order: bool = False,
         task_reduction: Literal["mean", "sum"] = "mean",
+        distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
         meta_lr: float = 1e-3,
         pixel_baseline: bool = True,
     ) -> None:
@@ -73,9 +77,10 @@ class FewShotModule(L.LightningModule):
             backbone, in_channels=in_channels, n_way=n_way, hidden_channels=hidden_channels,
             spatial_dims=spatial_dims, norm=norm, image_size=image_size,
         )  # fmt: skip
-        self.algorithm = MAML(
-            model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
-            first_order=first_order, task_reduction=task_reduction,
+        self.algorithm = build_algorithm(
+            algorithm, model, n_way=n_way, inner_lr=inner_lr, inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps, first_order=first_order, task_reduction=task_reduction,
+            distance=distance,
         )  # fmt: skip
         self._test_acc: list[torch.Tensor] = []
         self._test_pixel_acc: list[torch.Tensor] = []
@@ -87,7 +92,7 @@ class FewShotModule(L.LightningModule):
         return self.algorithm.model
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """Second-order meta-loss over the meta-batch; refuses non-finite losses before any update."""
+        """The meta-loss over the meta-batch; refuses non-finite losses before any update."""
         self._check_n_way(batch)
         loss, logits = self.algorithm.outer_loss_and_logits(
             batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"]
@@ -129,13 +134,11 @@ class FewShotModule(L.LightningModule):
         accuracy = torch.cat(self._test_acc)
         mean, ci = mean_and_ci95(accuracy)
         summary: dict[str, object] = {
-            "algorithm": "maml-first-order" if self.hparams.first_order else "maml-second-order",
+            "algorithm": self._algorithm_label(),
             "test_episodes": int(accuracy.numel()),
             "accuracy": mean,
             "accuracy_ci95": ci,
-            "normalisation": "transductive (batch statistics of each adaptation/query batch)"
-            if self.hparams.norm == "batch"
-            else f"{self.hparams.norm} norm (per-sample or per-group statistics)",
+            "normalisation": self._normalisation_label(),
             "eval_inner_steps": self.hparams.eval_inner_steps,
         }
         self.log("test/acc", mean)
@@ -153,6 +156,19 @@ class FewShotModule(L.LightningModule):
         metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
         summary["metrics_file"] = str(metrics_path)
         self.test_summary = summary
+
+    def _algorithm_label(self) -> str:
+        name = self.hparams.algorithm
+        if name in ("maml", "meta_sgd", "anil"):
+            return f"{name}-{'first' if self.hparams.first_order else 'second'}-order"
+        return name
+
+    def _normalisation_label(self) -> str:
+        if self.hparams.norm != "batch":
+            return f"{self.hparams.norm} norm (per-sample or per-group statistics)"
+        if self.hparams.algorithm in ("protonet", "mann"):
+            return "transductive (batch statistics of each task's support and query images together)"
+        return "transductive (batch statistics of each adaptation/query batch)"
 
     def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Query-class probabilities ``[T, N*Q, N]`` after adapting to each episode."""

@@ -24,14 +24,18 @@ def lesion_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_synthetic_dataset(tmp_path_factory.mktemp("learning") / "lesions", seed=11)
 
 
-def test_short_meta_training_beats_chance_and_pixel_baseline(lesion_root: Path, tmp_path: Path) -> None:
+# Measured with the same settings (2 CPU cores, 150 meta-steps, 200 test episodes): MAML 43.3%,
+# Meta-SGD 42.3%, ANIL 49.5%, ProtoNet 47.2%; pixel nearest-neighbour 22.8%. (MANN stays at chance
+# for far longer than this budget and is not in this test; see BENCHMARKS.md.)
+@pytest.mark.parametrize("algorithm", ["maml", "meta_sgd", "anil", "protonet"])
+def test_short_meta_training_beats_chance_and_pixel_baseline(lesion_root: Path, tmp_path: Path, algorithm: str) -> None:
     L.seed_everything(0)
     data = EpisodicDataModule(
         str(lesion_root), n_way=5, k_shot=1, q_query=15, meta_batch_size=4, image_size=32,
         train_batches_per_epoch=150, test_episodes=200, eval_batch_size=20,
     )  # fmt: skip
-    model = FewShotModule(n_way=5, image_size=32, hidden_channels=16, inner_lr=0.1, inner_steps=2,
-                          eval_inner_steps=10, meta_lr=0.003)  # fmt: skip
+    model = FewShotModule(algorithm=algorithm, n_way=5, image_size=32, hidden_channels=16, inner_lr=0.1,
+                          inner_steps=2, eval_inner_steps=10, meta_lr=0.003)  # fmt: skip
     trainer = L.Trainer(
         max_steps=150, limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
@@ -39,7 +43,7 @@ def test_short_meta_training_beats_chance_and_pixel_baseline(lesion_root: Path, 
     trainer.fit(model, data)
     trainer.test(model, data, verbose=False)
     summary = model.test_summary
-    print(f"learning test: {summary['accuracy']:.3f} ± {summary['accuracy_ci95']:.3f}, pixel NN {summary['pixel_nn_accuracy']:.3f}")
+    print(f"learning test {algorithm}: {summary['accuracy']:.3f} ± {summary['accuracy_ci95']:.3f}, pixel NN {summary['pixel_nn_accuracy']:.3f}")
     assert summary["test_episodes"] == 200
     assert summary["accuracy"] > 0.35, summary
     assert summary["accuracy"] > summary["pixel_nn_accuracy"] + 0.10, summary

@@ -1,6 +1,49 @@
-"""Meta-learning algorithms: functional, parameters in, loss or logits out."""
+"""Meta-learning algorithms: functional, parameters in, loss or logits out.
 
+Every algorithm is an ``nn.Module`` holding the backbone as ``self.model`` and offering
+``outer_loss_and_logits`` (training) and ``adapt_and_predict`` (evaluation) on batches of tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from medmeta.algorithms.anil import ANIL
 from medmeta.algorithms.maml import MAML
+from medmeta.algorithms.mann import MANN
+from medmeta.algorithms.meta_sgd import MetaSGD
 from medmeta.algorithms.pixel_nn import pixel_nearest_neighbour
+from medmeta.algorithms.protonet import ProtoNet
 
-__all__ = ["MAML", "pixel_nearest_neighbour"]
+AlgorithmName = Literal["maml", "meta_sgd", "anil", "protonet", "mann"]
+GRADIENT_BASED = {"maml": MAML, "meta_sgd": MetaSGD, "anil": ANIL}
+
+
+def build_algorithm(
+    name: AlgorithmName,
+    model: nn.Module,
+    *,
+    n_way: int,
+    inner_lr: float = 0.4,
+    inner_steps: int = 5,
+    eval_inner_steps: int | None = None,
+    first_order: bool = False,
+    task_reduction: Literal["mean", "sum"] = "mean",
+    distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
+) -> nn.Module:
+    """The algorithm ``name`` around ``model``, with the settings that algorithm uses."""
+    if name in GRADIENT_BASED:
+        return GRADIENT_BASED[name](
+            model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
+            first_order=first_order, task_reduction=task_reduction,
+        )  # fmt: skip
+    if name == "protonet":
+        return ProtoNet(model, distance=distance)
+    if name == "mann":
+        return MANN(model, n_way=n_way)
+    raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted([*GRADIENT_BASED, 'protonet', 'mann'])}")
+
+
+__all__ = ["ANIL", "MAML", "MANN", "MetaSGD", "ProtoNet", "build_algorithm", "pixel_nearest_neighbour"]

@@ -189,6 +189,8 @@ class EpisodicDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Preflight the source, split classes, check episode feasibility and cache the images needed."""
         if self.inventory is None:
+            if self.root is None:
+                self.prepare_data()  # Python users may call setup() directly; Lightning has already run it
             self.inventory = take_inventory(
                 self.data_root, spatial_dims=self.spatial_dims, n_way=self.n_way, k_shot=self.k_shot,
                 q_query=self.q_query, split_ratios=self.split_ratios, splits=self.explicit_splits, seed=self.seed,

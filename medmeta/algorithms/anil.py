@@ -1,0 +1,79 @@
+"""ANIL, Almost No Inner Loop (Raghu et al., 2020): MAML that adapts only the head."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from medmeta.algorithms.maml import MAML, LossFn, Params
+
+HEAD_PREFIX = "head."
+
+
+class ANIL(MAML):
+    """MAML whose inner loop adapts only ``model.head``; the body ``model.features`` is shared.
+
+    The body is meta-learned in the outer loop only: it gets gradient from the query loss
+    directly and, in second order, through the adapted head's dependence on the support features.
+    The backbone must compute ``model(x) == model.head(model.features(x))`` (as ``Conv4`` does):
+    the support features are computed once per task and the inner steps re-run only the head,
+    while query logits use the full model with the adapted head. Batch norm in the body thus sees
+    the support batch and the query batch separately, exactly as in :class:`MAML`.
+
+    Args:
+        model: the network with ``features`` and ``head`` submodules; its parameters are θ.
+        inner_lr, inner_steps, eval_inner_steps, first_order, task_reduction, loss_fn:
+            as in :class:`MAML`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float = 0.4,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        task_reduction: Literal["mean", "sum"] = "mean",
+        loss_fn: LossFn = F.cross_entropy,
+    ) -> None:
+        for part in ("features", "head"):
+            if not isinstance(getattr(model, part, None), nn.Module):
+                raise ValueError(f"ANIL needs a backbone with a `{part}` submodule; got {type(model).__name__}")
+        super().__init__(
+            model,
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps,
+            first_order=first_order,
+            task_reduction=task_reduction,
+            loss_fn=loss_fn,
+        )
+
+    def adaptable_parameters(self) -> Params:
+        """The head's weights, keyed by their names in ``self.model`` (``head.weight``, ...)."""
+        return {HEAD_PREFIX + name: p for name, p in self.model.head.named_parameters()}
+
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        steps: int | None = None,
+        first_order: bool | None = None,
+        params: Params | None = None,
+    ) -> Params:
+        """Adapted head weights for one task; the body runs once on the support set.
+
+        Same contract as :meth:`MAML.adapt`; the returned dict holds only ``head.*`` keys.
+        """
+        features = self.model.features(support_x)
+        return super().adapt(features, support_y, steps=steps, first_order=first_order, params=params)
+
+    def _support_loss(self, params: Params, features: Tensor, y: Tensor) -> Tensor:
+        """Support loss of the head alone on precomputed support ``features``."""
+        head = {name.removeprefix(HEAD_PREFIX): p for name, p in params.items()}
+        return self.loss_fn(functional_call(self.model.head, head, (features,)), y)

@@ -1,0 +1,64 @@
+"""Meta-SGD (Li et al., 2017): MAML with a learned inner learning rate for every weight element."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medmeta.algorithms.maml import MAML, LossFn, Params
+
+
+def lr_key(name: str) -> str:
+    """The ``ParameterDict`` key of a parameter's learning rates (``'.'`` is not allowed in keys)."""
+    return name.replace(".", "__")
+
+
+class MetaSGD(MAML):
+    """MAML whose inner step is θ ← θ − α ⊙ ∇θ L_support with α a meta-learned tensor per weight.
+
+    The learning rates live in ``self.inner_lrs`` (an ``nn.ParameterDict`` keyed by the weight's
+    name with ``'.'`` replaced by ``'__'``, each the weight's shape, initialised to ``inner_lr``),
+    so an optimiser over ``self.parameters()`` meta-learns them with the initialisation. They are
+    unconstrained: an element may become negative, as in the paper (the sign is learned too).
+    The same α is used at every inner step (the paper uses a single step).
+
+    Args:
+        model: the network; its parameters are the meta-learned initialisation θ.
+        inner_lr: initial value of every learning-rate element.
+        inner_steps, eval_inner_steps, first_order, task_reduction, loss_fn: as in :class:`MAML`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float = 0.4,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        task_reduction: Literal["mean", "sum"] = "mean",
+        loss_fn: LossFn = F.cross_entropy,
+    ) -> None:
+        super().__init__(
+            model,
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps,
+            first_order=first_order,
+            task_reduction=task_reduction,
+            loss_fn=loss_fn,
+        )
+        lrs = {
+            lr_key(name): nn.Parameter(torch.full_like(p.detach(), self.inner_lr))
+            for name, p in self.adaptable_parameters().items()
+        }
+        if len(lrs) != len(self.adaptable_parameters()):
+            raise ValueError("parameter names collide after replacing '.' with '__'")
+        self.inner_lrs = nn.ParameterDict(lrs)
+
+    def inner_update(self, params: Params, grads: Params, step: int) -> Params:
+        """One inner step with per-element learning rates: θ ← θ − α ⊙ ∇θ L_support."""
+        return {name: p - self.inner_lrs[lr_key(name)] * grads[name] for name, p in params.items()}

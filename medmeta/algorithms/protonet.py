@@ -1,0 +1,109 @@
+"""Prototypical networks (Snell et al., 2017): nearest class mean in a learned embedding."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medmeta.algorithms.maml import _check_task_batch
+
+Distance = Literal["squared_euclidean", "cosine"]
+
+
+class ProtoNet(nn.Module):
+    """Prototypical network over a meta-batch of tasks with a leading task dimension ``T``.
+
+    Embeddings are ``model.features(x)`` flattened (``model.head`` is unused: it gets no gradient,
+    so leave it out of weight decay / DDP's used-parameter check). A class prototype is the mean
+    support embedding of the class; logits are ``-distance(query, prototype) / temperature``.
+
+    Batch norm: **transductive**. Support and query images of a task go through the backbone in
+    ONE forward pass (concatenated, as in the authors' code), so with batch norm that uses batch
+    statistics (``Conv4`` keeps no running statistics) every embedding, prototypes included,
+    depends on the task's query images, and prototypes and queries share one normalisation.
+    The same holds in training (:meth:`outer_loss_and_logits`) and evaluation
+    (:meth:`adapt_and_predict`). Query labels are never used for the logits. Tasks are never
+    mixed in one forward pass.
+
+    Args:
+        model: backbone with a ``features`` submodule; its parameters are meta-learned.
+        distance: ``"squared_euclidean"`` (the paper's) or ``"cosine"`` (``1 - cos``; use a
+            temperature well below 1, e.g. 0.1, since its logits only span ``[-2/t, 0]``).
+        temperature: divides the negative distances; must be positive.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, distance: Distance = "squared_euclidean", temperature: float = 1.0
+    ) -> None:
+        if not isinstance(getattr(model, "features", None), nn.Module):
+            raise ValueError(f"ProtoNet needs a backbone with a `features` submodule; got {type(model).__name__}")
+        if distance not in ("squared_euclidean", "cosine"):
+            raise ValueError(f"distance must be 'squared_euclidean' or 'cosine', got {distance!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        super().__init__()
+        self.model = model
+        self.distance = distance
+        self.temperature = temperature
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Flattened embeddings ``[B, D]`` of images ``[B, C, *spatial]``."""
+        return self.model.features(x).flatten(start_dim=1)
+
+    def task_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Query logits ``[N*Q, N]`` of one task (support and query embedded in one pass)."""
+        n_support = support_x.shape[0]
+        embeddings = self.embed(torch.cat([support_x, query_x]))
+        prototypes = class_prototypes(embeddings[:n_support], support_y)
+        return -self._distance(embeddings[n_support:], prototypes) / self.temperature
+
+    def _distance(self, query: Tensor, prototypes: Tensor) -> Tensor:
+        if self.distance == "cosine":
+            return 1.0 - F.normalize(query, dim=-1) @ F.normalize(prototypes, dim=-1).T
+        return (query.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(dim=-1)
+
+    def outer_loss_and_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Cross-entropy on the queries, averaged over tasks, and the query logits ``[T, N*Q, N]``."""
+        _check_task_batch(support_x, support_y, query_x, query_y)
+        logits = self._all_task_logits(support_x, support_y, query_x)
+        losses = torch.stack([F.cross_entropy(logits[t], query_y[t]) for t in range(logits.shape[0])])
+        return losses.mean(), logits
+
+    def outer_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
+        """Query loss averaged over the ``T`` tasks; differentiable in the backbone's weights."""
+        return self.outer_loss_and_logits(support_x, support_y, query_x, query_y)[0]
+
+    def adapt_and_predict(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
+    ) -> Tensor:
+        """Detached query logits ``[T, N*Q, N]``; ``steps`` is ignored (nothing to adapt)."""
+        del steps
+        return self._all_task_logits(support_x, support_y, query_x).detach()
+
+    def _all_task_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Query logits ``[T, N*Q, N]``, one backbone pass per task (batch norm never mixes tasks)."""
+        logits = [self.task_logits(support_x[t], support_y[t], query_x[t]) for t in range(support_x.shape[0])]
+        widths = {t.shape[-1] for t in logits}
+        if len(widths) != 1:
+            raise ValueError(f"every task must have the same number of classes N; got {sorted(widths)}")
+        return torch.stack(logits)
+
+
+def class_prototypes(embeddings: Tensor, labels: Tensor) -> Tensor:
+    """Mean embedding ``[N, D]`` per class for labels ``0..N-1`` with ``N = labels.max() + 1``.
+
+    Raises:
+        ValueError: a class in ``0..N-1`` has no support example.
+    """
+    one_hot = F.one_hot(labels, int(labels.max()) + 1).to(embeddings.dtype)
+    counts = one_hot.sum(dim=0)
+    if bool((counts == 0).any()):
+        missing = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"support labels must cover 0..N-1; classes {missing} have no support example")
+    return (one_hot.T @ embeddings) / counts.unsqueeze(1)
+

@@ -1,0 +1,126 @@
+"""Meta-SGD against a sequential autograd reference with per-element learning rates."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from medmeta.algorithms.meta_sgd import MetaSGD, lr_key
+from medmeta.networks import Conv4
+
+
+def reference_meta_gradient(
+    model: nn.Module, lrs: dict[str, torch.Tensor], sx, sy, qx, qy, *, steps: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Sequential second-order Meta-SGD with torch.autograd.grad(create_graph=True): (dθ, dα)."""
+    names = [name for name, _ in model.named_parameters()]
+    theta = [p for _, p in model.named_parameters()]
+    alpha = [lrs[name] for name in names]
+    total = 0.0
+    for t in range(sx.shape[0]):
+        fast = list(theta)
+        for _ in range(steps):
+            loss = F.cross_entropy(functional_call(model, dict(zip(names, fast)), (sx[t],)), sy[t])
+            grads = torch.autograd.grad(loss, fast, create_graph=True)
+            fast = [w - a * g for w, a, g in zip(fast, alpha, grads)]
+        total = total + F.cross_entropy(functional_call(model, dict(zip(names, fast)), (qx[t],)), qy[t])
+    grads = torch.autograd.grad(total / sx.shape[0], theta + alpha)
+    return list(grads[: len(theta)]), list(grads[len(theta) :])
+
+
+def _episodes(tasks: int = 2, n_way: int = 3, k: int = 2, q: int = 2, side: int = 12):
+    g = torch.Generator().manual_seed(0)
+    sx = torch.randn(tasks, n_way * k, 1, side, side, generator=g, dtype=torch.float64)
+    qx = torch.randn(tasks, n_way * q, 1, side, side, generator=g, dtype=torch.float64)
+    sy = torch.arange(n_way).repeat_interleave(k).expand(tasks, -1).clone()
+    qy = torch.arange(n_way).repeat_interleave(q).expand(tasks, -1).clone()
+    return sx, sy, qx, qy
+
+
+def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    flat_a, flat_b = torch.cat([x.flatten() for x in a]), torch.cat([x.flatten() for x in b])
+    return float((flat_a - flat_b).norm() / flat_b.norm())
+
+
+def _algo(seed: int = 0, channels: int = 8, **kwargs) -> MetaSGD:
+    torch.manual_seed(seed)
+    model = Conv4(in_channels=1, n_way=3, hidden_channels=channels, image_size=12, norm="batch").double()
+    return MetaSGD(model, **{"inner_lr": 0.2, "inner_steps": 2, **kwargs})
+
+
+def test_learning_rates_are_per_element_parameters_initialised_to_inner_lr() -> None:
+    algo = _algo(channels=4)
+    names = {name for name, _ in algo.named_parameters()}
+    for name, p in algo.model.named_parameters():
+        lr = algo.inner_lrs[lr_key(name)]
+        assert lr.shape == p.shape and lr.dtype == p.dtype
+        assert torch.equal(lr, torch.full_like(lr, 0.2))
+        assert f"inner_lrs.{lr_key(name)}" in names
+
+
+def test_meta_gradient_for_weights_and_learning_rates_matches_sequential_reference() -> None:
+    algo = _algo()
+    with torch.no_grad():  # distinct per-element rates, so a scalar-rate bug cannot pass
+        for lr in algo.inner_lrs.values():
+            lr.uniform_(0.05, 0.3)
+    sx, sy, qx, qy = _episodes()
+    lrs = {name: algo.inner_lrs[lr_key(name)] for name, _ in algo.model.named_parameters()}
+    ref_theta, ref_alpha = reference_meta_gradient(algo.model, lrs, sx, sy, qx, qy, steps=2)
+
+    algo.zero_grad()
+    algo.outer_loss(sx, sy, qx, qy).backward()
+    ours_theta = [p.grad for p in algo.model.parameters()]
+    ours_alpha = [lrs[name].grad for name, _ in algo.model.named_parameters()]
+    assert _relative(ours_theta, ref_theta) < 1e-5
+    assert _relative(ours_alpha, ref_alpha) < 1e-5
+    # (b) every learning rate receives a non-zero gradient, except those of the conv biases: batch
+    # norm subtracts the batch mean right after them, so their gradients are zero up to rounding
+    conv_biases = {f"{m}.bias" for m, mod in algo.model.named_modules() if isinstance(mod, nn.Conv2d)}
+    for name, g in zip(lrs, ours_alpha):
+        assert (g.norm() < 1e-20) if name in conv_biases else (g.norm() > 1e-6), name
+
+
+def test_adam_changes_the_learning_rates_and_makes_them_unequal() -> None:
+    algo = _algo(channels=4, inner_steps=1)
+    sx, sy, qx, qy = _episodes()
+    optimiser = torch.optim.Adam(algo.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimiser.zero_grad()
+        algo.outer_loss(sx, sy, qx, qy).backward()
+        optimiser.step()
+    rates = torch.cat([lr.detach().flatten() for lr in algo.inner_lrs.values()])
+    assert not torch.allclose(rates, torch.full_like(rates, 0.2))
+    assert rates.std() > 1e-4
+
+
+def test_query_labels_do_not_leak_into_logits() -> None:
+    algo = _algo(channels=4, inner_steps=2, eval_inner_steps=2)
+    sx, sy, qx, qy = _episodes()
+    shuffled = qy[:, torch.randperm(qy.shape[1], generator=torch.Generator().manual_seed(1))]
+    _, logits = algo.outer_loss_and_logits(sx, sy, qx, qy)
+    _, logits_shuffled = algo.outer_loss_and_logits(sx, sy, qx, (qy + 1) % 3)
+    _, logits_perm = algo.outer_loss_and_logits(sx, sy, qx, shuffled)
+    with torch.no_grad():
+        predicted = algo.adapt_and_predict(sx, sy, qx)
+    assert torch.equal(logits, logits_shuffled) and torch.equal(logits, logits_perm)
+    assert torch.allclose(predicted, logits.detach(), atol=1e-10)
+
+
+def test_permuting_classes_with_the_head_rows_permutes_the_logits() -> None:
+    algo = _algo(channels=4, eval_inner_steps=2)
+    with torch.no_grad():
+        for lr in algo.inner_lrs.values():
+            lr.uniform_(0.05, 0.3)
+    sx, sy, qx, _ = _episodes()
+    perm = torch.tensor([2, 0, 1])  # class c becomes class perm[c]
+    with torch.no_grad():
+        before = algo.adapt_and_predict(sx, sy, qx)
+        for name in ("head.weight", "head.bias"):
+            for tensor in (algo.model.get_parameter(name), algo.inner_lrs[lr_key(name)]):
+                permuted = torch.empty_like(tensor)
+                permuted[perm] = tensor
+                tensor.copy_(permuted)
+        after = algo.adapt_and_predict(sx, perm[sy], qx)
+    assert torch.allclose(after[..., perm], before, atol=1e-10)
