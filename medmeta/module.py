@@ -32,7 +32,7 @@ class FewShotModule(L.LightningModule):
     """Meta-trains a backbone on episode batches with the chosen algorithm (second-order MAML by default).
 
     Args:
-        algorithm: ``"maml"``, ``"meta_sgd"``, ``"anil"``, ``"protonet"`` or ``"mann"``.
+        algorithm: ``"maml"``, ``"meta_sgd"``, ``"anil"``, ``"protonet"``, ``"mann"`` or ``"finetune"``.
         n_way: classes per episode (linked to the data module's ``n_way`` by the CLI).
         in_channels: image channels (linked to the data module).
         image_size: image side length (linked to the data module).
@@ -47,6 +47,9 @@ class FewShotModule(L.LightningModule):
         first_order: drop second-order terms (MAML, Meta-SGD, ANIL).
         task_reduction: ``"mean"`` or ``"sum"`` of query losses over the tasks of a meta-batch.
         distance: ProtoNet distance, ``"squared_euclidean"`` or ``"cosine"``.
+        pretrain_classes: fine-tune baseline: size of the pre-training head (>= meta-train classes).
+        finetune_steps: fine-tune baseline: Adam steps of the new head on each support set.
+        finetune_lr: fine-tune baseline: learning rate of those steps.
         meta_lr: Adam learning rate of the outer loop (``--optimizer`` on the CLI overrides it).
         pixel_baseline: also score a nearest-neighbour-on-pixels baseline on the test episodes.
     """
@@ -68,6 +71,9 @@ class FewShotModule(L.LightningModule):
         first_order: bool = False,
         task_reduction: Literal["mean", "sum"] = "mean",
         distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
+        pretrain_classes: int = 64,
+        finetune_steps: int = 100,
+        finetune_lr: float = 0.01,
         meta_lr: float = 1e-3,
         pixel_baseline: bool = True,
     ) -> None:
@@ -80,7 +86,8 @@ class FewShotModule(L.LightningModule):
         self.algorithm = build_algorithm(
             algorithm, model, n_way=n_way, inner_lr=inner_lr, inner_steps=inner_steps,
             eval_inner_steps=eval_inner_steps, first_order=first_order, task_reduction=task_reduction,
-            distance=distance,
+            distance=distance, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps,
+            finetune_lr=finetune_lr,
         )  # fmt: skip
         self._test_acc: list[torch.Tensor] = []
         self._test_pixel_acc: list[torch.Tensor] = []
@@ -94,8 +101,11 @@ class FewShotModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The meta-loss over the meta-batch; refuses non-finite losses before any update."""
         self._check_n_way(batch)
+        extra = {}
+        if getattr(self.algorithm, "uses_class_ids", False):  # the fine-tune baseline pre-trains on class ids
+            extra = {"support_class": batch["support_class"], "query_class": batch["query_class"]}
         loss, logits = self.algorithm.outer_loss_and_logits(
-            batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"]
+            batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"], **extra
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -11,13 +11,14 @@ from typing import Literal
 from torch import nn
 
 from medmeta.algorithms.anil import ANIL
+from medmeta.algorithms.finetune import FineTune
 from medmeta.algorithms.maml import MAML
 from medmeta.algorithms.mann import MANN
 from medmeta.algorithms.meta_sgd import MetaSGD
 from medmeta.algorithms.pixel_nn import pixel_nearest_neighbour
 from medmeta.algorithms.protonet import ProtoNet
 
-AlgorithmName = Literal["maml", "meta_sgd", "anil", "protonet", "mann"]
+AlgorithmName = Literal["maml", "meta_sgd", "anil", "protonet", "mann", "finetune"]
 GRADIENT_BASED = {"maml": MAML, "meta_sgd": MetaSGD, "anil": ANIL}
 
 
@@ -32,6 +33,9 @@ def build_algorithm(
     first_order: bool = False,
     task_reduction: Literal["mean", "sum"] = "mean",
     distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
+    pretrain_classes: int = 64,
+    finetune_steps: int = 100,
+    finetune_lr: float = 0.01,
 ) -> nn.Module:
     """The algorithm ``name`` around ``model``, with the settings that algorithm uses."""
     if name in GRADIENT_BASED:
@@ -43,7 +47,9 @@ def build_algorithm(
         return ProtoNet(model, distance=distance)
     if name == "mann":
         return MANN(model, n_way=n_way)
-    raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted([*GRADIENT_BASED, 'protonet', 'mann'])}")
+    if name == "finetune":
+        return FineTune(model, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps, finetune_lr=finetune_lr)
+    raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted([*GRADIENT_BASED, 'protonet', 'mann', 'finetune'])}")
 
 
-__all__ = ["ANIL", "MAML", "MANN", "MetaSGD", "ProtoNet", "build_algorithm", "pixel_nearest_neighbour"]
+__all__ = ["ANIL", "FineTune", "MAML", "MANN", "MetaSGD", "ProtoNet", "build_algorithm", "pixel_nearest_neighbour"]

@@ -53,11 +53,15 @@ class EpisodeDataset(Dataset):
             state = np.random.SeedSequence([self.sampler.seed, 99, index]).generate_state(2)
             generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
             support_x, query_x = augment_images(support_x, generator), augment_images(query_x, generator)
+        class_ids = torch.tensor([self.sampler.classes.index(name) for name in episode.classes])
+        support_y, query_y = torch.from_numpy(episode.support_labels), torch.from_numpy(episode.query_labels)
         return {
             "support_x": support_x,
-            "support_y": torch.from_numpy(episode.support_labels),
+            "support_y": support_y,
             "query_x": query_x,
-            "query_y": torch.from_numpy(episode.query_labels),
+            "query_y": query_y,
+            "support_class": class_ids[support_y],  # index among the split's classes (for pre-training)
+            "query_class": class_ids[query_y],
             "episode": torch.tensor(episode.index),
         }
 

@@ -1,0 +1,236 @@
+"""MAML++ (Antoniou et al., "How to train your MAML", ICLR 2019), every improvement a switch.
+
+Functional like :class:`MAML`. Conventions (``θ_k`` = weights after ``k`` inner updates):
+
+* Per-step norm weights (BNWB): every forward with ``θ_k`` (support forward before update
+  ``k + 1``, query forward after update ``k``) uses norm index ``k``. Index 0 is the model's own
+  norm weight/bias; index ``k ≥ 1`` is row ``k - 1`` of ``self.norm_weights[key]`` (shape
+  ``[inner_steps, C]``). The paper's code instead indexes by loop step, pairing the support
+  forward at ``θ_s`` with the query forward at ``θ_{s+1}``; ours gives each network state its
+  own norm weights and leaves no parameter unused. With the switch on, norm weights are NOT
+  adapted in the inner loop (as in the paper's code); with it off they are adapted as in MAML.
+* Batch norm uses batch statistics (transductive); no per-step running statistics.
+* Learned per-layer per-step inner learning rates (LSLR): ``self.inner_lrs[key]`` has shape
+  ``[inner_steps]``; update ``s`` (``θ_s → θ_{s+1}``) uses entry ``s``.
+* Steps beyond ``inner_steps`` (evaluation) reuse the last step's norm weights and rates.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad
+
+from medmeta.algorithms.maml import MAML, LossFn, Params, _check_task_batch, _require_grad_mode
+from medmeta.algorithms.meta_sgd import lr_key
+
+logger = logging.getLogger(__name__)
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+class MAMLPlusPlus(MAML):
+    """MAML with multi-step loss, per-step norm weights, per-step learned rates and FO→SO annealing.
+
+    Args:
+        model, inner_lr, inner_steps, eval_inner_steps, task_reduction, loss_fn: as in :class:`MAML`.
+        first_order: always first order when ``True``.
+        multi_step_loss: outer loss is a weighted sum of the query losses after every inner step.
+        multi_step_loss_epochs: epochs over which the weights anneal onto the last step.
+        per_step_norm_weights: a copy of every norm layer's weight and bias per inner step.
+        learn_inner_lrs: one learned inner rate per parameter tensor per step (else ``inner_lr``).
+        first_order_epochs: first order while ``epoch < first_order_epochs``, then second order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        inner_lr: float = 0.4,
+        inner_steps: int = 5,
+        eval_inner_steps: int | None = None,
+        first_order: bool = False,
+        task_reduction: Literal["mean", "sum"] = "mean",
+        multi_step_loss: bool = True,
+        multi_step_loss_epochs: int = 10,
+        per_step_norm_weights: bool = True,
+        learn_inner_lrs: bool = True,
+        first_order_epochs: int = 0,
+        loss_fn: LossFn = F.cross_entropy,
+    ) -> None:
+        super().__init__(
+            model,
+            inner_lr=inner_lr,
+            inner_steps=inner_steps,
+            eval_inner_steps=eval_inner_steps,
+            first_order=first_order,
+            task_reduction=task_reduction,
+            loss_fn=loss_fn,
+        )
+        if multi_step_loss_epochs < 0 or first_order_epochs < 0:
+            raise ValueError("multi_step_loss_epochs and first_order_epochs must be >= 0")
+        self.multi_step_loss = multi_step_loss
+        self.multi_step_loss_epochs = multi_step_loss_epochs
+        self.per_step_norm_weights = per_step_norm_weights
+        self.learn_inner_lrs = learn_inner_lrs
+        self.first_order_epochs = first_order_epochs
+        self.epoch = 0
+        self.norm_names: list[str] = []
+        if per_step_norm_weights:
+            self.norm_names = [
+                f"{prefix}.{name}" if prefix else name
+                for prefix, module in model.named_modules()
+                if isinstance(module, NORM_TYPES)
+                for name, _ in module.named_parameters(recurse=False)
+            ]
+        self.norm_weights = nn.ParameterDict(
+            {
+                lr_key(name): nn.Parameter(p.detach().unsqueeze(0).repeat(inner_steps, *[1] * p.dim()))
+                for name, p in model.named_parameters()
+                if name in self.norm_names
+            }
+        )
+        slots = max(inner_steps, 1)
+        self.inner_lrs = nn.ParameterDict(
+            {
+                lr_key(name): nn.Parameter(torch.full((slots,), float(inner_lr), dtype=p.dtype, device=p.device))
+                for name, p in self.adaptable_parameters().items()
+            }
+            if learn_inner_lrs
+            else {}
+        )
+        if len(self.norm_weights) != len(self.norm_names) or (
+            learn_inner_lrs and len(self.inner_lrs) != len(self.adaptable_parameters())
+        ):
+            raise ValueError("parameter names collide after replacing '.' with '__'")
+        logger.debug(
+            "MAML++: msl=%s (%d epochs), per-step norms=%d tensors, lslr=%s, first-order epochs=%d",
+            multi_step_loss, multi_step_loss_epochs, len(self.norm_names), learn_inner_lrs, first_order_epochs,
+        )  # fmt: skip
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the current epoch (drives the multi-step loss weights and first-order annealing)."""
+        if self.epoch < self.first_order_epochs <= epoch and not self.first_order:
+            logger.info("MAML++: switching to second-order meta-gradients at epoch %d", epoch)
+        self.epoch = int(epoch)
+
+    def uses_first_order(self) -> bool:
+        """Whether the current epoch's training drops second-order terms."""
+        return self.first_order or self.epoch < self.first_order_epochs
+
+    def multi_step_loss_weights(self) -> Tensor:
+        """Weights of the query losses after steps 1..S at the current epoch (float64, sum 1).
+
+        Uniform at epoch 0; non-final weights decay by 1/(S·E) per epoch down to 0.03/S, the last
+        takes the rest; one-hot on the last step once ``epoch >= E`` or with the switch off.
+        """
+        steps, epochs = self.inner_steps, self.multi_step_loss_epochs
+        weights = torch.zeros(steps, dtype=torch.float64)
+        if steps == 0:
+            return weights
+        if not self.multi_step_loss or self.epoch >= epochs:
+            weights[-1] = 1.0
+            return weights
+        floor = 0.03 / steps
+        weights[:-1] = max(1.0 / steps - self.epoch / (steps * epochs), floor)
+        weights[-1] = min(1.0 / steps + self.epoch * (steps - 1) / (steps * epochs), 1.0 - (steps - 1) * floor)
+        return weights
+
+    def adaptable_parameters(self) -> Params:
+        """The backbone's weights, less the norm weights when these are per step."""
+        return {name: p for name, p in self.model.named_parameters() if name not in self.norm_names}
+
+    def step_norm_weights(self, k: int, *, detach: bool = False) -> Params:
+        """Norm weights for the forward with ``θ_k`` (empty: the model's own are used)."""
+        if k == 0 or self.inner_steps == 0:
+            return {}
+        row = min(k, self.inner_steps) - 1
+        weights = {name: self.norm_weights[lr_key(name)][row] for name in self.norm_names}
+        return {name: w.detach() for name, w in weights.items()} if detach else weights
+
+    def inner_update(self, params: Params, grads: Params, step: int) -> Params:
+        """One inner SGD step with the learned rate of each tensor for ``step`` (if learned)."""
+        if not self.learn_inner_lrs:
+            return super().inner_update(params, grads, step)
+        idx = min(step, max(self.inner_steps, 1) - 1)
+        return {name: p - self.inner_lrs[lr_key(name)][idx] * grads[name] for name, p in params.items()}
+
+    def _step_support_loss(self, params: Params, norms: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self.loss_fn(self._forward({**params, **norms}, x), y)
+
+    def trajectory(
+        self, support_x: Tensor, support_y: Tensor, *, steps: int, first_order: bool, params: Params, detach: bool = False
+    ) -> list[Params]:
+        """Weights after 0..``steps`` updates, each merged with its step's norm weights."""
+        _require_grad_mode()
+        support_grad = grad(self._step_support_loss)
+        states = [{**params, **self.step_norm_weights(0, detach=detach)}]
+        for step in range(steps):
+            grads = support_grad(params, self.step_norm_weights(step, detach=detach), support_x, support_y)
+            if first_order:
+                grads = {name: g.detach() for name, g in grads.items()}
+            params = self.inner_update(params, grads, step)
+            states.append({**params, **self.step_norm_weights(step + 1, detach=detach)})
+        return states
+
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        steps: int | None = None,
+        first_order: bool | None = None,
+        params: Params | None = None,
+    ) -> Params:
+        """Adapted weights after ``steps`` updates, including that step's norm weights.
+
+        ``self._forward(adapt(...), x)`` is therefore the adapted model's output.
+        """
+        steps = self.inner_steps if steps is None else steps
+        first_order = self.uses_first_order() if first_order is None else first_order
+        params = self.adaptable_parameters() if params is None else params
+        return self.trajectory(support_x, support_y, steps=steps, first_order=first_order, params=params)[-1]
+
+    def outer_loss_and_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The multi-step-weighted outer loss and the final step's query logits ``[T, N*Q, N]``."""
+        _check_task_batch(support_x, support_y, query_x, query_y)
+        weights = self.multi_step_loss_weights().tolist() or [1.0]
+        first_order = self.uses_first_order()
+        losses, logits = [], []
+        for task in range(support_x.shape[0]):
+            states = self.trajectory(
+                support_x[task], support_y[task], steps=self.inner_steps, first_order=first_order,
+                params=self.adaptable_parameters(),
+            )  # fmt: skip
+            task_loss = None
+            for k, weight in enumerate(weights, start=len(states) - len(weights)):
+                if weight == 0.0 and k != len(states) - 1:
+                    continue
+                step_logits = self._forward(states[k], query_x[task])
+                term = weight * self.loss_fn(step_logits, query_y[task])
+                task_loss = term if task_loss is None else task_loss + term
+            logits.append(step_logits)
+            losses.append(task_loss)
+        stacked = torch.stack(losses)
+        loss = stacked.sum() if self.task_reduction == "sum" else stacked.mean()
+        return loss, torch.stack(logits)
+
+    def adapt_and_predict(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
+    ) -> Tensor:
+        """Detached query logits ``[T, N*Q, N]`` after ``eval_inner_steps`` steps (works under no_grad)."""
+        steps = self.eval_inner_steps if steps is None else steps
+        theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
+        logits = []
+        for task in range(support_x.shape[0]):
+            final = self.trajectory(
+                support_x[task], support_y[task], steps=steps, first_order=True, params=theta, detach=True
+            )[-1]
+            logits.append(self._forward(final, query_x[task]).detach())
+        return torch.stack(logits)

@@ -1,0 +1,56 @@
+"""Fine-tune baseline: pre-training logits, a frozen backbone at adaptation, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medmeta.algorithms import FineTune
+from medmeta.networks import Conv4
+
+
+def _episode(tasks: int = 2, n_way: int = 3, k: int = 2, q: int = 2, side: int = 8):
+    g = torch.Generator().manual_seed(0)
+    sx = torch.randn(tasks, n_way * k, 1, side, side, generator=g)
+    qx = torch.randn(tasks, n_way * q, 1, side, side, generator=g)
+    sy = torch.arange(n_way).repeat_interleave(k).expand(tasks, -1).clone()
+    qy = torch.arange(n_way).repeat_interleave(q).expand(tasks, -1).clone()
+    class_ids = torch.tensor([[4, 0, 7], [2, 5, 1]])[:tasks]  # episode label -> meta-train class
+    return sx, sy, qx, qy, torch.gather(class_ids, 1, sy), torch.gather(class_ids, 1, qy)
+
+
+def _finetune(**kwargs: object) -> FineTune:
+    torch.manual_seed(0)
+    return FineTune(Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=8), pretrain_classes=8, **kwargs)
+
+
+def test_pretraining_loss_and_query_logits_follow_the_class_ids() -> None:
+    algo = _finetune()
+    sx, sy, qx, qy, sc, qc = _episode()
+    loss, logits = algo.outer_loss_and_logits(sx, sy, qx, qy, support_class=sc, query_class=qc)
+    images = torch.cat([sx, qx], dim=1).flatten(0, 1)
+    full = algo.pretrain_head(algo.model.features(images))
+    assert torch.allclose(loss, F.cross_entropy(full, torch.cat([sc, qc], dim=1).flatten()))
+    query_full = full.view(2, -1, 8)[:, 6:]
+    assert torch.allclose(logits[0], query_full[0][:, [4, 0, 7]]) and torch.allclose(logits[1], query_full[1][:, [2, 5, 1]])
+    loss.backward()
+    assert algo.model.head.weight.grad is None and algo.pretrain_head.weight.grad is not None
+
+
+def test_adaptation_fits_a_new_head_and_leaves_the_backbone_alone() -> None:
+    algo = _finetune(finetune_steps=200, finetune_lr=0.05)
+    sx, sy, _, _, _, _ = _episode()
+    before = {k: v.clone() for k, v in algo.state_dict().items()}
+    with torch.no_grad():
+        support_logits = algo.adapt_and_predict(sx, sy, sx)
+    assert support_logits.shape == (2, 6, 3)
+    assert (support_logits.argmax(-1) == sy).all()  # the new head separates its own support set
+    assert all(torch.equal(before[k], v) for k, v in algo.state_dict().items())
+
+
+def test_too_many_classes_for_the_pretraining_head_is_a_clear_error() -> None:
+    algo = _finetune()
+    sx, sy, qx, qy, sc, qc = _episode()
+    with pytest.raises(ValueError, match="pretrain_classes=8"):
+        algo.outer_loss_and_logits(sx, sy, qx, qy, support_class=sc + 8, query_class=qc)
