@@ -37,7 +37,7 @@ class FewShotModule(L.LightningModule):
         in_channels: image channels (linked to the data module).
         image_size: image side length (linked to the data module).
         spatial_dims: 2 or 3 (linked to the data module).
-        backbone: backbone name (``"conv4"``).
+        backbone: backbone name (``"conv4"``, ``"resnet12"``, ``"resnet18"``).
         hidden_channels: channels of each conv block.
         norm: ``"batch"``, ``"group"`` or ``"instance"``; batch norm uses the statistics of the
             batch it sees (transductive at test, as in the MAML paper).

@@ -57,3 +57,16 @@ def test_evaluation_under_inference_mode_is_a_clear_error(tmp_path: Path) -> Non
     trainer = L.Trainer(logger=False, enable_progress_bar=False, inference_mode=True, default_root_dir=tmp_path)
     with pytest.raises(RuntimeError, match="inference_mode: false"):
         trainer.validate(module, loader, verbose=False)
+
+
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12", "resnet18"])
+@pytest.mark.parametrize("algorithm", ["maml", "protonet"])
+def test_backbones_are_chosen_by_name_and_train(backbone: str, algorithm: str) -> None:
+    torch.manual_seed(0)
+    module = FewShotModule(algorithm=algorithm, backbone=backbone, n_way=3, image_size=16, hidden_channels=4,
+                           inner_steps=1, eval_inner_steps=1)  # fmt: skip
+    batch = _batch(side=16)
+    loss = module.algorithm.outer_loss(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert module.model.__class__.__name__.lower() == backbone

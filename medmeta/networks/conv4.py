@@ -69,11 +69,3 @@ class Conv4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, n_way]`` for images ``[B, C, *spatial]``."""
         return self.head(self.features(x))
-
-
-def get_backbone(name: str, **kwargs: object) -> nn.Module:
-    """Build a backbone by name (``"conv4"``)."""
-    registry = {"conv4": Conv4}
-    if name not in registry:
-        raise ValueError(f"unknown backbone {name!r}; available: {sorted(registry)}")
-    return registry[name](**kwargs)
