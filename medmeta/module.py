@@ -32,7 +32,7 @@ class FewShotModule(L.LightningModule):
     """Meta-trains a backbone on episode batches with the chosen algorithm (second-order MAML by default).
 
     Args:
-        algorithm: ``"maml"``, ``"meta_sgd"``, ``"anil"``, ``"protonet"``, ``"mann"`` or ``"finetune"``.
+        algorithm: ``"maml"``, ``"maml_pp"``, ``"meta_sgd"``, ``"anil"``, ``"protonet"``, ``"mann"`` or ``"finetune"``.
         n_way: classes per episode (linked to the data module's ``n_way`` by the CLI).
         in_channels: image channels (linked to the data module).
         image_size: image side length (linked to the data module).
@@ -50,6 +50,12 @@ class FewShotModule(L.LightningModule):
         pretrain_classes: fine-tune baseline: size of the pre-training head (>= meta-train classes).
         finetune_steps: fine-tune baseline: Adam steps of the new head on each support set.
         finetune_lr: fine-tune baseline: learning rate of those steps.
+        multi_step_loss: MAML++: query loss after every inner step, annealed towards the last.
+        multi_step_loss_epochs: MAML++: epochs over which that weighting anneals.
+        per_step_norm_weights: MAML++: separate norm weights and biases per inner step.
+        learn_inner_lrs: MAML++: learned inner learning rate per layer and step.
+        first_order_epochs: MAML++: first order for this many epochs, then second order.
+        cosine_annealing: cosine-anneal the outer learning rate to 0 over ``trainer.max_steps``.
         meta_lr: Adam learning rate of the outer loop (``--optimizer`` on the CLI overrides it).
         pixel_baseline: also score a nearest-neighbour-on-pixels baseline on the test episodes.
     """
@@ -74,6 +80,12 @@ class FewShotModule(L.LightningModule):
         pretrain_classes: int = 64,
         finetune_steps: int = 100,
         finetune_lr: float = 0.01,
+        multi_step_loss: bool = True,
+        multi_step_loss_epochs: int = 10,
+        per_step_norm_weights: bool = True,
+        learn_inner_lrs: bool = True,
+        first_order_epochs: int = 0,
+        cosine_annealing: bool = False,
         meta_lr: float = 1e-3,
         pixel_baseline: bool = True,
     ) -> None:
@@ -88,6 +100,11 @@ class FewShotModule(L.LightningModule):
             eval_inner_steps=eval_inner_steps, first_order=first_order, task_reduction=task_reduction,
             distance=distance, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps,
             finetune_lr=finetune_lr,
+            maml_pp={
+                "multi_step_loss": multi_step_loss, "multi_step_loss_epochs": multi_step_loss_epochs,
+                "per_step_norm_weights": per_step_norm_weights, "learn_inner_lrs": learn_inner_lrs,
+                "first_order_epochs": first_order_epochs,
+            },
         )  # fmt: skip
         self._test_acc: list[torch.Tensor] = []
         self._test_pixel_acc: list[torch.Tensor] = []
@@ -169,7 +186,7 @@ class FewShotModule(L.LightningModule):
 
     def _algorithm_label(self) -> str:
         name = self.hparams.algorithm
-        if name in ("maml", "meta_sgd", "anil"):
+        if name in ("maml", "maml_pp", "meta_sgd", "anil"):
             return f"{name}-{'first' if self.hparams.first_order else 'second'}-order"
         return name
 
@@ -187,9 +204,24 @@ class FewShotModule(L.LightningModule):
             logits = self.algorithm.adapt_and_predict(batch["support_x"], batch["support_y"], batch["query_x"])
         return logits.softmax(dim=-1)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam at ``meta_lr`` on the initialisation θ (LightningCLI's ``--optimizer`` replaces it)."""
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.meta_lr)
+    def on_train_epoch_start(self) -> None:
+        """Tell epoch-scheduled algorithms (MAML++'s loss weights and order annealing) the epoch."""
+        if hasattr(self.algorithm, "set_epoch"):
+            self.algorithm.set_epoch(self.current_epoch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, object]:
+        """Adam at ``meta_lr`` on all meta-parameters, optionally cosine-annealed per step.
+
+        LightningCLI's ``--optimizer``/``--lr_scheduler`` replace this.
+        """
+        optimiser = torch.optim.Adam(self.parameters(), lr=self.hparams.meta_lr)
+        if not self.hparams.cosine_annealing:
+            return optimiser
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        if total is None:
+            raise ValueError("cosine_annealing needs trainer.max_steps to know the schedule length")
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total)
+        return {"optimizer": optimiser, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _check_n_way(self, batch: Batch) -> None:
         n_way = int(batch["support_y"].max()) + 1

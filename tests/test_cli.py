@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,3 +137,20 @@ def test_3d_config_runs_end_to_end(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "(95% CI, 4 frozen test episodes)" in result.stdout
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "maml_pp", "meta_sgd", "anil", "protonet", "mann", "finetune"])
+def test_each_algorithm_config_combines_with_the_data_config(tiny_dicom_root: Path, tmp_path: Path, algorithm: str) -> None:
+    out = tmp_path / "run"
+    result = _medmeta(
+        "fit", "--config", str(REPO / "configs" / "synthetic_2d.yaml"), "--config", str(REPO / "configs" / f"{algorithm}.yaml"),
+        "--data.root", str(tiny_dicom_root), "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+        "--data.train_batches_per_epoch", "2", "--trainer.default_root_dir", str(out),
+        "--trainer.logger.init_args.save_dir", str(out), "--data.image_size", "16", "--data.val_episodes", "2",
+        "--data.test_episodes", "4", "--data.n_way", "3", "--data.q_query", "2", "--data.split_ratios",
+        "[0.5, 0.25, 0.25]", "--model.hidden_channels", "4", "--model.inner_steps", "1", "--model.eval_inner_steps", "2",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads(next(out.rglob("metrics.json")).read_text())
+    assert metrics["algorithm"].startswith(algorithm) and metrics["test_episodes"] == 4

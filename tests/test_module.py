@@ -70,3 +70,15 @@ def test_backbones_are_chosen_by_name_and_train(backbone: str, algorithm: str) -
     loss.backward()
     assert torch.isfinite(loss)
     assert module.model.__class__.__name__.lower() == backbone
+
+
+def test_maml_pp_sees_the_epoch_and_cosine_annealing_lowers_the_outer_rate(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = FewShotModule(algorithm="maml_pp", n_way=3, image_size=8, hidden_channels=4, inner_steps=2,
+                           eval_inner_steps=2, cosine_annealing=True, meta_lr=0.01)  # fmt: skip
+    loader = DataLoader([{k: v[t] for k, v in _batch().items()} for t in range(2)], batch_size=1)
+    trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        inference_mode=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, loader)
+    assert module.algorithm.epoch == 2  # steps 5 with 2 batches per epoch: epochs 0, 1, 2
+    assert trainer.optimizers[0].param_groups[0]["lr"] < 0.01 * 0.5

@@ -13,12 +13,13 @@ from torch import nn
 from medmeta.algorithms.anil import ANIL
 from medmeta.algorithms.finetune import FineTune
 from medmeta.algorithms.maml import MAML
+from medmeta.algorithms.maml_pp import MAMLPlusPlus
 from medmeta.algorithms.mann import MANN
 from medmeta.algorithms.meta_sgd import MetaSGD
 from medmeta.algorithms.pixel_nn import pixel_nearest_neighbour
 from medmeta.algorithms.protonet import ProtoNet
 
-AlgorithmName = Literal["maml", "meta_sgd", "anil", "protonet", "mann", "finetune"]
+AlgorithmName = Literal["maml", "maml_pp", "meta_sgd", "anil", "protonet", "mann", "finetune"]
 GRADIENT_BASED = {"maml": MAML, "meta_sgd": MetaSGD, "anil": ANIL}
 
 
@@ -36,12 +37,21 @@ def build_algorithm(
     pretrain_classes: int = 64,
     finetune_steps: int = 100,
     finetune_lr: float = 0.01,
+    maml_pp: dict[str, object] | None = None,
 ) -> nn.Module:
-    """The algorithm ``name`` around ``model``, with the settings that algorithm uses."""
+    """The algorithm ``name`` around ``model``, with the settings that algorithm uses.
+
+    ``maml_pp`` holds MAML++'s switches (see ``MAMLPlusPlus``) when ``name`` is ``"maml_pp"``.
+    """
     if name in GRADIENT_BASED:
         return GRADIENT_BASED[name](
             model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
             first_order=first_order, task_reduction=task_reduction,
+        )  # fmt: skip
+    if name == "maml_pp":
+        return MAMLPlusPlus(
+            model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
+            first_order=first_order, task_reduction=task_reduction, **(maml_pp or {}),
         )  # fmt: skip
     if name == "protonet":
         return ProtoNet(model, distance=distance)
@@ -49,7 +59,7 @@ def build_algorithm(
         return MANN(model, n_way=n_way)
     if name == "finetune":
         return FineTune(model, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps, finetune_lr=finetune_lr)
-    raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted([*GRADIENT_BASED, 'protonet', 'mann', 'finetune'])}")
+    raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted([*GRADIENT_BASED, 'maml_pp', 'protonet', 'mann', 'finetune'])}")
 
 
-__all__ = ["ANIL", "FineTune", "MAML", "MANN", "MetaSGD", "ProtoNet", "build_algorithm", "pixel_nearest_neighbour"]
+__all__ = ["ANIL", "FineTune", "MAML", "MAMLPlusPlus", "MANN", "MetaSGD", "ProtoNet", "build_algorithm", "pixel_nearest_neighbour"]

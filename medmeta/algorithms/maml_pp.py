@@ -163,7 +163,14 @@ class MAMLPlusPlus(MAML):
         return self.loss_fn(self._forward({**params, **norms}, x), y)
 
     def trajectory(
-        self, support_x: Tensor, support_y: Tensor, *, steps: int, first_order: bool, params: Params, detach: bool = False
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        steps: int,
+        first_order: bool,
+        params: Params,
+        detach: bool = False,
     ) -> list[Params]:
         """Weights after 0..``steps`` updates, each merged with its step's norm weights."""
         _require_grad_mode()

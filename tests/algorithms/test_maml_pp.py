@@ -102,7 +102,7 @@ def test_all_switches_on_meta_gradient_matches_sequential_reference() -> None:
     weights = algo.multi_step_loss_weights()
     assert torch.allclose(weights, torch.tensor([0.35, 0.65], dtype=torch.float64))
     logits = reference_query_logits(algo, sx, sy, qx, steps=2)
-    losses = torch.stack([torch.stack([F.cross_entropy(lg, qy[t]) for lg in row]) for t, row in enumerate(logits)], dtype=torch.float64)
+    losses = torch.stack([torch.stack([F.cross_entropy(lg, qy[t]) for lg in row]) for t, row in enumerate(logits)])
     reference_loss = (losses * weights).sum(1).mean()
     groups = [list(algo.model.parameters()), list(algo.norm_weights.values()), list(algo.inner_lrs.values())]
     reference = torch.autograd.grad(reference_loss, [p for group in groups for p in group])
@@ -139,7 +139,7 @@ def test_multi_step_loss_weights_anneal_onto_the_last_step() -> None:
     _randomise(algo)
     sx, sy, qx, qy = _episodes()
     logits = reference_query_logits(algo, sx, sy, qx, steps=3, create_graph=False)
-    per_step = torch.tensor([[F.cross_entropy(lg, qy[t]).item() for lg in row] for t, row in enumerate(logits)], dtype=torch.float64)
+    per_step = torch.stack([torch.stack([F.cross_entropy(lg, qy[t]) for lg in row]) for t, row in enumerate(logits)])
     loss = algo.outer_loss(sx, sy, qx, qy).item()
     assert loss == pytest.approx(per_step.mean().item(), rel=1e-10)
     assert loss != pytest.approx(per_step[:, -1].mean().item(), rel=1e-6)
@@ -148,7 +148,8 @@ def test_multi_step_loss_weights_anneal_onto_the_last_step() -> None:
 def test_per_step_lrs_and_norm_weights_are_learned_and_differ_between_steps() -> None:
     algo = MAMLPlusPlus(_model(), inner_lr=0.2, inner_steps=2)
     model = algo.model
-    norm_names = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, nn.BatchNorm2d) for p in ("weight", "bias")}
+    norms = [m for m, mod in model.named_modules() if isinstance(mod, nn.BatchNorm2d)]
+    norm_names = {f"{m}.{p}" for m in norms for p in ("weight", "bias")}
     assert set(algo.norm_names) == norm_names and len(norm_names) == 8
     assert not norm_names & set(algo.adaptable_parameters())  # norm weights are not adapted
     assert set(algo.inner_lrs) == {lr_key(n) for n in algo.adaptable_parameters()}
