@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ALGORITHMS = ("maml", "meta_sgd", "anil", "protonet", "mann", "finetune")
+ALGORITHMS = ("maml", "maml_pp", "meta_sgd", "anil", "protonet", "mann", "finetune")
 
 
 def run_one(algorithm: str, shots: int, steps: int, test_episodes: int, out: Path) -> dict[str, object]:
