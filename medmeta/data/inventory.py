@@ -18,7 +18,7 @@ import pydicom
 from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler, split_classes
 from medmeta.data.manifest import read_manifest
 from medmeta.data.medmnist import load_medmnist, medmnist_records
-from medmeta.data.preflight import FileProblem, check_image
+from medmeta.data.preflight import FileProblem, check_image, pixel_value_problem
 from medmeta.data.records import DICOM_SUFFIXES, ImageRecord, discover_records
 from medmeta.errors import DataError
 
@@ -137,13 +137,12 @@ def _preflight(
 def _check_arrays(records: list[ImageRecord], arrays: np.ndarray) -> tuple[list[ImageRecord], list[FileProblem]]:
     usable, problems = [], []
     for record in records:
-        image = arrays[record.item]
-        if not np.isfinite(image).all():
-            problems.append(FileProblem(record.path, "non-finite", f"image {record.item} holds NaN or Inf"))
-        elif image.min() == image.max():
-            problems.append(FileProblem(record.path, "constant", f"image {record.item} is constant"))
-        else:
+        problem = pixel_value_problem(arrays[record.item])
+        if problem is None:
             usable.append(record)
+        else:
+            reason, detail = problem
+            problems.append(FileProblem(record.path, reason, f"image {record.item}: {detail}"))
     return usable, problems
 
 

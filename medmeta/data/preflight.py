@@ -207,7 +207,16 @@ def _check_pixels(array: np.ndarray, n_spatial: int, slices: int, spatial_dims: 
         raise _Problem("wrong-dims", f"a 3D volume with {slices} slices, but 2D images are configured")
     if spatial_dims == 3 and slices < 2:
         raise _Problem("wrong-dims", f"a 2D image (shape {tuple(array.shape)}), but 3D volumes are configured")
-    if not np.isfinite(array).all():
-        raise _Problem("non-finite", f"{int(np.size(array) - np.isfinite(array).sum())} NaN/Inf pixel value(s)")
+    problem = pixel_value_problem(array)
+    if problem is not None:
+        raise _Problem(*problem)
+
+
+def pixel_value_problem(array: np.ndarray) -> tuple[str, str] | None:
+    """``("non-finite" | "constant", detail)`` for pixel values no normalisation can use, else None."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        return "non-finite", f"{int(np.size(array) - finite.sum())} NaN/Inf pixel value(s)"
     if array.min() == array.max():
-        raise _Problem("constant", "every pixel has the same value")
+        return "constant", "every pixel has the same value"
+    return None

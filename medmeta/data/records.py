@@ -16,12 +16,13 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from medmeta.data.preflight import NIFTI_SUFFIXES, PICTURE_SUFFIXES
 from medmeta.data.readers import DICOM_SUFFIXES
 from medmeta.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (*DICOM_SUFFIXES, *NIFTI_SUFFIXES, *PICTURE_SUFFIXES)
 _SALT = secrets.token_bytes(16)
 
 

@@ -45,3 +45,16 @@ def test_multilabel_and_foreign_npz_are_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "chest.npz", train_images=np.zeros((2, 4, 4)), train_labels=np.zeros((2, 14)))
     with pytest.raises(DataError, match="multi-label"):
         EpisodicDataModule(str(tmp_path / "chest.npz")).setup("test")
+
+
+def test_nan_and_constant_array_images_are_skipped_with_reasons(tmp_path: Path) -> None:
+    from medmeta.data.inventory import take_inventory
+
+    path = _npz(tmp_path / "m.npz", (8, 8))
+    with np.load(path) as arrays:
+        data = {k: arrays[k].astype(np.float32) for k in arrays.files}
+    data["train_images"][3] = np.nan
+    data["train_images"][5] = 7.0
+    np.savez(path, **data)
+    problems = take_inventory(path, n_way=2, k_shot=1, q_query=1, split_ratios=(0.34, 0.33, 0.33)).problems
+    assert [(p.reason, p.detail.split(":")[0]) for p in problems] == [("non-finite", "image 3"), ("constant", "image 5")]
