@@ -39,8 +39,11 @@ class FewShotModule(L.LightningModule):
         spatial_dims: 2 or 3 (linked to the data module).
         backbone: backbone name (``"conv4"``, ``"resnet12"``, ``"resnet18"``).
         hidden_channels: channels of each conv block.
-        norm: ``"batch"``, ``"group"`` or ``"instance"``; batch norm uses the statistics of the
-            batch it sees (transductive at test, as in the MAML paper).
+        norm: ``"batch"``, ``"group"`` or ``"instance"``.
+        norm_mode: batch norm of query images at evaluation: ``"transductive"`` (statistics of
+            the query batch, as in the MAML paper) or ``"running"`` (per-inner-step running
+            statistics gathered in meta-training, so each query is predicted from the support set
+            alone). Reports and ``metrics.json`` state which was used.
         inner_lr: inner-loop step size α.
         inner_steps: inner steps during meta-training.
         eval_inner_steps: inner steps when adapting at validation and test.
@@ -50,6 +53,7 @@ class FewShotModule(L.LightningModule):
         pretrain_classes: fine-tune baseline: size of the pre-training head (>= meta-train classes).
         finetune_steps: fine-tune baseline: Adam steps of the new head on each support set.
         finetune_lr: fine-tune baseline: learning rate of those steps.
+        finetune_scope: fine-tune baseline: ``"head"`` or ``"last_block"`` (head and last block).
         multi_step_loss: MAML++: query loss after every inner step, annealed towards the last.
         multi_step_loss_epochs: MAML++: epochs over which that weighting anneals.
         per_step_norm_weights: MAML++: separate norm weights and biases per inner step.
@@ -71,6 +75,7 @@ class FewShotModule(L.LightningModule):
         backbone: str = "conv4",
         hidden_channels: int = 64,
         norm: NormName = "batch",
+        norm_mode: Literal["transductive", "running"] = "transductive",
         inner_lr: float = 0.4,
         inner_steps: int = 5,
         eval_inner_steps: int = 10,
@@ -80,6 +85,7 @@ class FewShotModule(L.LightningModule):
         pretrain_classes: int = 64,
         finetune_steps: int = 100,
         finetune_lr: float = 0.01,
+        finetune_scope: Literal["head", "last_block"] = "head",
         multi_step_loss: bool = True,
         multi_step_loss_epochs: int = 10,
         per_step_norm_weights: bool = True,
@@ -94,12 +100,13 @@ class FewShotModule(L.LightningModule):
         model = get_backbone(
             backbone, in_channels=in_channels, n_way=n_way, hidden_channels=hidden_channels,
             spatial_dims=spatial_dims, norm=norm, image_size=image_size,
+            running_stat_steps=_running_stat_slots(algorithm, norm, norm_mode, inner_steps),
         )  # fmt: skip
         self.algorithm = build_algorithm(
             algorithm, model, n_way=n_way, inner_lr=inner_lr, inner_steps=inner_steps,
             eval_inner_steps=eval_inner_steps, first_order=first_order, task_reduction=task_reduction,
             distance=distance, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps,
-            finetune_lr=finetune_lr,
+            finetune_lr=finetune_lr, finetune_scope=finetune_scope,
             maml_pp={
                 "multi_step_loss": multi_step_loss, "multi_step_loss_epochs": multi_step_loss_epochs,
                 "per_step_norm_weights": per_step_norm_weights, "learn_inner_lrs": learn_inner_lrs,
@@ -192,7 +199,12 @@ class FewShotModule(L.LightningModule):
 
     def _normalisation_label(self) -> str:
         if self.hparams.norm != "batch":
-            return f"{self.hparams.norm} norm (per-sample or per-group statistics)"
+            return f"{self.hparams.norm} norm (per-sample or per-group statistics, non-transductive)"
+        if self.hparams.norm_mode == "running":
+            return (
+                "running (per-inner-step running batch-norm statistics from meta-training for query "
+                "images; support images use their own batch statistics; non-transductive)"
+            )
         if self.hparams.algorithm in ("protonet", "mann"):
             return "transductive (batch statistics of each task's support and query images together)"
         return "transductive (batch statistics of each adaptation/query batch)"
@@ -229,3 +241,16 @@ class FewShotModule(L.LightningModule):
             raise ValueError(
                 f"episodes have {n_way} classes but the model head has n_way={self.hparams.n_way} outputs"
             )
+
+
+def _running_stat_slots(algorithm: str, norm: str, norm_mode: str, inner_steps: int) -> int:
+    """Per-step running-statistic slots of batch norm: one per query step (0 when transductive)."""
+    if norm_mode not in ("transductive", "running"):
+        raise ValueError(f"norm_mode must be 'transductive' or 'running', got {norm_mode!r}")
+    if norm_mode == "transductive":
+        return 0
+    if norm != "batch":
+        raise ValueError(
+            f"norm_mode='running' applies to batch norm; {norm} norm already uses per-sample statistics"
+        )
+    return 1 if algorithm in ("protonet", "mann", "finetune") else inner_steps + 1

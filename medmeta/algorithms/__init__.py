@@ -11,7 +11,7 @@ from typing import Literal
 from torch import nn
 
 from medmeta.algorithms.anil import ANIL
-from medmeta.algorithms.finetune import FineTune
+from medmeta.algorithms.finetune import FineTune, FinetuneScope
 from medmeta.algorithms.maml import MAML
 from medmeta.algorithms.maml_pp import MAMLPlusPlus
 from medmeta.algorithms.mann import MANN
@@ -37,6 +37,7 @@ def build_algorithm(
     pretrain_classes: int = 64,
     finetune_steps: int = 100,
     finetune_lr: float = 0.01,
+    finetune_scope: FinetuneScope = "head",
     maml_pp: dict[str, object] | None = None,
 ) -> nn.Module:
     """The algorithm ``name`` around ``model``, with the settings that algorithm uses.
@@ -58,7 +59,10 @@ def build_algorithm(
     if name == "mann":
         return MANN(model, n_way=n_way)
     if name == "finetune":
-        return FineTune(model, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps, finetune_lr=finetune_lr)
+        return FineTune(
+            model, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+            finetune_scope=finetune_scope,
+        )  # fmt: skip
     raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted([*GRADIENT_BASED, 'maml_pp', 'protonet', 'mann', 'finetune'])}")
 
 

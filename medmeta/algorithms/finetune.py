@@ -2,18 +2,25 @@
 
 Training ignores the episode structure: every support and query image of a meta-batch is a
 labelled example of its meta-train class, and the backbone plus a ``pretrain_classes``-way head
-learn ordinary classification. At evaluation the backbone is frozen and a fresh N-way linear head
-is fitted on the support set only (Chen et al., 2019, "A closer look at few-shot classification";
-the strongest simple baseline in cross-domain medical few-shot studies).
+learn ordinary classification. At evaluation a fresh N-way linear head (and, with
+``finetune_scope="last_block"``, a per-task copy of the backbone's last block) is fitted on the
+support set only; the rest of the backbone is frozen (Chen et al., 2019, "A closer look at
+few-shot classification"; the strongest simple baseline in cross-domain medical few-shot studies).
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from medmeta.algorithms.maml import _check_task_batch
+from medmeta.networks.norm import query_statistics
+
+FinetuneScope = Literal["head", "last_block"]
 
 
 class FineTune(nn.Module):
@@ -24,18 +31,24 @@ class FineTune(nn.Module):
         pretrain_classes: size of the pre-training head; at least the number of meta-train classes.
         finetune_steps: optimisation steps of the new head on each support set.
         finetune_lr: learning rate of those steps (Adam).
+        finetune_scope: ``"head"`` (linear probe on frozen features) or ``"last_block"`` (the
+            new head and the backbone's last block, ``model.last_block_prefixes()``).
     """
 
     uses_class_ids = True
 
     def __init__(self, model: nn.Module, *, pretrain_classes: int = 64, finetune_steps: int = 100,
-                 finetune_lr: float = 0.01) -> None:  # fmt: skip
+                 finetune_lr: float = 0.01, finetune_scope: FinetuneScope = "head") -> None:  # fmt: skip
         super().__init__()
         if not hasattr(model, "features") or not hasattr(model, "feature_dim"):
             raise ValueError("the fine-tune baseline needs a backbone with `features` and `feature_dim`")
+        if finetune_scope not in ("head", "last_block"):
+            raise ValueError(f"finetune_scope must be 'head' or 'last_block', got {finetune_scope!r}")
+        if finetune_scope == "last_block" and not hasattr(model, "last_block_prefixes"):
+            raise ValueError(f"finetune_scope='last_block' needs a backbone with `last_block_prefixes`; got {type(model).__name__}")
         self.model = model
         self.pretrain_head = nn.Linear(model.feature_dim, pretrain_classes)
-        self.finetune_steps, self.finetune_lr = finetune_steps, finetune_lr
+        self.finetune_steps, self.finetune_lr, self.finetune_scope = finetune_steps, finetune_lr, finetune_scope
 
     def outer_loss_and_logits(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *,
@@ -50,7 +63,8 @@ class FineTune(nn.Module):
             )
         images = torch.cat([support_x, query_x], dim=1).flatten(0, 1)
         classes = torch.cat([support_class, query_class], dim=1).flatten()
-        logits = self.pretrain_head(self.model.features(images))
+        with query_statistics(self.model, 0):  # running batch-norm statistics, if kept, come from here
+            logits = self.pretrain_head(self.model.features(images))
         loss = F.cross_entropy(logits, classes)
         tasks, n_query = query_x.shape[:2]
         query_logits = logits.view(tasks, -1, logits.shape[-1])[:, support_x.shape[1] :]
@@ -62,21 +76,33 @@ class FineTune(nn.Module):
     def adapt_and_predict(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
     ) -> Tensor:
-        """Query logits ``[T, N*Q, N]`` from a new linear head fitted on each support set (backbone frozen)."""
+        """Query logits ``[T, N*Q, N]`` after fitting a new head (and last block) on each support set."""
         steps = self.finetune_steps if steps is None else steps
-        outputs = []
-        for sx, sy, qx in zip(support_x, support_y, query_x):
-            with torch.no_grad():
-                support_features, query_features = self.model.features(sx), self.model.features(qx)
-            n_way = int(sy.max()) + 1
-            head = nn.Linear(support_features.shape[-1], n_way).to(support_features)
-            nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
-            optimiser = torch.optim.Adam(head.parameters(), lr=self.finetune_lr)
-            with torch.enable_grad():
-                for _ in range(steps):
-                    optimiser.zero_grad()
-                    F.cross_entropy(head(support_features), sy).backward()
-                    optimiser.step()
-            with torch.no_grad():
-                outputs.append(head(query_features))
-        return torch.stack(outputs)
+        return torch.stack([self._adapt_one(sx, sy, qx, steps) for sx, sy, qx in zip(support_x, support_y, query_x)])
+
+    def _adapt_one(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, steps: int) -> Tensor:
+        """Detached query logits ``[N*Q, N]`` of one task; the model's own weights never change."""
+        prefixes = self.model.last_block_prefixes() if self.finetune_scope == "last_block" else ()
+        tuned = {
+            name.removeprefix("features."): p.detach().clone().requires_grad_(True)
+            for name, p in self.model.named_parameters()
+            if name.startswith(prefixes)
+        } if prefixes else {}  # fmt: skip
+
+        def features(x: Tensor) -> Tensor:
+            return functional_call(self.model.features, tuned, (x,), strict=False)
+
+        with torch.no_grad():
+            frozen_support = None if tuned else features(support_x)
+        n_way = int(support_y.max()) + 1
+        head = nn.Linear(self.model.feature_dim, n_way).to(support_x.device)
+        nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+        optimiser = torch.optim.Adam([*head.parameters(), *tuned.values()], lr=self.finetune_lr)
+        with torch.enable_grad():
+            for _ in range(steps):
+                optimiser.zero_grad()
+                support = features(support_x) if tuned else frozen_support
+                F.cross_entropy(head(support), support_y).backward()
+                optimiser.step()
+        with torch.no_grad(), query_statistics(self.model, 0):
+            return head(features(query_x))

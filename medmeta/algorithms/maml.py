@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
+from medmeta.networks.norm import query_statistics
+
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -64,6 +66,15 @@ class MAML(nn.Module):
     def _forward(self, params: Params, x: Tensor) -> Tensor:
         """The backbone's output with ``params`` in place of (some of) its weights."""
         return functional_call(self.model, params, (x,), strict=False)
+
+    def _query_forward(self, params: Params, x: Tensor, step: int) -> Tensor:
+        """The output on query images with the weights after ``step`` inner updates.
+
+        Batch norm with per-step running statistics uses (at evaluation) or updates (in training)
+        slot ``step``; transductive batch norm uses the query batch's statistics.
+        """
+        with query_statistics(self.model, step):
+            return self._forward(params, x)
 
     def _support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         return self.loss_fn(self._forward(params, x), y)
@@ -115,7 +126,7 @@ class MAML(nn.Module):
         losses, logits = [], []
         for task in range(support_x.shape[0]):
             adapted = self.adapt(support_x[task], support_y[task])
-            logits.append(self._forward(adapted, query_x[task]))
+            logits.append(self._query_forward(adapted, query_x[task], self.inner_steps))
             losses.append(self.loss_fn(logits[-1], query_y[task]))
         stacked = torch.stack(losses)
         loss = stacked.sum() if self.task_reduction == "sum" else stacked.mean()
@@ -134,7 +145,7 @@ class MAML(nn.Module):
         logits = []
         for task in range(support_x.shape[0]):
             adapted = self.adapt(support_x[task], support_y[task], steps=steps, first_order=True, params=theta)
-            logits.append(self._forward(adapted, query_x[task]).detach())
+            logits.append(self._query_forward(adapted, query_x[task], steps).detach())
         return torch.stack(logits)
 
 

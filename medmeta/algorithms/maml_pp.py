@@ -9,7 +9,8 @@ Functional like :class:`MAML`. Conventions (``θ_k`` = weights after ``k`` inner
   forward at ``θ_s`` with the query forward at ``θ_{s+1}``; ours gives each network state its
   own norm weights and leaves no parameter unused. With the switch on, norm weights are NOT
   adapted in the inner loop (as in the paper's code); with it off they are adapted as in MAML.
-* Batch norm uses batch statistics (transductive); no per-step running statistics.
+* Batch norm is transductive, or with ``running_stat_steps`` keeps running statistics per step
+  for the query forward after ``k`` updates (``medmeta.networks.norm``).
 * Learned per-layer per-step inner learning rates (LSLR): ``self.inner_lrs[key]`` has shape
   ``[inner_steps]``; update ``s`` (``θ_s → θ_{s+1}``) uses entry ``s``.
 * Steps beyond ``inner_steps`` (evaluation) reuse the last step's norm weights and rates.
@@ -27,10 +28,11 @@ from torch.func import grad
 
 from medmeta.algorithms.maml import MAML, LossFn, Params, _check_task_batch, _require_grad_mode
 from medmeta.algorithms.meta_sgd import lr_key
+from medmeta.networks.norm import EpisodeBatchNorm
 
 logger = logging.getLogger(__name__)
 
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+NORM_TYPES = (EpisodeBatchNorm, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 class MAMLPlusPlus(MAML):
@@ -219,7 +221,7 @@ class MAMLPlusPlus(MAML):
             for k, weight in enumerate(weights, start=len(states) - len(weights)):
                 if weight == 0.0 and k != len(states) - 1:
                     continue
-                step_logits = self._forward(states[k], query_x[task])
+                step_logits = self._query_forward(states[k], query_x[task], k)
                 term = weight * self.loss_fn(step_logits, query_y[task])
                 task_loss = term if task_loss is None else task_loss + term
             logits.append(step_logits)
@@ -239,5 +241,5 @@ class MAMLPlusPlus(MAML):
             final = self.trajectory(
                 support_x[task], support_y[task], steps=steps, first_order=True, params=theta, detach=True
             )[-1]
-            logits.append(self._forward(final, query_x[task]).detach())
+            logits.append(self._query_forward(final, query_x[task], steps).detach())
         return torch.stack(logits)

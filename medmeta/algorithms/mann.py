@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medmeta.algorithms.maml import _check_task_batch
+from medmeta.networks.norm import query_statistics, uses_running_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,16 @@ class MANN(nn.Module):
         return torch.stack(orders).to(support_y.device)
 
     def _encode(self, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
-        """Features ``[T, N*K, F]`` and ``[T, N*Q, F]``, all images of a task in one encoder batch."""
+        """Features ``[T, N*K, F]`` and ``[T, N*Q, F]``, one encoder batch per task.
+
+        With per-step running batch-norm statistics, the queries are encoded on their own as
+        query forwards at step 0 (non-transductive); otherwise support and query share one batch.
+        """
+        if uses_running_statistics(self.model):
+            support = torch.stack([self.model.features(sx) for sx in support_x])
+            with query_statistics(self.model, 0):
+                query = torch.stack([self.model.features(qx) for qx in query_x])
+            return support, query
         shots = support_x.shape[1]
         feats = torch.stack([self.model.features(torch.cat([sx, qx])) for sx, qx in zip(support_x, query_x)])
         return feats[:, :shots], feats[:, shots:]
@@ -135,7 +145,7 @@ class MANN(nn.Module):
         write_w = gate * state["read_w"] + (1 - gate) * least_w
         memory = state["memory"] * (1 - least_w.amax(dim=1)).unsqueeze(-1)  # zero the least-used slots
         memory = memory + write_w.transpose(1, 2) @ key
-        similarity = F.cosine_similarity(key.unsqueeze(2), memory.unsqueeze(1), dim=-1, eps=1e-8)
+        similarity = F.normalize(key, dim=-1, eps=1e-8) @ F.normalize(memory, dim=-1, eps=1e-8).transpose(1, 2)
         read_w = torch.softmax(self.key_strength * similarity, dim=-1)
         usage = self.gamma * state["usage"] + read_w.sum(1) + write_w.sum(1)
         reads = (read_w @ memory).reshape(tasks, -1)

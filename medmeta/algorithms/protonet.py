@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medmeta.algorithms.maml import _check_task_batch
+from medmeta.networks.norm import query_statistics, uses_running_statistics
 
 Distance = Literal["squared_euclidean", "cosine"]
 
@@ -54,11 +55,20 @@ class ProtoNet(nn.Module):
         return self.model.features(x).flatten(start_dim=1)
 
     def task_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
-        """Query logits ``[N*Q, N]`` of one task (support and query embedded in one pass)."""
-        n_support = support_x.shape[0]
-        embeddings = self.embed(torch.cat([support_x, query_x]))
-        prototypes = class_prototypes(embeddings[:n_support], support_y)
-        return -self._distance(embeddings[n_support:], prototypes) / self.temperature
+        """Query logits ``[N*Q, N]`` of one task.
+
+        Transductive batch norm embeds support and query in one pass; with per-step running
+        statistics the queries are embedded on their own as query forwards at step 0.
+        """
+        if uses_running_statistics(self.model):
+            support = self.embed(support_x)
+            with query_statistics(self.model, 0):
+                query = self.embed(query_x)
+        else:
+            embeddings = self.embed(torch.cat([support_x, query_x]))
+            support, query = embeddings[: support_x.shape[0]], embeddings[support_x.shape[0] :]
+        prototypes = class_prototypes(support, support_y)
+        return -self._distance(query, prototypes) / self.temperature
 
     def _distance(self, query: Tensor, prototypes: Tensor) -> Tensor:
         if self.distance == "cosine":

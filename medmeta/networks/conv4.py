@@ -8,17 +8,20 @@ import torch
 from monai.networks.layers.factories import Conv, Norm, Pool
 from torch import nn
 
+from medmeta.networks.norm import EpisodeBatchNorm
+
 NormName = Literal["batch", "group", "instance"]
 
 
-def _norm_layer(norm: NormName, channels: int, spatial_dims: int) -> nn.Module:
-    """A normalisation layer that always uses the statistics of the batch it sees.
+def _norm_layer(norm: NormName, channels: int, spatial_dims: int, running_stat_steps: int = 0) -> nn.Module:
+    """A normalisation layer; batch norm is transductive unless ``running_stat_steps > 0``.
 
-    Batch norm keeps no running statistics: at adaptation and test time it normalises with the
-    statistics of the current batch (the transductive setting of the MAML paper).
+    Batch norm is :class:`EpisodeBatchNorm`: batch statistics everywhere (the transductive setting
+    of the MAML paper), or per-step running statistics for query forwards at evaluation.
+    Instance and group norm never use running statistics.
     """
     if norm == "batch":
-        return Norm[Norm.BATCH, spatial_dims](channels, track_running_stats=False)
+        return EpisodeBatchNorm(channels, running_stat_steps=running_stat_steps)
     if norm == "instance":
         return Norm[Norm.INSTANCE, spatial_dims](channels, affine=True, track_running_stats=False)
     if norm == "group":
@@ -36,6 +39,7 @@ class Conv4(nn.Module):
         spatial_dims: 2 for images, 3 for volumes.
         norm: ``"batch"``, ``"group"`` or ``"instance"``.
         image_size: input side length, used to size the head.
+        running_stat_steps: per-step running-statistic slots of batch norm (0: transductive).
     """
 
     def __init__(
@@ -47,6 +51,7 @@ class Conv4(nn.Module):
         spatial_dims: int = 2,
         norm: NormName = "batch",
         image_size: int = 32,
+        running_stat_steps: int = 0,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -57,7 +62,7 @@ class Conv4(nn.Module):
         for _ in range(4):
             blocks += [
                 conv(channels, hidden_channels, kernel_size=3, padding=1),
-                _norm_layer(norm, hidden_channels, spatial_dims),
+                _norm_layer(norm, hidden_channels, spatial_dims, running_stat_steps),
                 nn.ReLU(),
                 pool(kernel_size=2, ceil_mode=True),
             ]
@@ -65,6 +70,10 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.feature_dim = hidden_channels * side**spatial_dims
         self.head = nn.Linear(self.feature_dim, n_way)
+
+    def last_block_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the last conv block (its conv and norm)."""
+        return ("features.12.", "features.13.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, n_way]`` for images ``[B, C, *spatial]``."""

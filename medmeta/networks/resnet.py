@@ -26,7 +26,9 @@ class _ResNet12Block(nn.Module):
     As in MetaOptNet, the third activation comes after the residual addition.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *, spatial_dims: int, norm: NormName) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, *, spatial_dims: int, norm: NormName, running_stat_steps: int = 0
+    ) -> None:
         super().__init__()
         conv = Conv[Conv.CONV, spatial_dims]
         layers: list[nn.Module] = []
@@ -34,7 +36,7 @@ class _ResNet12Block(nn.Module):
         for i in range(3):
             layers += [
                 conv(channels, out_channels, kernel_size=3, padding=1, bias=False),
-                _norm_layer(norm, out_channels, spatial_dims),
+                _norm_layer(norm, out_channels, spatial_dims, running_stat_steps),
             ]
             if i < 2:
                 layers.append(nn.LeakyReLU(0.1))
@@ -42,7 +44,7 @@ class _ResNet12Block(nn.Module):
         self.body = nn.Sequential(*layers)
         self.shortcut = nn.Sequential(
             conv(in_channels, out_channels, kernel_size=1, bias=False),
-            _norm_layer(norm, out_channels, spatial_dims),
+            _norm_layer(norm, out_channels, spatial_dims, running_stat_steps),
         )
         self.act = nn.LeakyReLU(0.1)
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2, ceil_mode=True)
@@ -64,11 +66,12 @@ class ResNet12(nn.Module):
         n_way: number of output classes (the head size).
         hidden_channels: width of the first block; later blocks double it.
         spatial_dims: 2 for images, 3 for volumes.
-        norm: ``"batch"``, ``"group"`` or ``"instance"`` (never running statistics); instance
+        norm: ``"batch"``, ``"group"`` or ``"instance"`` (batch norm with running statistics only with ``running_stat_steps``); instance
             norm needs ``image_size > 8`` (the last block normalises at side ``ceil(size / 8)``).
         image_size: input side length; only checked against instance norm (the global pool
             makes the network independent of it).
         widths: explicit block widths, e.g. ``(64, 160, 320, 640)``; overrides ``hidden_channels``.
+        running_stat_steps: per-step running-statistic slots of batch norm (0: transductive).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class ResNet12(nn.Module):
         norm: NormName = "batch",
         image_size: int = 32,
         widths: tuple[int, int, int, int] | None = None,
+        running_stat_steps: int = 0,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -94,7 +98,7 @@ class ResNet12(nn.Module):
         blocks: list[nn.Module] = []
         channels = in_channels
         for width in widths:
-            blocks.append(_ResNet12Block(channels, width, spatial_dims=spatial_dims, norm=norm))
+            blocks.append(_ResNet12Block(channels, width, spatial_dims=spatial_dims, norm=norm, running_stat_steps=running_stat_steps))
             channels = width
         pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
         self.features = nn.Sequential(*blocks, pool, nn.Flatten())
@@ -103,6 +107,10 @@ class ResNet12(nn.Module):
         for module in self.features.modules():
             if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 nn.init.kaiming_normal_(module.weight, a=0.1, mode="fan_out", nonlinearity="leaky_relu")
+
+    def last_block_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the last residual block."""
+        return ("features.3.",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, n_way]`` for images ``[B, C, *spatial]``."""
@@ -122,13 +130,14 @@ class ResNet18(nn.Module):
         hidden_channels: accepted for a common signature; torchvision's widths (64-128-256-512)
             are fixed, so other values are ignored with a warning.
         spatial_dims: must be 2.
-        norm: ``"batch"``, ``"group"`` or ``"instance"`` (never running statistics); instance
+        norm: ``"batch"``, ``"group"`` or ``"instance"`` (batch norm with running statistics only with ``running_stat_steps``); instance
             norm needs ``image_size > 32`` (``layer4`` runs at side ``ceil(size / 32)``).
         image_size: input side length; only checked against instance norm.
         weights_path: optional local state-dict file (torchvision keys, or this model's
             ``features.`` keys) loaded into the trunk; keys absent from the trunk or with other
             shapes (``fc``, a first conv with other channels, running statistics) are skipped
             with a logged warning.
+        running_stat_steps: per-step running-statistic slots of batch norm (0: transductive).
     """
 
     def __init__(
@@ -141,6 +150,7 @@ class ResNet18(nn.Module):
         norm: NormName = "batch",
         image_size: int = 32,
         weights_path: str | None = None,
+        running_stat_steps: int = 0,
     ) -> None:
         super().__init__()
         if spatial_dims != 2:
@@ -151,7 +161,7 @@ class ResNet18(nn.Module):
         _check_instance_norm_size(norm, image_size, last_norm_side=-(-image_size // 32), name="ResNet18")
         if hidden_channels != 64:
             logger.warning("ResNet18 ignores hidden_channels=%d: torchvision widths are fixed", hidden_channels)
-        trunk = resnet18(weights=None, norm_layer=lambda channels: _norm_layer(norm, channels, 2))
+        trunk = resnet18(weights=None, norm_layer=lambda channels: _norm_layer(norm, channels, 2, running_stat_steps))
         trunk.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
         trunk.fc = nn.Identity()
@@ -186,6 +196,10 @@ class ResNet18(nn.Module):
                 path, len(skipped), skipped, len(missing), missing,
             )
         return skipped
+
+    def last_block_prefixes(self) -> tuple[str, ...]:
+        """Parameter-name prefixes of the last residual stage (``layer4``)."""
+        return ("features.layer4.",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class logits ``[B, n_way]`` for images ``[B, C, H, W]``."""

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from medmeta.networks.norm import EpisodeBatchNorm
 from medmeta.algorithms.maml import MAML
 from medmeta.algorithms.maml_pp import MAMLPlusPlus
 from medmeta.algorithms.meta_sgd import lr_key
@@ -148,7 +149,7 @@ def test_multi_step_loss_weights_anneal_onto_the_last_step() -> None:
 def test_per_step_lrs_and_norm_weights_are_learned_and_differ_between_steps() -> None:
     algo = MAMLPlusPlus(_model(), inner_lr=0.2, inner_steps=2)
     model = algo.model
-    norms = [m for m, mod in model.named_modules() if isinstance(mod, nn.BatchNorm2d)]
+    norms = [m for m, mod in model.named_modules() if isinstance(mod, EpisodeBatchNorm)]
     norm_names = {f"{m}.{p}" for m in norms for p in ("weight", "bias")}
     assert set(algo.norm_names) == norm_names and len(norm_names) == 8
     assert not norm_names & set(algo.adaptable_parameters())  # norm weights are not adapted

@@ -1,0 +1,109 @@
+"""Batch norm for episodes: transductive by default, per-step running statistics on request.
+
+``EpisodeBatchNorm`` is written from ``var_mean`` and elementwise ops (no ``F.batch_norm``), so its
+batching under ``torch.func.vmap`` is correct for second-order meta-gradients (engineering notes,
+trap 1).
+
+Two ways to normalise a *query* batch at evaluation:
+
+* **transductive** (``running_stat_steps=0``, the MAML paper): every forward uses the statistics
+  of the batch it sees, so a query's prediction depends on the other queries of its episode.
+* **running**: the layer keeps running mean and variance per inner step (MAML++). During
+  meta-training, forwards of query images after ``k`` inner updates (marked with
+  :func:`query_statistics`) use their batch statistics and update slot ``k``; at evaluation those
+  forwards use slot ``k``'s running statistics, so each query is predicted from the support set
+  and itself alone. Support forwards always use the support batch's statistics (labelled data).
+  Steps past the last slot reuse the last slot; a slot never updated falls back to the nearest
+  updated slot, lower ones first (plain MAML only ever fills the slot of its final step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+class EpisodeBatchNorm(nn.Module):
+    """Batch norm over ``[B, C, *spatial]`` with optional running statistics per inner step.
+
+    Args:
+        channels: feature channels C.
+        running_stat_steps: number of per-step statistic slots (0: transductive only, no buffers).
+        momentum: running-average factor of each update.
+        eps: added to the variance.
+    """
+
+    def __init__(self, channels: int, *, running_stat_steps: int = 0, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        if running_stat_steps < 0:
+            raise ValueError("running_stat_steps must be >= 0")
+        self.channels, self.steps, self.momentum, self.eps = channels, running_stat_steps, momentum, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        if running_stat_steps:
+            self.register_buffer("running_mean", torch.zeros(running_stat_steps, channels))
+            self.register_buffer("running_var", torch.ones(running_stat_steps, channels))
+            self.register_buffer("num_batches_tracked", torch.zeros(running_stat_steps, dtype=torch.long))
+        self.query_step: int | None = None  # set by ``query_statistics``
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, running_stat_steps={self.steps}, momentum={self.momentum}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise with batch statistics, or with a step's running statistics for eval queries."""
+        if x.dim() < 2 or x.shape[1] != self.channels:
+            raise ValueError(f"expected [B, {self.channels}, ...], got {tuple(x.shape)}")
+        dims = [0, *range(2, x.dim())]
+        use_running = self.steps > 0 and self.query_step is not None
+        if use_running and not self.training:
+            slot = self._eval_slot(self.query_step)
+            mean, var = self.running_mean[slot], self.running_var[slot]
+        else:
+            var, mean = torch.var_mean(x, dim=dims, correction=0)
+            if use_running:
+                self._update(min(self.query_step, self.steps - 1), x, mean, var)
+        shape = (1, self.channels) + (1,) * (x.dim() - 2)
+        scale = torch.rsqrt(var + self.eps) * self.weight
+        return (x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
+
+    @torch.no_grad()
+    def _update(self, slot: int, x: Tensor, mean: Tensor, var: Tensor) -> None:
+        count = x.numel() // self.channels
+        unbiased = var.detach() * (count / max(count - 1, 1))
+        self.running_mean[slot].lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+        self.running_var[slot].lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        self.num_batches_tracked[slot] += 1
+
+    def _eval_slot(self, step: int) -> int:
+        """Slot ``step`` (clamped), else the nearest updated slot, lower ones first."""
+        slot = min(step, self.steps - 1)
+        tracked = (self.num_batches_tracked > 0).nonzero().flatten().tolist()
+        if not tracked or slot in tracked:
+            return slot
+        below = [s for s in tracked if s < slot]
+        return below[-1] if below else tracked[0]
+
+
+@contextmanager
+def query_statistics(model: nn.Module, step: int) -> Iterator[None]:
+    """Mark forwards inside the block as query forwards after ``step`` inner updates.
+
+    Only layers with running statistics react (see the module docstring); with transductive batch
+    norm, group norm or instance norm the block changes nothing.
+    """
+    layers = [m for m in model.modules() if isinstance(m, EpisodeBatchNorm) and m.steps > 0]
+    for layer in layers:
+        layer.query_step = step
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.query_step = None
+
+
+def uses_running_statistics(model: nn.Module) -> bool:
+    """Whether any batch-norm layer of ``model`` keeps per-step running statistics."""
+    return any(isinstance(m, EpisodeBatchNorm) and m.steps > 0 for m in model.modules())
