@@ -49,6 +49,8 @@ class FewShotModule(L.LightningModule):
         eval_inner_steps: inner steps when adapting at validation and test.
         first_order: drop second-order terms (MAML, Meta-SGD, ANIL).
         task_reduction: ``"mean"`` or ``"sum"`` of query losses over the tasks of a meta-batch.
+        task_parallel: gradient-based algorithms: adapt the tasks of a meta-batch with
+            ``"vmap"``, in a ``"loop"``, or ``"auto"`` (vmap on GPUs, the loop on CPUs).
         distance: ProtoNet distance, ``"squared_euclidean"`` or ``"cosine"``.
         pretrain_classes: fine-tune baseline: size of the pre-training head (>= meta-train classes).
         finetune_steps: fine-tune baseline: Adam steps of the new head on each support set.
@@ -59,6 +61,9 @@ class FewShotModule(L.LightningModule):
         per_step_norm_weights: MAML++: separate norm weights and biases per inner step.
         learn_inner_lrs: MAML++: learned inner learning rate per layer and step.
         first_order_epochs: MAML++: first order for this many epochs, then second order.
+        mann_controller: MANN: ``"lstm"`` or ``"feedforward"`` controller.
+        mann_memory_slots: MANN: memory rows per episode.
+        mann_key_strength: MANN: sharpness of the cosine read addressing.
         cosine_annealing: cosine-anneal the outer learning rate to 0 over ``trainer.max_steps``.
         meta_lr: Adam learning rate of the outer loop (``--optimizer`` on the CLI overrides it).
         pixel_baseline: also score a nearest-neighbour-on-pixels baseline on the test episodes.
@@ -81,6 +86,7 @@ class FewShotModule(L.LightningModule):
         eval_inner_steps: int = 10,
         first_order: bool = False,
         task_reduction: Literal["mean", "sum"] = "mean",
+        task_parallel: Literal["auto", "loop", "vmap"] = "auto",
         distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
         pretrain_classes: int = 64,
         finetune_steps: int = 100,
@@ -91,6 +97,9 @@ class FewShotModule(L.LightningModule):
         per_step_norm_weights: bool = True,
         learn_inner_lrs: bool = True,
         first_order_epochs: int = 0,
+        mann_controller: Literal["lstm", "feedforward"] = "lstm",
+        mann_memory_slots: int = 32,
+        mann_key_strength: float = 10.0,
         cosine_annealing: bool = False,
         meta_lr: float = 1e-3,
         pixel_baseline: bool = True,
@@ -105,13 +114,14 @@ class FewShotModule(L.LightningModule):
         self.algorithm = build_algorithm(
             algorithm, model, n_way=n_way, inner_lr=inner_lr, inner_steps=inner_steps,
             eval_inner_steps=eval_inner_steps, first_order=first_order, task_reduction=task_reduction,
-            distance=distance, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps,
+            task_parallel=task_parallel, distance=distance, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps,
             finetune_lr=finetune_lr, finetune_scope=finetune_scope,
             maml_pp={
                 "multi_step_loss": multi_step_loss, "multi_step_loss_epochs": multi_step_loss_epochs,
                 "per_step_norm_weights": per_step_norm_weights, "learn_inner_lrs": learn_inner_lrs,
                 "first_order_epochs": first_order_epochs,
             },
+            mann={"controller": mann_controller, "memory_slots": mann_memory_slots, "key_strength": mann_key_strength},
         )  # fmt: skip
         self._test_acc: list[torch.Tensor] = []
         self._test_pixel_acc: list[torch.Tensor] = []

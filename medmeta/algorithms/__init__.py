@@ -12,7 +12,7 @@ from torch import nn
 
 from medmeta.algorithms.anil import ANIL
 from medmeta.algorithms.finetune import FineTune, FinetuneScope
-from medmeta.algorithms.maml import MAML
+from medmeta.algorithms.maml import MAML, TaskParallel
 from medmeta.algorithms.maml_pp import MAMLPlusPlus
 from medmeta.algorithms.mann import MANN
 from medmeta.algorithms.meta_sgd import MetaSGD
@@ -33,31 +33,34 @@ def build_algorithm(
     eval_inner_steps: int | None = None,
     first_order: bool = False,
     task_reduction: Literal["mean", "sum"] = "mean",
+    task_parallel: TaskParallel = "auto",
     distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
     pretrain_classes: int = 64,
     finetune_steps: int = 100,
     finetune_lr: float = 0.01,
     finetune_scope: FinetuneScope = "head",
     maml_pp: dict[str, object] | None = None,
+    mann: dict[str, object] | None = None,
 ) -> nn.Module:
     """The algorithm ``name`` around ``model``, with the settings that algorithm uses.
 
-    ``maml_pp`` holds MAML++'s switches (see ``MAMLPlusPlus``) when ``name`` is ``"maml_pp"``.
+    ``maml_pp`` holds MAML++'s switches (see ``MAMLPlusPlus``) when ``name`` is ``"maml_pp"``;
+    ``mann`` the MANN's settings (see ``MANN``) when ``name`` is ``"mann"``.
     """
     if name in GRADIENT_BASED:
         return GRADIENT_BASED[name](
             model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
-            first_order=first_order, task_reduction=task_reduction,
+            first_order=first_order, task_reduction=task_reduction, task_parallel=task_parallel,
         )  # fmt: skip
     if name == "maml_pp":
         return MAMLPlusPlus(
             model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
-            first_order=first_order, task_reduction=task_reduction, **(maml_pp or {}),
+            first_order=first_order, task_reduction=task_reduction, task_parallel=task_parallel, **(maml_pp or {}),
         )  # fmt: skip
     if name == "protonet":
         return ProtoNet(model, distance=distance)
     if name == "mann":
-        return MANN(model, n_way=n_way)
+        return MANN(model, n_way=n_way, **(mann or {}))
     if name == "finetune":
         return FineTune(
             model, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps, finetune_lr=finetune_lr,

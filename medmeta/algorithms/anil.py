@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from medmeta.algorithms.maml import MAML, LossFn, Params
+from medmeta.algorithms.maml import MAML, Params
 
 HEAD_PREFIX = "head."
 
@@ -25,33 +24,15 @@ class ANIL(MAML):
 
     Args:
         model: the network with ``features`` and ``head`` submodules; its parameters are θ.
-        inner_lr, inner_steps, eval_inner_steps, first_order, task_reduction, loss_fn:
-            as in :class:`MAML`.
+        maml_options: ``inner_lr``, ``inner_steps``, ``eval_inner_steps``, ``first_order``,
+            ``task_reduction``, ``loss_fn``, ``task_parallel``, as in :class:`MAML`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        inner_lr: float = 0.4,
-        inner_steps: int = 5,
-        eval_inner_steps: int | None = None,
-        first_order: bool = False,
-        task_reduction: Literal["mean", "sum"] = "mean",
-        loss_fn: LossFn = F.cross_entropy,
-    ) -> None:
+    def __init__(self, model: nn.Module, **maml_options: Any) -> None:
         for part in ("features", "head"):
             if not isinstance(getattr(model, part, None), nn.Module):
                 raise ValueError(f"ANIL needs a backbone with a `{part}` submodule; got {type(model).__name__}")
-        super().__init__(
-            model,
-            inner_lr=inner_lr,
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            first_order=first_order,
-            task_reduction=task_reduction,
-            loss_fn=loss_fn,
-        )
+        super().__init__(model, **maml_options)
 
     def adaptable_parameters(self) -> Params:
         """The head's weights, keyed by their names in ``self.model`` (``head.weight``, ...)."""

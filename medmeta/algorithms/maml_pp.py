@@ -19,28 +19,28 @@ Functional like :class:`MAML`. Conventions (``θ_k`` = weights after ``k`` inner
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad
 
-from medmeta.algorithms.maml import MAML, LossFn, Params, _check_task_batch, _require_grad_mode
+from medmeta.algorithms.maml import MAML, Params, _require_grad_mode
 from medmeta.algorithms.meta_sgd import lr_key
-from medmeta.networks.norm import EpisodeBatchNorm
+from medmeta.networks.norm import EpisodeBatchNorm, EpisodeInstanceNorm
 
 logger = logging.getLogger(__name__)
 
-NORM_TYPES = (EpisodeBatchNorm, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+NORM_TYPES = (EpisodeBatchNorm, EpisodeInstanceNorm, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 class MAMLPlusPlus(MAML):
     """MAML with multi-step loss, per-step norm weights, per-step learned rates and FO→SO annealing.
 
     Args:
-        model, inner_lr, inner_steps, eval_inner_steps, task_reduction, loss_fn: as in :class:`MAML`.
-        first_order: always first order when ``True``.
+        model, inner_lr, inner_steps: as in :class:`MAML`.
+        maml_options: ``eval_inner_steps``, ``first_order`` (always first order when ``True``),
+            ``task_reduction``, ``loss_fn``, ``task_parallel``, as in :class:`MAML`.
         multi_step_loss: outer loss is a weighted sum of the query losses after every inner step.
         multi_step_loss_epochs: epochs over which the weights anneal onto the last step.
         per_step_norm_weights: a copy of every norm layer's weight and bias per inner step.
@@ -54,25 +54,14 @@ class MAMLPlusPlus(MAML):
         *,
         inner_lr: float = 0.4,
         inner_steps: int = 5,
-        eval_inner_steps: int | None = None,
-        first_order: bool = False,
-        task_reduction: Literal["mean", "sum"] = "mean",
         multi_step_loss: bool = True,
         multi_step_loss_epochs: int = 10,
         per_step_norm_weights: bool = True,
         learn_inner_lrs: bool = True,
         first_order_epochs: int = 0,
-        loss_fn: LossFn = F.cross_entropy,
+        **maml_options: Any,
     ) -> None:
-        super().__init__(
-            model,
-            inner_lr=inner_lr,
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            first_order=first_order,
-            task_reduction=task_reduction,
-            loss_fn=loss_fn,
-        )
+        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, **maml_options)
         if multi_step_loss_epochs < 0 or first_order_epochs < 0:
             raise ValueError("multi_step_loss_epochs and first_order_epochs must be >= 0")
         self.multi_step_loss = multi_step_loss
@@ -204,31 +193,26 @@ class MAMLPlusPlus(MAML):
         params = self.adaptable_parameters() if params is None else params
         return self.trajectory(support_x, support_y, steps=steps, first_order=first_order, params=params)[-1]
 
-    def outer_loss_and_logits(
+    def task_loss_and_logits(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """The multi-step-weighted outer loss and the final step's query logits ``[T, N*Q, N]``."""
-        _check_task_batch(support_x, support_y, query_x, query_y)
+        """One task's multi-step-weighted query loss and its final step's query logits.
+
+        The meta-batch's outer loss (``MAML.outer_loss_and_logits``) reduces these over tasks.
+        """
         weights = self.multi_step_loss_weights().tolist() or [1.0]
-        first_order = self.uses_first_order()
-        losses, logits = [], []
-        for task in range(support_x.shape[0]):
-            states = self.trajectory(
-                support_x[task], support_y[task], steps=self.inner_steps, first_order=first_order,
-                params=self.adaptable_parameters(),
-            )  # fmt: skip
-            task_loss = None
-            for k, weight in enumerate(weights, start=len(states) - len(weights)):
-                if weight == 0.0 and k != len(states) - 1:
-                    continue
-                step_logits = self._query_forward(states[k], query_x[task], k)
-                term = weight * self.loss_fn(step_logits, query_y[task])
-                task_loss = term if task_loss is None else task_loss + term
-            logits.append(step_logits)
-            losses.append(task_loss)
-        stacked = torch.stack(losses)
-        loss = stacked.sum() if self.task_reduction == "sum" else stacked.mean()
-        return loss, torch.stack(logits)
+        states = self.trajectory(
+            support_x, support_y, steps=self.inner_steps, first_order=self.uses_first_order(),
+            params=self.adaptable_parameters(),
+        )  # fmt: skip
+        task_loss = None
+        for k, weight in enumerate(weights, start=len(states) - len(weights)):
+            if weight == 0.0 and k != len(states) - 1:
+                continue
+            step_logits = self._query_forward(states[k], query_x, k)
+            term = weight * self.loss_fn(step_logits, query_y)
+            task_loss = term if task_loss is None else task_loss + term
+        return task_loss, step_logits
 
     def adapt_and_predict(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None

@@ -2,7 +2,8 @@
 
 Each task is one episode: the CNN encodes all of its images in one batch, then a controller
 (LSTM or feed-forward) reads the sequence ``(x_t, y_{t-1})`` and talks to an external memory with
-cosine content-based reads and least-recently-used-access (LRUA) writes. The memory, the usage
+cosine content-based reads and least-recently-used-access (LRUA) writes (encoder features are
+layer-normalised before the controller). The memory, the usage
 weights and the controller state start from zero for every task, so tasks never share anything
 (the sequence is vectorised over the task dimension ``T``, the encoder runs once per task because
 batch norm uses the statistics of the batch it sees).
@@ -45,7 +46,9 @@ class MANN(nn.Module):
             so it is deterministic, varies between episodes, never touches the global RNG and does
             not depend on the task's position in the batch. ``None`` keeps the given order.
         key_strength: fixed factor on the cosine similarities before the read softmax; 1 is the
-            paper's addressing, larger values sharpen reads (an NTM-style key strength).
+            paper's addressing, larger values sharpen reads (an NTM-style key strength). With the
+            paper's 128 slots and strength 1 a read is close to uniform over the mostly empty
+            memory; 32 slots and strength 10 are the defaults here (see BENCHMARKS.md).
         support_loss: also add the cross-entropy of support predictions for examples whose class
             was already shown earlier in the sequence (off by default: query loss only).
     """
@@ -56,13 +59,13 @@ class MANN(nn.Module):
         *,
         n_way: int,
         controller_size: int = 128,
-        memory_slots: int = 128,
+        memory_slots: int = 32,
         memory_width: int = 40,
         read_heads: int = 4,
         gamma: float = 0.95,
         controller: Literal["lstm", "feedforward"] = "lstm",
         shuffle_seed: int | None = 0,
-        key_strength: float = 1.0,
+        key_strength: float = 10.0,
         support_loss: bool = False,
     ) -> None:
         if controller not in ("lstm", "feedforward"):
@@ -74,6 +77,7 @@ class MANN(nn.Module):
         self.n_way, self.slots, self.width, self.heads = n_way, memory_slots, memory_width, read_heads
         self.gamma, self.controller_kind, self.controller_size = gamma, controller, controller_size
         self.shuffle_seed, self.key_strength, self.support_loss = shuffle_seed, key_strength, support_loss
+        self.feature_norm = nn.LayerNorm(model.feature_dim)
         in_size = model.feature_dim + n_way + read_heads * memory_width
         if controller == "lstm":
             self.controller: nn.Module = nn.LSTMCell(in_size, controller_size)
@@ -129,28 +133,36 @@ class MANN(nn.Module):
             "cell": hidden,
         }
 
-    def _step(self, state: dict[str, Tensor], features: Tensor, label: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """One time step for a batch of independent sequences: logits ``[B, N]`` and the next state."""
+    def _step(
+        self, state: dict[str, Tensor], features: Tensor, label: Tensor, *, write: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One time step for a batch of independent sequences: logits ``[B, N]`` and the next state.
+
+        ``write=False`` (the query steps) reads the memory as it is, without the LRUA write: the
+        state after a query step is discarded, so its write could only make the query read itself.
+        """
         tasks = features.shape[0]
-        x = torch.cat([features, label, state["reads"]], dim=-1)
+        x = torch.cat([self.feature_norm(features), label, state["reads"]], dim=-1)
         if self.controller_kind == "lstm":
             hidden, cell = self.controller(x, (state["hidden"], state["cell"]))
         else:
             hidden, cell = self.controller(x), state["cell"]
-        # Least-used slots from the previous usage (stable sort: deterministic ties); head i gets the i-th.
-        least = torch.sort(state["usage"], dim=-1, stable=True).indices[:, : self.heads]
-        least_w = F.one_hot(least, self.slots).to(features.dtype)  # [B, H, slots]
         key = torch.tanh(self.key(hidden)).view(tasks, self.heads, self.width)
-        gate = torch.sigmoid(self.alpha(hidden)).unsqueeze(-1)
-        write_w = gate * state["read_w"] + (1 - gate) * least_w
-        memory = state["memory"] * (1 - least_w.amax(dim=1)).unsqueeze(-1)  # zero the least-used slots
-        memory = memory + write_w.transpose(1, 2) @ key
+        memory, usage = state["memory"], self.gamma * state["usage"]
+        if write:
+            # Least-used slots from the previous usage (stable sort: deterministic ties); head i gets the i-th.
+            least = torch.sort(state["usage"], dim=-1, stable=True).indices[:, : self.heads]
+            least_w = F.one_hot(least, self.slots).to(features.dtype)  # [B, H, slots]
+            gate = torch.sigmoid(self.alpha(hidden)).unsqueeze(-1)
+            write_w = gate * state["read_w"] + (1 - gate) * least_w
+            memory = memory * (1 - least_w.amax(dim=1)).unsqueeze(-1)  # zero the least-used slots
+            memory = memory + write_w.transpose(1, 2) @ key
+            usage = usage + write_w.sum(1)
         similarity = F.normalize(key, dim=-1, eps=1e-8) @ F.normalize(memory, dim=-1, eps=1e-8).transpose(1, 2)
         read_w = torch.softmax(self.key_strength * similarity, dim=-1)
-        usage = self.gamma * state["usage"] + read_w.sum(1) + write_w.sum(1)
         reads = (read_w @ memory).reshape(tasks, -1)
         logits = self.output(torch.cat([hidden, reads], dim=-1))
-        new = {"memory": memory, "usage": usage, "read_w": read_w, "reads": reads, "hidden": hidden, "cell": cell}
+        new = {"memory": memory, "usage": usage + read_w.sum(1), "read_w": read_w, "reads": reads, "hidden": hidden, "cell": cell}
         return logits, new
 
     def _sequence_logits(
@@ -177,7 +189,7 @@ class MANN(nn.Module):
             support_logits.append(logits)
         state = {name: value.repeat_interleave(queries, dim=0) for name, value in state.items()}
         last_label = previous[:, shots].repeat_interleave(queries, dim=0)
-        q_logits, _ = self._step(state, q_feat.reshape(tasks * queries, -1), last_label)
+        q_logits, _ = self._step(state, q_feat.reshape(tasks * queries, -1), last_label, write=False)
         return q_logits.view(tasks, queries, -1), torch.stack(support_logits, dim=1), s_y
 
     def outer_loss_and_logits(

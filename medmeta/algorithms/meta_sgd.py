@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medmeta.algorithms.maml import MAML, LossFn, Params
+from medmeta.algorithms.maml import MAML, Params
 
 
 def lr_key(name: str) -> str:
@@ -28,29 +27,12 @@ class MetaSGD(MAML):
     Args:
         model: the network; its parameters are the meta-learned initialisation θ.
         inner_lr: initial value of every learning-rate element.
-        inner_steps, eval_inner_steps, first_order, task_reduction, loss_fn: as in :class:`MAML`.
+        maml_options: ``inner_steps``, ``eval_inner_steps``, ``first_order``, ``task_reduction``,
+            ``loss_fn``, ``task_parallel``, as in :class:`MAML`.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        inner_lr: float = 0.4,
-        inner_steps: int = 5,
-        eval_inner_steps: int | None = None,
-        first_order: bool = False,
-        task_reduction: Literal["mean", "sum"] = "mean",
-        loss_fn: LossFn = F.cross_entropy,
-    ) -> None:
-        super().__init__(
-            model,
-            inner_lr=inner_lr,
-            inner_steps=inner_steps,
-            eval_inner_steps=eval_inner_steps,
-            first_order=first_order,
-            task_reduction=task_reduction,
-            loss_fn=loss_fn,
-        )
+    def __init__(self, model: nn.Module, *, inner_lr: float = 0.4, **maml_options: Any) -> None:
+        super().__init__(model, inner_lr=inner_lr, **maml_options)
         lrs = {
             lr_key(name): nn.Parameter(torch.full_like(p.detach(), self.inner_lr))
             for name, p in self.adaptable_parameters().items()

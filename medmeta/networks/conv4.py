@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from monai.networks.layers.factories import Conv, Norm, Pool
+from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-from medmeta.networks.norm import EpisodeBatchNorm
+from medmeta.networks.norm import EpisodeBatchNorm, EpisodeInstanceNorm
 
 NormName = Literal["batch", "group", "instance"]
 
@@ -18,12 +18,13 @@ def _norm_layer(norm: NormName, channels: int, spatial_dims: int, running_stat_s
 
     Batch norm is :class:`EpisodeBatchNorm`: batch statistics everywhere (the transductive setting
     of the MAML paper), or per-step running statistics for query forwards at evaluation.
-    Instance and group norm never use running statistics.
+    Instance and group norm never use running statistics. Batch and instance norm are written from
+    ``var_mean`` ops so that ``vmap`` over tasks gives exact second-order meta-gradients.
     """
     if norm == "batch":
         return EpisodeBatchNorm(channels, running_stat_steps=running_stat_steps)
     if norm == "instance":
-        return Norm[Norm.INSTANCE, spatial_dims](channels, affine=True, track_running_stats=False)
+        return EpisodeInstanceNorm(channels)
     if norm == "group":
         return nn.GroupNorm(num_groups=min(32, channels // 4) or 1, num_channels=channels)
     raise ValueError(f"unknown norm {norm!r}; choose 'batch', 'group' or 'instance'")

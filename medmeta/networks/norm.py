@@ -87,6 +87,32 @@ class EpisodeBatchNorm(nn.Module):
         return below[-1] if below else tracked[0]
 
 
+class EpisodeInstanceNorm(nn.Module):
+    """Affine instance norm (statistics per sample and channel) from ``var_mean`` ops.
+
+    Same function as ``nn.InstanceNorm2d/3d(affine=True)``, but its batching under
+    ``torch.func.vmap`` is correct for second-order meta-gradients (torch's instance norm runs
+    through ``batch_norm`` and gets them wrong: engineering notes, trap 1).
+    """
+
+    def __init__(self, channels: int, *, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.channels, self.eps = channels, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, eps={self.eps}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise each sample and channel over its spatial elements."""
+        if x.dim() < 3 or x.shape[1] != self.channels:
+            raise ValueError(f"expected [B, {self.channels}, *spatial], got {tuple(x.shape)}")
+        var, mean = torch.var_mean(x, dim=tuple(range(2, x.dim())), correction=0, keepdim=True)
+        shape = (1, self.channels) + (1,) * (x.dim() - 2)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
 @contextmanager
 def query_statistics(model: nn.Module, step: int) -> Iterator[None]:
     """Mark forwards inside the block as query forwards after ``step`` inner updates.

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from medmeta.networks.norm import EpisodeBatchNorm
 from medmeta.algorithms.maml import MAML
 from medmeta.algorithms.maml_pp import MAMLPlusPlus
 from medmeta.algorithms.meta_sgd import lr_key
 from medmeta.networks import Conv4
+from medmeta.networks.norm import EpisodeBatchNorm
 
 OFF = {"multi_step_loss": False, "per_step_norm_weights": False, "learn_inner_lrs": False}
 
