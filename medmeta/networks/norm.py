@@ -56,6 +56,7 @@ class EpisodeBatchNorm(nn.Module):
         """Normalise with batch statistics, or with a step's running statistics for eval queries."""
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"expected [B, {self.channels}, ...], got {tuple(x.shape)}")
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in fp32 under autocast
         dims = [0, *range(2, x.dim())]
         use_running = self.steps > 0 and self.query_step is not None
         if use_running and not self.training:
@@ -108,6 +109,7 @@ class EpisodeInstanceNorm(nn.Module):
         """Normalise each sample and channel over its spatial elements."""
         if x.dim() < 3 or x.shape[1] != self.channels:
             raise ValueError(f"expected [B, {self.channels}, *spatial], got {tuple(x.shape)}")
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in fp32 under autocast
         var, mean = torch.var_mean(x, dim=tuple(range(2, x.dim())), correction=0, keepdim=True)
         shape = (1, self.channels) + (1,) * (x.dim() - 2)
         return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
