@@ -175,7 +175,7 @@ class FewShotModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         """Mean accuracy ± 95% CI over the test episodes, logged and written to ``metrics.json``."""
-        accuracy = torch.cat(self._test_acc)
+        accuracy = self._gather(self._test_acc)
         mean, ci = mean_and_ci95(accuracy)
         summary: dict[str, object] = {
             "algorithm": self._algorithm_label(),
@@ -188,18 +188,26 @@ class FewShotModule(L.LightningModule):
         self.log("test/acc", mean)
         self.log("test/acc_ci95", ci)
         if self._test_pixel_acc:
-            pixel_mean, pixel_ci = mean_and_ci95(torch.cat(self._test_pixel_acc))
+            pixel_mean, pixel_ci = mean_and_ci95(self._gather(self._test_pixel_acc))
             summary.update(pixel_nn_accuracy=pixel_mean, pixel_nn_accuracy_ci95=pixel_ci)
             self.log("test/pixel_nn_acc", pixel_mean)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "describe"):
             summary["episodes"] = dict(datamodule.describe())
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = out_dir / "metrics.json"
-        metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
+        if self.trainer.is_global_zero:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
         summary["metrics_file"] = str(metrics_path)
         self.test_summary = summary
+
+    def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-episode values of this process, or of all DDP processes together."""
+        values = torch.cat(parts)
+        if self.trainer.world_size > 1:
+            values = self.all_gather(values).flatten()
+        return values
 
     def _algorithm_label(self) -> str:
         name = self.hparams.algorithm

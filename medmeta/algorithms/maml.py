@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from medmeta.networks.norm import query_statistics, uses_running_statistics
+from medmeta.networks.norm import composite_norms, query_statistics, uses_running_statistics
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -146,7 +146,8 @@ class MAML(nn.Module):
         """The outer loss and the adapted models' query logits ``[T, N*Q, N]`` (kept in the graph)."""
         _check_task_batch(support_x, support_y, query_x, query_y)
         if self.vectorises(support_x.device):
-            losses, logits = vmap(self.task_loss_and_logits)(support_x, support_y, query_x, query_y)
+            with composite_norms(self.model):
+                losses, logits = vmap(self.task_loss_and_logits)(support_x, support_y, query_x, query_y)
         else:
             pairs = [self.task_loss_and_logits(*task) for task in zip(support_x, support_y, query_x, query_y)]
             losses, logits = torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])
@@ -179,6 +180,8 @@ class MAML(nn.Module):
 
 
 def _require_grad_mode() -> None:
+    if torch.compiler.is_compiling():  # traced code cannot query the mode; the eager call checked it
+        return
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "MAML adaptation needs gradients but is running under torch.inference_mode; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -93,7 +94,7 @@ class EpisodicDataModule(L.LightningDataModule):
         n_way: classes per episode.
         k_shot: support images per class.
         q_query: query images per class.
-        meta_batch_size: episodes (tasks) per training batch.
+        meta_batch_size: episodes (tasks) per meta-step, over all DDP processes together.
         eval_batch_size: episodes per validation/test batch.
         image_size: side length images are resized to.
         in_channels: image channels.
@@ -214,9 +215,12 @@ class EpisodicDataModule(L.LightningDataModule):
     def _write_class_splits(self) -> None:
         """Record the resolved meta-splits next to the run outputs."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.is_global_zero or not trainer.log_dir or self.class_splits is None:
+        if trainer is None:
             return
-        out = Path(trainer.log_dir)
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero or not log_dir or self.class_splits is None:
+            return
+        out = Path(log_dir)
         out.mkdir(parents=True, exist_ok=True)
         splits = {s: list(self.class_splits.of(s)) for s in SPLITS}
         (out / "class_splits.json").write_text(json.dumps(splits, indent=2) + "\n")
@@ -233,7 +237,45 @@ class EpisodicDataModule(L.LightningDataModule):
         length = self.train_batches_per_epoch * self.meta_batch_size if split == "train" else self.episodes[split]
         return EpisodeDataset(images, sampler, length, augment=self.augment and split == "train")
 
+    def _world(self) -> tuple[int, bool]:
+        """(number of processes, whether this one is rank 0) of the attached trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, True
+        return int(trainer.world_size), bool(trainer.is_global_zero)
+
     def _cache(self, records: Sequence[ImageRecord]) -> torch.Tensor:
+        """The transformed images of ``records``, ``[len(records), C, *spatial]``.
+
+        One process: transformed in memory. Several (DDP): rank 0 transforms them once into a
+        tensor file in the medmeta cache (named by a hash of the file list and the transform
+        settings; no path or patient key is stored), and every rank memory-maps that file, so the
+        operating system keeps one copy for all ranks (engineering notes, trap 9).
+        """
+        world, is_zero = self._world()
+        if world == 1:
+            return self._transform_all(records)
+        path = default_cache_dir() / "tensors" / f"{self._cache_key(records)}.pt"
+        if is_zero and not path.exists():
+            images = self._transform_all(records)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            torch.save(images, partial)
+            os.replace(partial, path)
+        self.trainer.strategy.barrier("medmeta-image-cache")
+        return torch.load(path, mmap=True, weights_only=True)
+
+    def _cache_key(self, records: Sequence[ImageRecord]) -> str:
+        """Hash of what determines the cached tensor: the files (path, size, mtime) and the transforms."""
+        digest = hashlib.sha256()
+        settings = (self.image_size, self.window, self.preset, self.spatial_dims, self.in_channels, self.spacing, self.roi_size)
+        digest.update(repr(settings).encode())
+        for record in records:
+            stat = record.path.stat()
+            digest.update(f"{record.path}|{record.item}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()[:32]
+
+    def _transform_all(self, records: Sequence[ImageRecord]) -> torch.Tensor:
         """Run the deterministic transforms once per image (MONAI ``CacheDataset``) and stack the results."""
         arrays = self.inventory.arrays if self.inventory is not None else None
         transform = load_transforms(
@@ -272,9 +314,20 @@ class EpisodicDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        """Meta-batches of ``meta_batch_size`` new episodes."""
+        """Meta-batches of ``meta_batch_size`` new episodes, split evenly across DDP ranks.
+
+        Under DDP Lightning shards the episode indices across ranks (distinct tasks per rank) and
+        each rank adapts ``meta_batch_size / world_size`` of them; averaging the ranks' gradients
+        then gives the meta-gradient of the whole meta-batch.
+        """
+        world, _ = self._world()
+        if self.meta_batch_size % world:
+            raise ValueError(
+                f"meta_batch_size={self.meta_batch_size} does not split evenly across {world} processes; "
+                f"use a multiple of {world}"
+            )
         length = self.train_batches_per_epoch * self.meta_batch_size
-        return self._loader("train", self.meta_batch_size, EpochEpisodeSampler(length))
+        return self._loader("train", self.meta_batch_size // world, EpochEpisodeSampler(length))
 
     def val_dataloader(self) -> DataLoader:
         """The frozen validation episodes."""

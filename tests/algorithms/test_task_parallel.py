@@ -2,7 +2,9 @@
 
 fp32, every norm type, every gradient-based algorithm: the vmap meta-gradient must agree with
 ``torch.autograd.grad(create_graph=True)`` task by task to 1e-5 relative (engineering notes, trap 1:
-torch's own batch/instance norm under vmap gets second-order terms wrong).
+torch's own batch/instance norm under vmap gets second-order terms wrong). The references run with
+the same normalisation arithmetic (``composite_norms``), so that only the batching differs; the
+composite and fused norms are shown equal in float64 in tests/networks/test_norm.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from medmeta.algorithms import ANIL, MAML, MAMLPlusPlus, MetaSGD
 from medmeta.algorithms.meta_sgd import lr_key
 from medmeta.module import FewShotModule
 from medmeta.networks import Conv4
+from medmeta.networks.norm import composite_norms
 from tests.algorithms.test_anil import reference_meta_gradient as anil_reference
 from tests.algorithms.test_maml import reference_meta_gradient as maml_reference
 from tests.algorithms.test_maml_pp import _randomise, reference_query_logits
@@ -42,6 +45,11 @@ def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float((flat_a - flat_b).norm() / flat_b.norm())
 
 
+def _composite(reference, model):
+    with composite_norms(model):
+        return reference()
+
+
 def _vmap_grads(algo: MAML, params: list[torch.Tensor], batch) -> list[torch.Tensor]:
     assert algo.vectorises(batch[0].device)
     return list(torch.autograd.grad(algo.outer_loss(*batch), params))
@@ -50,7 +58,7 @@ def _vmap_grads(algo: MAML, params: list[torch.Tensor], batch) -> list[torch.Ten
 @pytest.mark.parametrize("norm", NORMS)
 def test_maml_vmap_matches_sequential_reference(norm: str) -> None:
     model, batch = _model(norm), _episodes()
-    reference = maml_reference(model, *batch, lr=0.2, steps=2)
+    reference = _composite(lambda: maml_reference(model, *batch, lr=0.2, steps=2), model)
     ours = _vmap_grads(MAML(model, inner_lr=0.2, inner_steps=2, task_parallel="vmap"), list(model.parameters()), batch)
     assert _relative(ours, reference) < 1e-5
 
@@ -64,7 +72,7 @@ def test_meta_sgd_vmap_matches_sequential_reference(norm: str) -> None:
             rates.uniform_(0.05, 0.3)
     names = [name for name, _ in model.named_parameters()]
     lrs = {name: algo.inner_lrs[lr_key(name)] for name in names}
-    ref_theta, ref_lrs = meta_sgd_reference(model, lrs, *batch, steps=2)
+    ref_theta, ref_lrs = _composite(lambda: meta_sgd_reference(model, lrs, *batch, steps=2), model)
     ours = _vmap_grads(algo, list(model.parameters()) + [lrs[n] for n in names], batch)
     assert _relative(ours, ref_theta + ref_lrs) < 1e-5
 
@@ -72,7 +80,7 @@ def test_meta_sgd_vmap_matches_sequential_reference(norm: str) -> None:
 @pytest.mark.parametrize("norm", NORMS)
 def test_anil_vmap_matches_sequential_reference(norm: str) -> None:
     model, batch = _model(norm), _episodes()
-    reference = anil_reference(model, *batch, lr=0.5, steps=2)
+    reference = _composite(lambda: anil_reference(model, *batch, lr=0.5, steps=2), model)
     ours = _vmap_grads(ANIL(model, inner_lr=0.5, inner_steps=2, task_parallel="vmap"), list(model.parameters()), batch)
     assert _relative(ours, reference) < 1e-5
 
@@ -83,7 +91,7 @@ def test_maml_pp_vmap_matches_sequential_reference(norm: str) -> None:
     algo.set_epoch(3)
     _randomise(algo)
     sx, sy, qx, qy = batch = _episodes()
-    logits = reference_query_logits(algo, sx, sy, qx, steps=2)
+    logits = _composite(lambda: reference_query_logits(algo, sx, sy, qx, steps=2), algo.model)
     losses = torch.stack([torch.stack([F.cross_entropy(lg, qy[t]) for lg in row]) for t, row in enumerate(logits)])
     reference_loss = (losses * algo.multi_step_loss_weights().float()).sum(1).mean()
     params = [*algo.model.parameters(), *algo.norm_weights.values(), *algo.inner_lrs.values()]

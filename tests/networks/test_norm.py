@@ -6,18 +6,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medmeta.networks.norm import EpisodeBatchNorm, query_statistics, uses_running_statistics
+from medmeta.networks.norm import (
+    EpisodeBatchNorm,
+    EpisodeInstanceNorm,
+    composite_norms,
+    query_statistics,
+    uses_running_statistics,
+)
 
 
+@pytest.mark.parametrize("composite", [False, True])
+@pytest.mark.parametrize("kind", ["batch", "instance"])
 @pytest.mark.parametrize("shape", [(6, 4, 5, 5), (6, 4, 3, 3, 3)])
-def test_matches_torch_batch_norm_values_and_gradients(shape: tuple[int, ...]) -> None:
+def test_matches_torch_norms_values_and_gradients(shape: tuple[int, ...], kind: str, composite: bool) -> None:
     torch.manual_seed(0)
-    layer = EpisodeBatchNorm(4).double()
+    layer = (EpisodeBatchNorm(4) if kind == "batch" else EpisodeInstanceNorm(4)).double()
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-0.5, 0.5)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    ours = layer(x)
-    ref = F.batch_norm(x, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
+    if composite:
+        with composite_norms(layer):
+            ours = layer(x)
+        assert not layer.composite
+    else:
+        ours = layer(x)
+    if kind == "batch":
+        ref = F.batch_norm(x, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
+    else:
+        ref = F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps)
     torch.testing.assert_close(ours, ref)
     grads = torch.autograd.grad((ours * torch.arange(ours.numel()).view_as(ours)).sum(), [x, layer.weight])
     ref_grads = torch.autograd.grad((ref * torch.arange(ref.numel()).view_as(ref)).sum(), [x, layer.weight])

@@ -1,0 +1,54 @@
+"""Lightning DDP on 2 CPU processes (gloo), run as real subprocesses: the same meta-gradient as one
+process, distinct tasks per rank, and one memory-mapped image cache shared by the ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tests.ddp_worker import fixed_tasks, fresh_module
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+REPO = WORKER.parent.parent
+
+
+def _run(args: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, "MEDMETA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(WORKER), *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_ddp_meta_gradient_equals_the_single_process_one(tmp_path: Path) -> None:
+    _run(["grad", str(tmp_path)], tmp_path)
+    ranks = [torch.load(tmp_path / f"grad-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert sorted(ranks[0]["episodes"] + ranks[1]["episodes"]) == [0, 1, 2, 3]  # 2 distinct tasks each
+    assert len(set(ranks[0]["episodes"])) == 2
+
+    module = fresh_module()
+    batch = {k: torch.stack([row[k] for row in fixed_tasks()]) for k in ("support_x", "support_y", "query_x", "query_y")}
+    loss = module.algorithm.outer_loss(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
+    reference = dict(zip([n for n, _ in module.named_parameters()], torch.autograd.grad(loss, list(module.parameters()))))
+    for rank in ranks:
+        assert set(rank["grads"]) == set(reference)
+        flat = torch.cat([rank["grads"][n].flatten() for n in reference])
+        expected = torch.cat([g.flatten() for g in reference.values()])
+        assert float((flat - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_ddp_ranks_get_distinct_episodes_and_share_one_mapped_cache(tmp_path: Path, tiny_dicom_root: Path) -> None:
+    _run(["data", str(tmp_path), str(tiny_dicom_root)], tmp_path)
+    ranks = [torch.load(tmp_path / f"data-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    episodes = [set(r["episodes"]) for r in ranks]
+    assert all(len(e) == 4 for e in episodes)  # 2 meta-steps x 2 tasks per rank
+    assert not episodes[0] & episodes[1]
+    caches = list((tmp_path / "cache" / "tensors").glob("*.pt"))
+    assert len(caches) == 2  # train and val images, each cached once
+    assert all(r["mapped"] and set(r["mapped"]) <= {str(p) for p in caches} for r in ranks)
+    assert ranks[0]["mapped"] == ranks[1]["mapped"]
+    assert not any(p.suffix == ".partial" for p in (tmp_path / "cache" / "tensors").iterdir())
