@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import nn
 
 from medmeta.algorithms.anil import ANIL
 from medmeta.networks import Conv4
+from tests.algorithms.episodes import random_episodes
 
 
 def reference_meta_gradient(model: Conv4, sx, sy, qx, qy, *, lr: float, steps: int) -> list[torch.Tensor]:
@@ -28,13 +31,7 @@ def reference_meta_gradient(model: Conv4, sx, sy, qx, qy, *, lr: float, steps: i
     return list(torch.autograd.grad(total / sx.shape[0], theta))
 
 
-def _episodes(tasks: int = 2, n_way: int = 3, k: int = 2, q: int = 2, side: int = 12):
-    g = torch.Generator().manual_seed(0)
-    sx = torch.randn(tasks, n_way * k, 1, side, side, generator=g, dtype=torch.float64)
-    qx = torch.randn(tasks, n_way * q, 1, side, side, generator=g, dtype=torch.float64)
-    sy = torch.arange(n_way).repeat_interleave(k).expand(tasks, -1).clone()
-    qy = torch.arange(n_way).repeat_interleave(q).expand(tasks, -1).clone()
-    return sx, sy, qx, qy
+_episodes = partial(random_episodes, tasks=2, q=2, side=12)
 
 
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

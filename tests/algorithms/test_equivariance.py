@@ -5,23 +5,20 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
 
 from medmeta.algorithms import MAML, FineTune, MAMLPlusPlus
 from medmeta.networks import Conv4
+from tests.algorithms.episodes import random_episodes
 
 PERM = torch.tensor([2, 0, 1])  # class c becomes class PERM[c]
 
 
-def _episodes(tasks: int = 2, n_way: int = 3, k: int = 2, q: int = 3, side: int = 12):
-    g = torch.Generator().manual_seed(0)
-    sx = torch.randn(tasks, n_way * k, 1, side, side, generator=g, dtype=torch.float64)
-    qx = torch.randn(tasks, n_way * q, 1, side, side, generator=g, dtype=torch.float64)
-    sy = torch.arange(n_way).repeat_interleave(k).expand(tasks, -1).clone()
-    qy = torch.arange(n_way).repeat_interleave(q).expand(tasks, -1).clone()
-    return sx, sy, qx, qy
+_episodes = partial(random_episodes, tasks=2, q=3, side=12)
 
 
 def _conv4() -> nn.Module:

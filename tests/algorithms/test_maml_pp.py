@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from medmeta.algorithms.maml_pp import MAMLPlusPlus
 from medmeta.algorithms.meta_sgd import lr_key
 from medmeta.networks import Conv4
 from medmeta.networks.norm import EpisodeBatchNorm
+from tests.algorithms.episodes import random_episodes
 
 OFF = {"multi_step_loss": False, "per_step_norm_weights": False, "learn_inner_lrs": False}
 
@@ -48,13 +51,7 @@ def reference_query_logits(algo: MAMLPlusPlus, sx, sy, qx, *, steps: int, create
     return out
 
 
-def _episodes(tasks: int = 2, n_way: int = 3, k: int = 2, q: int = 2, side: int = 8):
-    g = torch.Generator().manual_seed(0)
-    sx = torch.randn(tasks, n_way * k, 1, side, side, generator=g, dtype=torch.float64)
-    qx = torch.randn(tasks, n_way * q, 1, side, side, generator=g, dtype=torch.float64)
-    sy = torch.arange(n_way).repeat_interleave(k).expand(tasks, -1).clone()
-    qy = torch.arange(n_way).repeat_interleave(q).expand(tasks, -1).clone()
-    return sx, sy, qx, qy
+_episodes = partial(random_episodes, tasks=2, q=2, side=8)
 
 
 def _model(seed: int = 0) -> nn.Module:

@@ -9,6 +9,8 @@ composite and fused norms are shown equal in float64 in tests/networks/test_norm
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from medmeta.algorithms.meta_sgd import lr_key
 from medmeta.module import FewShotModule
 from medmeta.networks import Conv4
 from medmeta.networks.norm import composite_norms
+from tests.algorithms.episodes import random_episodes
 from tests.algorithms.test_anil import reference_meta_gradient as anil_reference
 from tests.algorithms.test_maml import reference_meta_gradient as maml_reference
 from tests.algorithms.test_maml_pp import _randomise, reference_query_logits
@@ -26,13 +29,7 @@ from tests.algorithms.test_meta_sgd import reference_meta_gradient as meta_sgd_r
 NORMS = ["batch", "group", "instance"]
 
 
-def _episodes(tasks: int = 3, n_way: int = 3, k: int = 2, q: int = 3, side: int = 12):
-    g = torch.Generator().manual_seed(0)
-    sx = torch.randn(tasks, n_way * k, 1, side, side, generator=g)
-    qx = torch.randn(tasks, n_way * q, 1, side, side, generator=g)
-    sy = torch.arange(n_way).repeat_interleave(k).expand(tasks, -1).clone()
-    qy = torch.arange(n_way).repeat_interleave(q).expand(tasks, -1).clone()
-    return sx, sy, qx, qy
+_episodes = partial(random_episodes, tasks=3, q=3, side=12, dtype=torch.float32)
 
 
 def _model(norm: str) -> Conv4:
