@@ -35,7 +35,6 @@ import copy
 import ctypes
 import gc
 import importlib
-import inspect
 import json
 import os
 import platform
@@ -55,7 +54,9 @@ from medmeta.algorithms import MAML
 from medmeta.networks import Conv4
 
 INNER_LR = 0.4
-IMPLEMENTATIONS = ("medmeta-loop", "medmeta-vmap", "medmeta-vmap-bf16", "medmeta-compiled", "higher", "torchopt")
+IMPLEMENTATIONS = (
+    "medmeta-loop", "medmeta-checkpoint", "medmeta-vmap", "medmeta-vmap-bf16", "medmeta-compiled", "higher", "torchopt",
+)  # fmt: skip
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 FP64_TOLERANCE = 1e-9
 SWEEP = (1, 2, 4, 8, 16, 32)
@@ -131,17 +132,11 @@ def make_model(case: Case, device: torch.device, seed: int = 0) -> nn.Module:
     return model.to(device).train()
 
 
-def has_task_parallel() -> bool:
-    """Whether this medmeta's ``MAML`` takes ``task_parallel``."""
-    return "task_parallel" in inspect.signature(MAML).parameters
-
-
-def medmeta_step(model: nn.Module, case: Case, task_parallel: str, bf16: bool = False) -> MetaStep:
-    """``MAML.outer_loss`` then ``autograd.grad``, with ``task_parallel`` and optionally bf16 autocast."""
-    if task_parallel == "vmap" and not has_task_parallel():
-        raise Skip("medmeta's MAML has no task_parallel argument yet")
-    options = {"task_parallel": task_parallel} if has_task_parallel() else {}
-    algo = MAML(model, inner_lr=INNER_LR, inner_steps=case.inner_steps, **options)
+def medmeta_step(model: nn.Module, case: Case, task_parallel: str, bf16: bool = False, checkpoint: bool = False) -> MetaStep:
+    """``MAML.outer_loss`` then ``autograd.grad``, with ``task_parallel``, optionally bf16 autocast
+    and inner-step checkpointing."""
+    algo = MAML(model, inner_lr=INNER_LR, inner_steps=case.inner_steps, task_parallel=task_parallel,
+                checkpoint_inner_steps=checkpoint)  # fmt: skip
     params = tuple(model.parameters())
 
     def step(episodes: Episodes) -> tuple[Tensor, ...]:
@@ -236,6 +231,8 @@ def build_step(name: str, model: nn.Module, case: Case, compile_backend: str | N
     """The meta-step of implementation ``name`` (raises ``Skip`` when it cannot run)."""
     if name == "medmeta-loop":
         return medmeta_step(model, case, "loop")
+    if name == "medmeta-checkpoint":
+        return medmeta_step(model, case, "loop", checkpoint=True)
     if name == "medmeta-vmap":
         return medmeta_step(model, case, "vmap")
     if name == "medmeta-vmap-bf16":
@@ -531,6 +528,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", nargs="+", metavar="SUBSTRING", help="keep cases whose name contains all of these")
     parser.add_argument("--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    parser.add_argument("--inner-steps", type=int, help="override the cases' 5 inner steps (memory against steps)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="one tiny case (28x28x1, 1-shot, T=2, 2 inner steps, 8 channels)")
@@ -556,6 +554,8 @@ def main() -> None:
     else:
         cases, repeats, warmup = select_cases(args.cases), args.repeats, args.warmup
         sweep_base = Case(size=84, channels=3, shots=1, meta_batch=1)
+    if args.inner_steps is not None:
+        cases = [replace(case, inner_steps=args.inner_steps) for case in cases]
     backend = args.compile_backend or (None if args.quick else "inductor")
     header = {
         "device": device.type, "device_name": device_name(device), "torch": torch.__version__,

@@ -51,6 +51,8 @@ class FewShotModule(L.LightningModule):
         task_reduction: ``"mean"`` or ``"sum"`` of query losses over the tasks of a meta-batch.
         task_parallel: gradient-based algorithms: adapt the tasks of a meta-batch with
             ``"vmap"``, in a ``"loop"``, or ``"auto"`` (vmap on GPUs, the loop on CPUs).
+        checkpoint_inner_steps: MAML, Meta-SGD, ANIL: recompute inner steps in the meta-backward
+            (memory no longer grows with the activations of every inner step; loop only).
         distance: ProtoNet distance, ``"squared_euclidean"`` or ``"cosine"``.
         pretrain_classes: fine-tune baseline: size of the pre-training head (>= meta-train classes).
         finetune_steps: fine-tune baseline: Adam steps of the new head on each support set.
@@ -87,6 +89,7 @@ class FewShotModule(L.LightningModule):
         first_order: bool = False,
         task_reduction: Literal["mean", "sum"] = "mean",
         task_parallel: Literal["auto", "loop", "vmap"] = "auto",
+        checkpoint_inner_steps: bool = False,
         distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
         pretrain_classes: int = 64,
         finetune_steps: int = 100,
@@ -114,7 +117,8 @@ class FewShotModule(L.LightningModule):
         self.algorithm = build_algorithm(
             algorithm, model, n_way=n_way, inner_lr=inner_lr, inner_steps=inner_steps,
             eval_inner_steps=eval_inner_steps, first_order=first_order, task_reduction=task_reduction,
-            task_parallel=task_parallel, distance=distance, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps,
+            task_parallel=task_parallel, checkpoint_inner_steps=checkpoint_inner_steps, distance=distance,
+            pretrain_classes=pretrain_classes, finetune_steps=finetune_steps,
             finetune_lr=finetune_lr, finetune_scope=finetune_scope,
             maml_pp={
                 "multi_step_loss": multi_step_loss, "multi_step_loss_epochs": multi_step_loss_epochs,

@@ -6,18 +6,17 @@ skipped with its reason; one that runs must agree with medmeta's sequential meta
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
-from medmeta.algorithms import MAML
-
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "maml_speed.py"
-IMPLEMENTATIONS = {"medmeta-loop", "medmeta-vmap", "medmeta-vmap-bf16", "medmeta-compiled", "higher", "torchopt"}
+IMPLEMENTATIONS = {
+    "medmeta-loop", "medmeta-checkpoint", "medmeta-vmap", "medmeta-vmap-bf16", "medmeta-compiled", "higher", "torchopt",
+}
 # Where a variant may be skipped: peers without the `bench` extra, a compiler that fails here.
 MAY_SKIP = {"medmeta-compiled", "higher", "torchopt"}
 
@@ -36,11 +35,9 @@ def test_quick_run_reports_every_implementation(tmp_path: Path) -> None:
     rows = {row["implementation"]: row for row in report["results"]}
     assert set(rows) == IMPLEMENTATIONS and len(report["results"]) == len(IMPLEMENTATIONS)
 
-    vectorised = {"medmeta-vmap", "medmeta-vmap-bf16"}
-    may_skip = MAY_SKIP | (set() if "task_parallel" in inspect.signature(MAML).parameters else vectorised)
     for name, row in rows.items():
         if row["status"] == "skipped":
-            assert name in may_skip and row["reason"], row
+            assert name in MAY_SKIP and row["reason"], row
             continue
         assert row["status"] == "ok", row
         assert row["steps_per_s"] > 0 and math.isclose(row["tasks_per_s"], row["meta_batch"] * row["steps_per_s"])

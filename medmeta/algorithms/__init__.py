@@ -34,6 +34,7 @@ def build_algorithm(
     first_order: bool = False,
     task_reduction: Literal["mean", "sum"] = "mean",
     task_parallel: TaskParallel = "auto",
+    checkpoint_inner_steps: bool = False,
     distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
     pretrain_classes: int = 64,
     finetune_steps: int = 100,
@@ -51,11 +52,13 @@ def build_algorithm(
         return GRADIENT_BASED[name](
             model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
             first_order=first_order, task_reduction=task_reduction, task_parallel=task_parallel,
+            checkpoint_inner_steps=checkpoint_inner_steps,
         )  # fmt: skip
     if name == "maml_pp":
         return MAMLPlusPlus(
             model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
-            first_order=first_order, task_reduction=task_reduction, task_parallel=task_parallel, **(maml_pp or {}),
+            first_order=first_order, task_reduction=task_reduction, task_parallel=task_parallel,
+            checkpoint_inner_steps=checkpoint_inner_steps, **(maml_pp or {}),
         )  # fmt: skip
     if name == "protonet":
         return ProtoNet(model, distance=distance)

@@ -61,6 +61,8 @@ class MAMLPlusPlus(MAML):
         first_order_epochs: int = 0,
         **maml_options: Any,
     ) -> None:
+        if maml_options.get("checkpoint_inner_steps"):
+            raise ValueError("checkpoint_inner_steps is not implemented for MAML++ yet; use maml, meta_sgd or anil")
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, **maml_options)
         if multi_step_loss_epochs < 0 or first_order_epochs < 0:
             raise ValueError("multi_step_loss_epochs and first_order_epochs must be >= 0")
