@@ -21,7 +21,8 @@ to bf16 (this meta-gradient is very sensitive: on the CPU, 28x28 1-shot T=4 at 5
 the loop in float64, where the same function agrees to ~1e-14 (flagged beyond 1e-9). TF32 stays
 off on CUDA unless ``--tf32``.
 
-Then each runs ``--warmup`` meta-steps and ``--repeats`` timed ones (median reported) and one more
+Then each runs ``--warmup`` meta-steps; the ``--repeats`` timed ones go round-robin over the
+implementations, so that none is favoured by its position (median reported); then one more each
 for its peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the growth of the resident set
 size (sampled from /proc/self/statm) on the CPU. Batch norm is medmeta's ``EpisodeBatchNorm``
 (batch statistics only), so all compute the same function. An implementation that fails (out of
@@ -284,18 +285,12 @@ def sensitivity(model: nn.Module, case: Case, episodes: Episodes, reference: Ten
     return floors
 
 
-def time_steps(step: MetaStep, episodes: Episodes, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds of each of ``repeats`` meta-steps after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step(episodes)
+def time_step(step: MetaStep, episodes: Episodes, device: torch.device) -> float:
+    """Seconds of one meta-step, device work included."""
+    start = time.perf_counter()
+    step(episodes)
     synchronize(device)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(episodes)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    return time.perf_counter() - start
 
 
 def _rss_bytes() -> int:
@@ -371,11 +366,11 @@ def fp64_differences(
     return {name: relative_difference(build_step(name, model64, case, compile_backend)(episodes64), reference) for name in names}
 
 
-def measure(
-    name: str, model: nn.Module, case: Case, episodes: Episodes, device: torch.device, *, warmup: int, repeats: int,
+def prepare(
+    name: str, model: nn.Module, case: Case, episodes: Episodes, device: torch.device, *, warmup: int,
     compile_backend: str | None, reference: Tensor | None,
-) -> dict[str, Any]:  # fmt: skip
-    """One implementation's agreement with the reference, speed and peak memory."""
+) -> tuple[MetaStep, dict[str, Any]]:  # fmt: skip
+    """One implementation's meta-step, its first-call time, agreement with the reference, warm-up."""
     row: dict[str, Any] = {}
     step = build_step(name, model, case, compile_backend)
     start = time.perf_counter()
@@ -385,11 +380,10 @@ def measure(
     if reference is not None:
         row["rel_diff"] = relative_difference(grads, reference)
     del grads
-    seconds = time_steps(step, episodes, device, warmup, repeats)
-    row.update(step_s=seconds, steps_per_s=1 / statistics.median(seconds))
-    row["tasks_per_s"] = case.meta_batch * row["steps_per_s"]
-    row["peak_memory_mb"] = peak_memory_mb(step, episodes, device)
-    return row
+    for _ in range(warmup):
+        step(episodes)
+    synchronize(device)
+    return step, row
 
 
 def _failure(error: Exception) -> dict[str, str]:
@@ -412,13 +406,14 @@ def run_case(
             common.update(sensitivity(model, case, episodes, reference))
     except Exception as error:  # noqa: BLE001
         reference, common["check_failed"] = None, _failure(error)["reason"]
-    rows = []
+    rows, steps = [], {}
     for name in implementations:
         precision = "bf16" if name.endswith("bf16") else "fp32"
         row = {**common, "implementation": name, "precision": precision, "status": "ok"}
         try:
-            row.update(measure(name, model, case, episodes, device, warmup=warmup, repeats=repeats,
-                               compile_backend=compile_backend, reference=reference))  # fmt: skip
+            steps[name], measured = prepare(name, model, case, episodes, device, warmup=warmup,
+                                            compile_backend=compile_backend, reference=reference)  # fmt: skip
+            row.update(measured, step_s=[])
         except Skip as reason:
             row.update(status="skipped", reason=str(reason))
         except Exception as error:  # noqa: BLE001 - report and go on with the other implementations
@@ -426,8 +421,27 @@ def run_case(
         if "rel_diff" in row:
             row.update(tolerance=TOLERANCE[precision], floor=row[f"{precision}_floor"])
             row["agrees"] = row["rel_diff"] <= row["tolerance"]
-        _release_memory(device)
         rows.append(row)
+    # Timed steps round-robin over the implementations, so that none is favoured by its position.
+    live = [row for row in rows if row["implementation"] in steps]
+    for _ in range(repeats):
+        for row in live:
+            if row["status"] != "ok":
+                continue
+            try:
+                row["step_s"].append(time_step(steps[row["implementation"]], episodes, device))
+            except Exception as error:  # noqa: BLE001
+                row.update(_failure(error))
+    for row in live:
+        if row["status"] == "ok":
+            row.update(steps_per_s=1 / statistics.median(row["step_s"]))
+            row["tasks_per_s"] = case.meta_batch * row["steps_per_s"]
+            try:
+                row["peak_memory_mb"] = peak_memory_mb(steps[row["implementation"]], episodes, device)
+            except Exception as error:  # noqa: BLE001
+                row.update(_failure(error))
+        _release_memory(device)
+    steps.clear()
     if reference is not None and check_fp64:  # after the timings, so the float64 copies never count in them
         names = [r["implementation"] for r in rows if r["status"] == "ok" and r["precision"] == "fp32"]
         try:
