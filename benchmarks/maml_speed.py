@@ -52,11 +52,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medmeta.algorithms import MAML
+from medmeta.algorithms.cuda_graph import GraphedOuterLoss
 from medmeta.networks import Conv4
 
 INNER_LR = 0.4
 IMPLEMENTATIONS = (
-    "medmeta-loop", "medmeta-checkpoint", "medmeta-vmap", "medmeta-vmap-bf16", "medmeta-compiled", "higher", "torchopt",
+    "medmeta-loop", "medmeta-checkpoint", "medmeta-vmap", "medmeta-vmap-bf16", "medmeta-vmap-graph",
+    "medmeta-vmap-bf16-graph", "medmeta-compiled", "higher", "torchopt",
 )  # fmt: skip
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 FP64_TOLERANCE = 1e-9
@@ -133,17 +135,22 @@ def make_model(case: Case, device: torch.device, seed: int = 0) -> nn.Module:
     return model.to(device).train()
 
 
-def medmeta_step(model: nn.Module, case: Case, task_parallel: str, bf16: bool = False, checkpoint: bool = False) -> MetaStep:
-    """``MAML.outer_loss`` then ``autograd.grad``, with ``task_parallel``, optionally bf16 autocast
-    and inner-step checkpointing."""
+def medmeta_step(
+    model: nn.Module, case: Case, task_parallel: str, bf16: bool = False, checkpoint: bool = False, graph: bool = False
+) -> MetaStep:
+    """``MAML.outer_loss`` then ``autograd.grad``, with ``task_parallel``, optionally bf16 autocast,
+    inner-step checkpointing, or replayed as CUDA graphs (``GraphedOuterLoss``, as ``cuda_graph``)."""
     algo = MAML(model, inner_lr=INNER_LR, inner_steps=case.inner_steps, task_parallel=task_parallel,
                 checkpoint_inner_steps=checkpoint)  # fmt: skip
     params = tuple(model.parameters())
+    outer = GraphedOuterLoss(algo) if graph else algo.outer_loss_and_logits
 
     def step(episodes: Episodes) -> tuple[Tensor, ...]:
         device_type = episodes.support_x.device.type
+        if graph and device_type != "cuda":
+            raise Skip("CUDA graphs need a CUDA device")
         with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
-            return torch.autograd.grad(algo.outer_loss(*episodes), params)
+            return torch.autograd.grad(outer(*episodes)[0], params)
 
     return step
 
@@ -238,6 +245,10 @@ def build_step(name: str, model: nn.Module, case: Case, compile_backend: str | N
         return medmeta_step(model, case, "vmap")
     if name == "medmeta-vmap-bf16":
         return medmeta_step(model, case, "vmap", bf16=True)
+    if name == "medmeta-vmap-graph":
+        return medmeta_step(model, case, "vmap", graph=True)
+    if name == "medmeta-vmap-bf16-graph":
+        return medmeta_step(model, case, "vmap", bf16=True, graph=True)
     if name == "medmeta-compiled":
         if compile_backend is None:
             raise Skip("--quick: inductor takes over a minute to compile on CPU (pass --compile-backend)")
@@ -408,7 +419,7 @@ def run_case(
         reference, common["check_failed"] = None, _failure(error)["reason"]
     rows, steps = [], {}
     for name in implementations:
-        precision = "bf16" if name.endswith("bf16") else "fp32"
+        precision = "bf16" if "bf16" in name else "fp32"
         row = {**common, "implementation": name, "precision": precision, "status": "ok"}
         try:
             steps[name], measured = prepare(name, model, case, episodes, device, warmup=warmup,

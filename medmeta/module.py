@@ -11,7 +11,8 @@ from typing import Literal
 import lightning as L
 import torch
 
-from medmeta.algorithms import AlgorithmName, build_algorithm, pixel_nearest_neighbour
+from medmeta.algorithms import GRADIENT_BASED, AlgorithmName, build_algorithm, pixel_nearest_neighbour
+from medmeta.algorithms.cuda_graph import GraphedOuterLoss
 from medmeta.networks import get_backbone
 from medmeta.networks.conv4 import NormName
 
@@ -53,6 +54,9 @@ class FewShotModule(L.LightningModule):
             ``"vmap"``, in a ``"loop"``, or ``"auto"`` (vmap on GPUs, the loop on CPUs).
         checkpoint_inner_steps: MAML, Meta-SGD, ANIL: recompute inner steps in the meta-backward
             (memory no longer grows with the activations of every inner step; loop only).
+        cuda_graph: MAML, Meta-SGD, ANIL on CUDA: record each meta-training step (inner loops and
+            meta-backward) once as CUDA graphs and replay it (same numbers, no launch overhead;
+            episode shapes must stay fixed). Elsewhere it warns once and runs eagerly.
         distance: ProtoNet distance, ``"squared_euclidean"`` or ``"cosine"``.
         pretrain_classes: fine-tune baseline: size of the pre-training head (>= meta-train classes).
         finetune_steps: fine-tune baseline: Adam steps of the new head on each support set.
@@ -90,6 +94,7 @@ class FewShotModule(L.LightningModule):
         task_reduction: Literal["mean", "sum"] = "mean",
         task_parallel: Literal["auto", "loop", "vmap"] = "auto",
         checkpoint_inner_steps: bool = False,
+        cuda_graph: bool = False,
         distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
         pretrain_classes: int = 64,
         finetune_steps: int = 100,
@@ -127,6 +132,9 @@ class FewShotModule(L.LightningModule):
             },
             mann={"controller": mann_controller, "memory_slots": mann_memory_slots, "key_strength": mann_key_strength},
         )  # fmt: skip
+        if cuda_graph and algorithm not in GRADIENT_BASED:
+            raise ValueError(f"cuda_graph is for {', '.join(GRADIENT_BASED)}; got algorithm {algorithm!r}")
+        self._graphed = GraphedOuterLoss(self.algorithm) if cuda_graph else None
         self._test_acc: list[torch.Tensor] = []
         self._test_pixel_acc: list[torch.Tensor] = []
         self.test_summary: dict[str, object] = {}
@@ -142,7 +150,8 @@ class FewShotModule(L.LightningModule):
         extra = {}
         if getattr(self.algorithm, "uses_class_ids", False):  # the fine-tune baseline pre-trains on class ids
             extra = {"support_class": batch["support_class"], "query_class": batch["query_class"]}
-        loss, logits = self.algorithm.outer_loss_and_logits(
+        outer_loss_and_logits = self._graphed or self.algorithm.outer_loss_and_logits
+        loss, logits = outer_loss_and_logits(
             batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"], **extra
         )
         if not torch.isfinite(loss):

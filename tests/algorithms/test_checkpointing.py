@@ -55,3 +55,22 @@ def test_checkpointing_is_refused_where_it_cannot_work() -> None:
         MAML(_model(), checkpoint_inner_steps=True, task_parallel="vmap").vectorises(torch.device("cpu"))
     with pytest.raises(ValueError, match="MAML\\+\\+"):
         MAMLPlusPlus(_model(), checkpoint_inner_steps=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_checkpointing_lowers_peak_cuda_memory_at_many_inner_steps() -> None:
+    peaks = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = Conv4(in_channels=1, n_way=5, hidden_channels=32, image_size=28).cuda()
+        algo = MAML(model, inner_lr=0.1, inner_steps=10, task_parallel="loop", checkpoint_inner_steps=flag)
+        batch = tuple(t.cuda() for t in random_episodes(tasks=2, n_way=5, k=5, q=5, side=28, dtype=torch.float32))
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch.autograd.grad(algo.outer_loss(*batch), list(model.parameters()))
+        torch.cuda.synchronize()
+        peaks[flag] = torch.cuda.max_memory_allocated()
+    print(f"peak CUDA memory at 10 inner steps: stored {peaks[False] / 2**20:.0f} MiB, checkpointed {peaks[True] / 2**20:.0f} MiB")
+    assert peaks[True] < 0.8 * peaks[False]

@@ -9,8 +9,6 @@ composite and fused norms are shown equal in float64 in tests/networks/test_norm
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,14 +25,17 @@ from tests.algorithms.test_maml_pp import _randomise, reference_query_logits
 from tests.algorithms.test_meta_sgd import reference_meta_gradient as meta_sgd_reference
 
 NORMS = ["batch", "group", "instance"]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])]
 
 
-_episodes = partial(random_episodes, tasks=3, q=3, side=12, dtype=torch.float32)
+def _episodes(device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 on GPUs too
+    return tuple(t.to(device) for t in random_episodes(tasks=3, q=3, side=12, dtype=torch.float32))
 
 
-def _model(norm: str) -> Conv4:
+def _model(norm: str, device: str = "cpu") -> Conv4:
     torch.manual_seed(0)
-    return Conv4(in_channels=1, n_way=3, hidden_channels=8, image_size=12, norm=norm)
+    return Conv4(in_channels=1, n_way=3, hidden_channels=8, image_size=12, norm=norm).to(device)
 
 
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -52,17 +53,19 @@ def _vmap_grads(algo: MAML, params: list[torch.Tensor], batch) -> list[torch.Ten
     return list(torch.autograd.grad(algo.outer_loss(*batch), params))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", NORMS)
-def test_maml_vmap_matches_sequential_reference(norm: str) -> None:
-    model, batch = _model(norm), _episodes()
+def test_maml_vmap_matches_sequential_reference(norm: str, device: str) -> None:
+    model, batch = _model(norm, device), _episodes(device)
     reference = _composite(lambda: maml_reference(model, *batch, lr=0.2, steps=2), model)
     ours = _vmap_grads(MAML(model, inner_lr=0.2, inner_steps=2, task_parallel="vmap"), list(model.parameters()), batch)
     assert _relative(ours, reference) < 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", NORMS)
-def test_meta_sgd_vmap_matches_sequential_reference(norm: str) -> None:
-    model, batch = _model(norm), _episodes()
+def test_meta_sgd_vmap_matches_sequential_reference(norm: str, device: str) -> None:
+    model, batch = _model(norm, device), _episodes(device)
     algo = MetaSGD(model, inner_lr=0.2, inner_steps=2, task_parallel="vmap")
     with torch.no_grad():
         for rates in algo.inner_lrs.values():
@@ -74,20 +77,23 @@ def test_meta_sgd_vmap_matches_sequential_reference(norm: str) -> None:
     assert _relative(ours, ref_theta + ref_lrs) < 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", NORMS)
-def test_anil_vmap_matches_sequential_reference(norm: str) -> None:
-    model, batch = _model(norm), _episodes()
+def test_anil_vmap_matches_sequential_reference(norm: str, device: str) -> None:
+    model, batch = _model(norm, device), _episodes(device)
     reference = _composite(lambda: anil_reference(model, *batch, lr=0.5, steps=2), model)
     ours = _vmap_grads(ANIL(model, inner_lr=0.5, inner_steps=2, task_parallel="vmap"), list(model.parameters()), batch)
     assert _relative(ours, reference) < 1e-5
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", NORMS)
-def test_maml_pp_vmap_matches_sequential_reference(norm: str) -> None:
+def test_maml_pp_vmap_matches_sequential_reference(norm: str, device: str) -> None:
     algo = MAMLPlusPlus(_model(norm), inner_lr=0.3, inner_steps=2, multi_step_loss_epochs=10, task_parallel="vmap")
     algo.set_epoch(3)
     _randomise(algo)
-    sx, sy, qx, qy = batch = _episodes()
+    algo.to(device)
+    sx, sy, qx, qy = batch = _episodes(device)
     logits = _composite(lambda: reference_query_logits(algo, sx, sy, qx, steps=2), algo.model)
     losses = torch.stack([torch.stack([F.cross_entropy(lg, qy[t]) for lg in row]) for t, row in enumerate(logits)])
     reference_loss = (losses * algo.multi_step_loss_weights().float()).sum(1).mean()

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of issue 6, in the order they matter, each time-boxed.
+#
+#   bash benchmarks/gpu_session.sh smoke   # GPU tests and the quick benchmark (~1.5 min)
+#   bash benchmarks/gpu_session.sh full    # whole speed matrix, meta-batch sweep + PNG, memory vs
+#                                          # inner steps, quickstart fit eager vs CUDA graphs (~9 min)
+#
+# Results go to $OUT (default runs/gpu): log.txt, results.tgz (every JSON) and tasks_per_s.png.
+# Where .whl/ holds wheels (monai, pydicom, higher, torchopt, ...), they are installed first
+# into /tmp/site, for a machine whose Python lacks them.
+set -u
+stage=${1:?smoke or full}
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT" "$OUT/json"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=$PWD:/tmp/site
+fi
+log() { echo "=== $* ($(date +%T))" | tee -a "$OUT/log.txt"; }
+run() { local limit=$1; shift; log "$*"; timeout "$limit" "$@" 2>&1 | tee -a "$OUT/log.txt"; echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/log.txt"; }
+speed() { run "$1" python3 benchmarks/maml_speed.py --device cuda "${@:2}"; }
+PEERS="higher torchopt"
+GRAPH="medmeta-vmap-graph medmeta-vmap-bf16-graph"
+
+case $stage in
+smoke)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/log.txt"
+    run 60 python3 -c "import torch, medmeta.algorithms; print(torch.__version__, torch.cuda.get_device_name())"
+    run 120 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/algorithms
+    speed 45 --quick
+    ;;
+full)
+    speed 230 --repeats 3 --warmup 1 --implementations medmeta-loop medmeta-vmap $GRAPH $PEERS --json "$OUT/json/matrix.json"
+    speed 100 --cases none --sweep 1 2 4 8 16 32 64 --repeats 3 --warmup 1 \
+        --implementations medmeta-loop medmeta-vmap $GRAPH $PEERS --json "$OUT/json/sweep.json" --plot "$OUT/tasks_per_s.png"
+    for steps in 1 5 10; do
+        speed 25 --cases 28x28x1 5s15q-T4 --inner-steps "$steps" --repeats 2 --warmup 1 \
+            --implementations medmeta-loop medmeta-checkpoint medmeta-vmap --json "$OUT/json/steps$steps.json"
+    done
+    export MEDMETA_CACHE=/tmp/medmeta-cache
+    # Meta-training only (no validation or test): the quickstart's 5-way 1-shot, 32x32, T=4.
+    fit() { run 50 python3 -c "import sys; from medmeta.cli import main; sys.exit(main())" fit \
+        --config configs/quickstart.yaml --trainer.accelerator "${ACCELERATOR:-gpu}" --trainer.callbacks null \
+        --trainer.limit_val_batches 0 --test_after_fit false "$@"; }
+    fit --trainer.max_steps 2  # generates the synthetic data set; warms up
+    for graph in false true; do
+        start=$EPOCHREALTIME
+        fit --trainer.max_steps 300 --model.cuda_graph $graph
+        log "quickstart meta-training, 300 steps, cuda_graph=$graph: $(awk "BEGIN {print $EPOCHREALTIME - $start}") s wall"
+    done
+    ;;
+esac
+tar czf "$OUT/results.tgz" -C "$OUT" json && rm -rf "$OUT/json"
