@@ -2,8 +2,9 @@
 # The GPU checks and benchmarks of issue 6, in the order they matter, each time-boxed.
 #
 #   bash benchmarks/gpu_session.sh smoke   # GPU tests and the quick benchmark (~1.5 min)
-#   bash benchmarks/gpu_session.sh full    # whole speed matrix, meta-batch sweep + PNG, memory vs
-#                                          # inner steps, quickstart fit eager vs CUDA graphs (~9 min)
+#   bash benchmarks/gpu_session.sh full    # GPU tests, speed matrix, meta-batch sweep + PNG, memory vs
+#                                          # inner steps (~7 min)
+#   bash benchmarks/gpu_session.sh fit     # quickstart meta-training, eager vs --model.cuda_graph (~2 min)
 #
 # Results go to $OUT (default runs/gpu): log.txt, results.tgz (every JSON) and tasks_per_s.png.
 # Where .whl/ holds wheels (monai, pydicom, higher, torchopt, ...), they are installed first
@@ -31,16 +32,24 @@ smoke)
     speed 45 --quick
     ;;
 full)
-    speed 230 --repeats 3 --warmup 1 --implementations medmeta-loop medmeta-vmap $GRAPH $PEERS --json "$OUT/json/matrix.json"
-    speed 100 --cases none --sweep 1 2 4 8 16 32 64 --repeats 3 --warmup 1 \
-        --implementations medmeta-loop medmeta-vmap $GRAPH $PEERS --json "$OUT/json/sweep.json" --plot "$OUT/tasks_per_s.png"
-    for steps in 1 5 10; do
-        speed 25 --cases 28x28x1 5s15q-T4 --inner-steps "$steps" --repeats 2 --warmup 1 \
+    ALL="medmeta-loop medmeta-vmap medmeta-vmap-graph medmeta-loop-graph medmeta-vmap-bf16-graph $PEERS"
+    run 50 python3 -m pytest -q -m gpu -s -p no:cacheprovider tests/algorithms
+    speed 100 --cases 84x84x3 1s15q --repeats 3 --warmup 1 --implementations $ALL --json "$OUT/json/84-1shot.json"
+    speed 60 --cases 28x28x1 --repeats 3 --warmup 1 --implementations $ALL --json "$OUT/json/28.json"
+    speed 25 --cases 3d --repeats 3 --warmup 1 --implementations $ALL --json "$OUT/json/3d.json"
+    speed 60 --cases 84x84x3 5s15q --repeats 2 --warmup 1 --implementations $ALL --json "$OUT/json/84-5shot.json"
+    speed 60 --cases none --sweep 1 2 4 8 16 32 --repeats 2 --warmup 1 \
+        --implementations medmeta-loop medmeta-vmap-graph medmeta-loop-graph $PEERS --json "$OUT/json/sweep.json" \
+        --plot "$OUT/tasks_per_s.png"
+    for steps in 1 10 20; do
+        speed 15 --cases 28x28x1 5s15q-T4 --inner-steps "$steps" --repeats 2 --warmup 1 \
             --implementations medmeta-loop medmeta-checkpoint medmeta-vmap --json "$OUT/json/steps$steps.json"
     done
-    export MEDMETA_CACHE=/tmp/medmeta-cache
+    ;;
+fit)
     # Meta-training only (no validation or test): the quickstart's 5-way 1-shot, 32x32, T=4.
-    fit() { run 50 python3 -c "import sys; from medmeta.cli import main; sys.exit(main())" fit \
+    export MEDMETA_CACHE=/tmp/medmeta-cache
+    fit() { run 60 python3 -c "import sys; from medmeta.cli import main; sys.exit(main())" fit \
         --config configs/quickstart.yaml --trainer.accelerator "${ACCELERATOR:-gpu}" --trainer.callbacks null \
         --trainer.limit_val_batches 0 --test_after_fit false "$@"; }
     fit --trainer.max_steps 2  # generates the synthetic data set; warms up

@@ -21,10 +21,12 @@ to bf16 (this meta-gradient is very sensitive: on the CPU, 28x28 1-shot T=4 at 5
 the loop in float64, where the same function agrees to ~1e-14 (flagged beyond 1e-9). TF32 stays
 off on CUDA unless ``--tf32``.
 
-Then each runs ``--warmup`` meta-steps; the ``--repeats`` timed ones go round-robin over the
-implementations, so that none is favoured by its position (median reported); then one more each
-for its peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, the growth of the resident set
-size (sampled from /proc/self/statm) on the CPU. Batch norm is medmeta's ``EpisodeBatchNorm``
+Then each runs ``--warmup`` meta-steps and ``--repeats`` timed ones (median reported): on the CPU
+round-robin over the implementations, so that none is favoured by its position; on CUDA one
+implementation after the other, each freed before the next (a CUDA graph holds its memory pool).
+Then one more step each for its peak memory: on CUDA the allocator's peak reserved bytes above
+what it held before the implementation was built (cuDNN autotuning on), on the CPU the growth of
+the resident set size (sampled from /proc/self/statm). Batch norm is medmeta's ``EpisodeBatchNorm``
 (batch statistics only), so all compute the same function. An implementation that fails (out of
 memory, say) is reported and the others go on.
 """
@@ -55,10 +57,9 @@ from medmeta.algorithms import MAML
 from medmeta.algorithms.cuda_graph import GraphedOuterLoss
 from medmeta.networks import Conv4
 
-INNER_LR = 0.4
 IMPLEMENTATIONS = (
     "medmeta-loop", "medmeta-checkpoint", "medmeta-vmap", "medmeta-vmap-bf16", "medmeta-vmap-graph",
-    "medmeta-vmap-bf16-graph", "medmeta-compiled", "higher", "torchopt",
+    "medmeta-loop-graph", "medmeta-vmap-bf16-graph", "medmeta-compiled", "higher", "torchopt",
 )  # fmt: skip
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 FP64_TOLERANCE = 1e-9
@@ -94,6 +95,7 @@ class Case:
     queries: int = 15
     inner_steps: int = 5
     hidden: int = 64
+    inner_lr: float = 0.4
 
     @property
     def name(self) -> str:
@@ -102,13 +104,17 @@ class Case:
 
 
 def default_cases() -> list[Case]:
-    """The full matrix: 84x84x3 and 28x28x1, 1- and 5-shot, meta-batch 4 and 32, and 3D 32^3x1."""
+    """The full matrix: 84x84x3 and 28x28x1, 1- and 5-shot, meta-batch 4 and 32, and 3D 32^3x1.
+
+    Inner learning rates as in the MAML paper: 0.01 for 84x84x3 (MiniImagenet), 0.4 for 28x28x1
+    (Omniglot); at 0.4 the 84x84 inner loop diverges and one fp32 ulp moves the meta-gradient by ~5%.
+    """
     cases = [
-        Case(size=size, channels=channels, shots=shots, meta_batch=tasks)
-        for size, channels in ((84, 3), (28, 1)) for shots in (1, 5) for tasks in (4, 32)
+        Case(size=size, channels=channels, shots=shots, meta_batch=tasks, inner_lr=lr)
+        for size, channels, lr in ((84, 3, 0.01), (28, 1, 0.4)) for shots in (1, 5) for tasks in (4, 32)
     ]  # fmt: skip
     # 5 queries per class in 3D (as in data_pipeline.py): 15 would need tens of GB per task.
-    return [*cases, Case(size=32, channels=1, shots=1, meta_batch=4, spatial_dims=3, queries=5)]
+    return [*cases, Case(size=32, channels=1, shots=1, meta_batch=4, spatial_dims=3, queries=5, inner_lr=0.01)]
 
 
 QUICK_CASE = Case(size=28, channels=1, shots=1, meta_batch=2, inner_steps=2, hidden=8)
@@ -140,7 +146,7 @@ def medmeta_step(
 ) -> MetaStep:
     """``MAML.outer_loss`` then ``autograd.grad``, with ``task_parallel``, optionally bf16 autocast,
     inner-step checkpointing, or replayed as CUDA graphs (``GraphedOuterLoss``, as ``cuda_graph``)."""
-    algo = MAML(model, inner_lr=INNER_LR, inner_steps=case.inner_steps, task_parallel=task_parallel,
+    algo = MAML(model, inner_lr=case.inner_lr, inner_steps=case.inner_steps, task_parallel=task_parallel,
                 checkpoint_inner_steps=checkpoint)  # fmt: skip
     params = tuple(model.parameters())
     outer = GraphedOuterLoss(algo) if graph else algo.outer_loss_and_logits
@@ -192,7 +198,7 @@ def higher_step(model: nn.Module, case: Case) -> MetaStep:
     """``higher.innerloop_ctx`` over the tasks, differentiable SGD, mean query loss."""
     higher = import_peer("higher")
     params = tuple(model.parameters())
-    inner_opt = torch.optim.SGD(model.parameters(), lr=INNER_LR)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=case.inner_lr)
 
     def step(episodes: Episodes) -> tuple[Tensor, ...]:
         losses = []
@@ -216,7 +222,7 @@ def torchopt_step(model: nn.Module, case: Case) -> MetaStep:
     """
     torchopt = import_peer("torchopt")
     params = tuple(model.parameters())
-    inner_opt = torchopt.MetaSGD(model, lr=INNER_LR)
+    inner_opt = torchopt.MetaSGD(model, lr=case.inner_lr)
 
     def step(episodes: Episodes) -> tuple[Tensor, ...]:
         net_state = torchopt.extract_state_dict(model)
@@ -247,6 +253,8 @@ def build_step(name: str, model: nn.Module, case: Case, compile_backend: str | N
         return medmeta_step(model, case, "vmap", bf16=True)
     if name == "medmeta-vmap-graph":
         return medmeta_step(model, case, "vmap", graph=True)
+    if name == "medmeta-loop-graph":
+        return medmeta_step(model, case, "loop", graph=True)
     if name == "medmeta-vmap-bf16-graph":
         return medmeta_step(model, case, "vmap", bf16=True, graph=True)
     if name == "medmeta-compiled":
@@ -324,18 +332,23 @@ def _release_memory(device: torch.device) -> None:
 def memory_kind(device: torch.device) -> str:
     """What the peak-memory column measures on ``device``."""
     if device.type == "cuda":
-        return "CUDA: torch.cuda.max_memory_allocated during one meta-step (includes weights and episodes)"
+        return ("CUDA: peak torch.cuda.max_memory_reserved during one meta-step, less what was reserved before the "
+                "implementation was built (so a CUDA graph's memory pool counts)")
     return "CPU: peak resident-set growth during one meta-step, /proc/self/statm sampled every 1 ms"
 
 
-def peak_memory_mb(step: MetaStep, episodes: Episodes, device: torch.device) -> float | None:
-    """Peak memory of one meta-step in MiB (see ``memory_kind``); ``None`` where not measurable."""
+def peak_memory_mb(step: MetaStep, episodes: Episodes, device: torch.device, base: int = 0) -> float | None:
+    """Peak memory of one meta-step in MiB (see ``memory_kind``); ``None`` where not measurable.
+
+    On CUDA: the allocator's peak reserved bytes during the step, less ``base`` (what it held
+    before the implementation was built), so that a CUDA graph's private pool counts too.
+    """
     _release_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         step(episodes)
         synchronize(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return (torch.cuda.max_memory_reserved(device) - base) / 2**20
     if not os.path.exists("/proc/self/statm"):
         return None
     base, peak, done = _rss_bytes(), [0], threading.Event()
@@ -401,6 +414,38 @@ def _failure(error: Exception) -> dict[str, str]:
     return {"status": "oom" if _is_oom(error) else "error", "reason": f"{type(error).__name__}: {_first_line(error)}"}
 
 
+def _reserved_bytes(device: torch.device) -> int:
+    """Bytes the CUDA caching allocator holds after releasing what it can (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    _release_memory(device)
+    return torch.cuda.memory_reserved(device)
+
+
+def _time_and_measure(
+    rows: list[dict[str, Any]], steps: dict[str, MetaStep], episodes: Episodes, device: torch.device, case: Case,
+    repeats: int, base: int,
+) -> None:  # fmt: skip
+    """``repeats`` timed meta-steps of every row's implementation, round-robin, then its peak memory."""
+    for _ in range(repeats):
+        for row in rows:
+            if row["status"] != "ok":
+                continue
+            try:
+                row["step_s"].append(time_step(steps[row["implementation"]], episodes, device))
+            except Exception as error:  # noqa: BLE001
+                row.update(_failure(error))
+    for row in rows:
+        if row["status"] == "ok":
+            row.update(steps_per_s=1 / statistics.median(row["step_s"]))
+            row["tasks_per_s"] = case.meta_batch * row["steps_per_s"]
+            try:
+                row["peak_memory_mb"] = peak_memory_mb(steps[row["implementation"]], episodes, device, base)
+            except Exception as error:  # noqa: BLE001
+                row.update(_failure(error))
+        _release_memory(device)
+
+
 def run_case(
     case: Case, device: torch.device, implementations: list[str], *, warmup: int, repeats: int,
     compile_backend: str | None, check: bool = True, check_fp64: bool = False,
@@ -418,9 +463,14 @@ def run_case(
     except Exception as error:  # noqa: BLE001
         reference, common["check_failed"] = None, _failure(error)["reason"]
     rows, steps = [], {}
+    # On the CPU the timed steps go round-robin over the implementations, so that none is favoured
+    # by its position (caches, clock boost). On CUDA each implementation is timed and then freed in
+    # turn: CUDA graphs hold their memory pool while alive, which would crowd out the others.
+    sequential = device.type == "cuda"
     for name in implementations:
         precision = "bf16" if "bf16" in name else "fp32"
         row = {**common, "implementation": name, "precision": precision, "status": "ok"}
+        base = _reserved_bytes(device)
         try:
             steps[name], measured = prepare(name, model, case, episodes, device, warmup=warmup,
                                             compile_backend=compile_backend, reference=reference)  # fmt: skip
@@ -433,26 +483,13 @@ def run_case(
             row.update(tolerance=TOLERANCE[precision], floor=row[f"{precision}_floor"])
             row["agrees"] = row["rel_diff"] <= row["tolerance"]
         rows.append(row)
-    # Timed steps round-robin over the implementations, so that none is favoured by its position.
-    live = [row for row in rows if row["implementation"] in steps]
-    for _ in range(repeats):
-        for row in live:
-            if row["status"] != "ok":
-                continue
-            try:
-                row["step_s"].append(time_step(steps[row["implementation"]], episodes, device))
-            except Exception as error:  # noqa: BLE001
-                row.update(_failure(error))
-    for row in live:
-        if row["status"] == "ok":
-            row.update(steps_per_s=1 / statistics.median(row["step_s"]))
-            row["tasks_per_s"] = case.meta_batch * row["steps_per_s"]
-            try:
-                row["peak_memory_mb"] = peak_memory_mb(steps[row["implementation"]], episodes, device)
-            except Exception as error:  # noqa: BLE001
-                row.update(_failure(error))
-        _release_memory(device)
-    steps.clear()
+        if sequential and name in steps:
+            _time_and_measure([row], steps, episodes, device, case, repeats, base)
+            steps.clear()
+            _release_memory(device)
+    if not sequential:
+        _time_and_measure([r for r in rows if r["implementation"] in steps], steps, episodes, device, case, repeats, 0)
+        steps.clear()
     if reference is not None and check_fp64:  # after the timings, so the float64 copies never count in them
         names = [r["implementation"] for r in rows if r["status"] == "ok" and r["precision"] == "fp32"]
         try:
@@ -574,18 +611,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # the fastest convolution algorithms, for every implementation
     if args.quick:
         cases, repeats, warmup, sweep_base = [QUICK_CASE], 1, 1, QUICK_CASE
     else:
         cases, repeats, warmup = select_cases(args.cases), args.repeats, args.warmup
-        sweep_base = Case(size=84, channels=3, shots=1, meta_batch=1)
+        sweep_base = Case(size=84, channels=3, shots=1, meta_batch=1, inner_lr=0.01)
     if args.inner_steps is not None:
         cases = [replace(case, inner_steps=args.inner_steps) for case in cases]
     backend = args.compile_backend or (None if args.quick else "inductor")
     header = {
         "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "memory": memory_kind(device), "quick": args.quick,
-        "warmup": warmup, "repeats": repeats, "inner_lr": INNER_LR, "compile_backend": backend,
+        "warmup": warmup, "repeats": repeats, "compile_backend": backend, "cudnn_benchmark": device.type == "cuda",
         "tf32": args.tf32, "check_fp64": args.check_fp64,
     }  # fmt: skip
     print(f"second-order MAML meta-step on {header['device_name']} ({device.type}), torch {torch.__version__}, "
@@ -596,12 +634,17 @@ def main() -> None:
         results += run_case(case, device, args.implementations, warmup=warmup, repeats=repeats, compile_backend=backend,
                             check_fp64=args.check_fp64)  # fmt: skip
         print_table([r for r in results if r["case"] == case.name], case.name)
+        if args.json:  # after every case, so that a run cut short keeps what it measured
+            args.json.write_text(json.dumps({**header, "results": results, "sweep": []}, indent=2) + "\n")
     sweep: list[dict[str, Any]] = []
     if args.sweep is not None:
         for tasks in args.sweep or SWEEP:
-            sweep += run_case(replace(sweep_base, meta_batch=tasks), device, args.implementations, warmup=warmup,
-                              repeats=repeats, compile_backend=backend, check=False)  # fmt: skip
-        print_table(sweep, "meta-batch sweep (no gradient check)")
+            rows = run_case(replace(sweep_base, meta_batch=tasks), device, args.implementations, warmup=warmup,
+                            repeats=repeats, compile_backend=backend, check=False)  # fmt: skip
+            print_table(rows, f"meta-batch sweep, T={tasks} (no gradient check)")
+            sweep += rows
+            if args.json:
+                args.json.write_text(json.dumps({**header, "results": results, "sweep": sweep}, indent=2) + "\n")
     disagreeing = [f"{r['case']} {r['implementation']} {r['rel_diff']:.1e} (rounding floor {r['floor']:.1e})"
                    for r in results if r.get("agrees") is False]  # fmt: skip
     tolerances = " / ".join(f"{v:.0e} {k}" for k, v in TOLERANCE.items())

@@ -14,11 +14,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "maml_speed.py"
+GRAPHS = {"medmeta-vmap-graph", "medmeta-loop-graph", "medmeta-vmap-bf16-graph"}
 IMPLEMENTATIONS = {
     "medmeta-loop", "medmeta-checkpoint", "medmeta-vmap", "medmeta-vmap-bf16", "medmeta-compiled", "higher", "torchopt",
-}
-# Where a variant may be skipped: peers without the `bench` extra, a compiler that fails here.
-MAY_SKIP = {"medmeta-compiled", "higher", "torchopt"}
+} | GRAPHS
+# Where a variant may be skipped: peers without the `bench` extra, a compiler that fails here,
+# CUDA graphs on the CPU.
+MAY_SKIP = {"medmeta-compiled", "higher", "torchopt"} | GRAPHS
 
 
 def test_quick_run_reports_every_implementation(tmp_path: Path) -> None:
@@ -39,6 +41,7 @@ def test_quick_run_reports_every_implementation(tmp_path: Path) -> None:
         if row["status"] == "skipped":
             assert name in MAY_SKIP and row["reason"], row
             continue
+        assert name not in GRAPHS, row  # never on the CPU
         assert row["status"] == "ok", row
         assert row["steps_per_s"] > 0 and math.isclose(row["tasks_per_s"], row["meta_batch"] * row["steps_per_s"])
         assert row["peak_memory_mb"] is not None

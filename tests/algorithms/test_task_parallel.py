@@ -25,12 +25,17 @@ from tests.algorithms.test_maml_pp import _randomise, reference_query_logits
 from tests.algorithms.test_meta_sgd import reference_meta_gradient as meta_sgd_reference
 
 NORMS = ["batch", "group", "instance"]
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")])]
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
+# fp32 tolerance per device. On an H100 (torch 2.11, TF32 off) MAML with instance norm came out
+# 1.2e-5 from the reference: cuDNN picks different convolution algorithms for the batched and the
+# per-task calls. The float64 test below shows the vmap path exact on the GPU.
+TOLERANCE = {"cpu": 1e-5, "cuda": 2e-5}
 
 
-def _episodes(device: str = "cpu") -> tuple[torch.Tensor, ...]:
+def _episodes(device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 on GPUs too
-    return tuple(t.to(device) for t in random_episodes(tasks=3, q=3, side=12, dtype=torch.float32))
+    return tuple(t.to(device) for t in random_episodes(tasks=3, q=3, side=12, dtype=dtype))
 
 
 def _model(norm: str, device: str = "cpu") -> Conv4:
@@ -59,7 +64,17 @@ def test_maml_vmap_matches_sequential_reference(norm: str, device: str) -> None:
     model, batch = _model(norm, device), _episodes(device)
     reference = _composite(lambda: maml_reference(model, *batch, lr=0.2, steps=2), model)
     ours = _vmap_grads(MAML(model, inner_lr=0.2, inner_steps=2, task_parallel="vmap"), list(model.parameters()), batch)
-    assert _relative(ours, reference) < 1e-5
+    assert _relative(ours, reference) < TOLERANCE[device]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("norm", NORMS)
+def test_maml_vmap_matches_sequential_reference_in_float64_on_gpu(norm: str) -> None:
+    model, batch = _model(norm, "cuda").double(), _episodes("cuda", torch.float64)
+    reference = _composite(lambda: maml_reference(model, *batch, lr=0.2, steps=2), model)
+    ours = _vmap_grads(MAML(model, inner_lr=0.2, inner_steps=2, task_parallel="vmap"), list(model.parameters()), batch)
+    assert _relative(ours, reference) < 1e-10
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,7 +89,7 @@ def test_meta_sgd_vmap_matches_sequential_reference(norm: str, device: str) -> N
     lrs = {name: algo.inner_lrs[lr_key(name)] for name in names}
     ref_theta, ref_lrs = _composite(lambda: meta_sgd_reference(model, lrs, *batch, steps=2), model)
     ours = _vmap_grads(algo, list(model.parameters()) + [lrs[n] for n in names], batch)
-    assert _relative(ours, ref_theta + ref_lrs) < 1e-5
+    assert _relative(ours, ref_theta + ref_lrs) < TOLERANCE[device]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -83,7 +98,7 @@ def test_anil_vmap_matches_sequential_reference(norm: str, device: str) -> None:
     model, batch = _model(norm, device), _episodes(device)
     reference = _composite(lambda: anil_reference(model, *batch, lr=0.5, steps=2), model)
     ours = _vmap_grads(ANIL(model, inner_lr=0.5, inner_steps=2, task_parallel="vmap"), list(model.parameters()), batch)
-    assert _relative(ours, reference) < 1e-5
+    assert _relative(ours, reference) < TOLERANCE[device]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -96,10 +111,10 @@ def test_maml_pp_vmap_matches_sequential_reference(norm: str, device: str) -> No
     sx, sy, qx, qy = batch = _episodes(device)
     logits = _composite(lambda: reference_query_logits(algo, sx, sy, qx, steps=2), algo.model)
     losses = torch.stack([torch.stack([F.cross_entropy(lg, qy[t]) for lg in row]) for t, row in enumerate(logits)])
-    reference_loss = (losses * algo.multi_step_loss_weights().float()).sum(1).mean()
+    reference_loss = (losses * algo.multi_step_loss_weights().float().to(losses.device)).sum(1).mean()
     params = [*algo.model.parameters(), *algo.norm_weights.values(), *algo.inner_lrs.values()]
     reference = list(torch.autograd.grad(reference_loss, params))
-    assert _relative(_vmap_grads(algo, params, batch), reference) < 1e-5
+    assert _relative(_vmap_grads(algo, params, batch), reference) < TOLERANCE[device]
 
 
 def test_vmap_and_loop_give_the_same_logits_and_loss() -> None:
