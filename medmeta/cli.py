@@ -32,6 +32,11 @@ class MedMetaCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="Test the best checkpoint on the frozen test episodes after fit."
         )
+        parser.add_argument(
+            "--episodes", type=str | None, default=None,
+            help="Replay the test episodes of this manifest (a run's test_episodes.json) instead of drawing them.",
+        )  # fmt: skip
+        parser.link_arguments("episodes", "data.episodes_file")
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):

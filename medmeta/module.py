@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +13,10 @@ import torch
 
 from medmeta.algorithms import GRADIENT_BASED, AlgorithmName, build_algorithm, pixel_nearest_neighbour
 from medmeta.algorithms.cuda_graph import GraphedOuterLoss
+from medmeta.evaluation import figures
+from medmeta.evaluation.metrics import (
+    confusion_over_classes, mean_and_ci95, per_episode_metrics, reliability_bins, summarise,
+)  # fmt: skip
 from medmeta.networks import get_backbone
 from medmeta.networks.conv4 import NormName
 
@@ -21,12 +25,7 @@ logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
 
 
-def mean_and_ci95(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and 95% confidence half-width (1.96 · sd / √n, normal approximation over episodes)."""
-    values = values.double()
-    if values.numel() < 2:
-        return float(values.mean()), float("nan")
-    return float(values.mean()), float(1.96 * values.std(unbiased=True) / math.sqrt(values.numel()))
+CURVE_EPISODES = 100  # test episodes whose query accuracy is also recorded after every inner step
 
 
 class FewShotModule(L.LightningModule):
@@ -135,8 +134,7 @@ class FewShotModule(L.LightningModule):
         if cuda_graph and algorithm not in GRADIENT_BASED:
             raise ValueError(f"cuda_graph is for {', '.join(GRADIENT_BASED)}; got algorithm {algorithm!r}")
         self._graphed = GraphedOuterLoss(self.algorithm) if cuda_graph else None
-        self._test_acc: list[torch.Tensor] = []
-        self._test_pixel_acc: list[torch.Tensor] = []
+        self.on_test_epoch_start()
         self.test_summary: dict[str, object] = {}
 
     @property
@@ -177,33 +175,65 @@ class FewShotModule(L.LightningModule):
         self.log("val/acc", accuracy.mean(), prog_bar=True, batch_size=accuracy.numel())
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        """Adapt to each frozen test episode; keep per-episode accuracies for the confidence interval."""
-        self._test_acc.append(self._episode_accuracy(batch).cpu())
+        """Adapt to each frozen test episode; keep the query probabilities for the metrics and figures.
+
+        The first ``CURVE_EPISODES`` episodes also record query accuracy after every inner step.
+        """
+        self._check_n_way(batch)
+        sx, sy, qx, qy = batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"]
+        every_step = getattr(self.algorithm, "adapt_and_predict_every_step", None)
+        with torch.enable_grad():
+            if every_step is not None and self._curve_episodes < CURVE_EPISODES:
+                per_step = every_step(sx, sy, qx)
+                logits = per_step[-1]
+                self._test_curve.append((per_step.argmax(dim=-1) == qy).float().mean(dim=-1).T.cpu())
+                self._curve_episodes += sx.shape[0]
+            else:
+                logits = self.algorithm.adapt_and_predict(sx, sy, qx)
+        probs = logits.float().softmax(dim=-1)
+        self._test_probs.append(probs.cpu())
+        self._test_labels.append(qy.cpu())
+        self._test_class_ids.append(_episode_class_ids(batch))
+        self._test_episode_ids.append(batch["episode"].cpu() if "episode" in batch else torch.full((sx.shape[0],), -1))
+        if batch_idx == 0:
+            self._grid_example = {k: v[0].cpu() for k, v in batch.items() if k in ("support_x", "support_y", "query_x", "query_y")}
+            self._grid_example["predicted"] = probs[0].argmax(dim=-1).cpu()
         if self.hparams.pixel_baseline:
-            predicted = pixel_nearest_neighbour(batch["support_x"], batch["support_y"], batch["query_x"])
-            self._test_pixel_acc.append((predicted == batch["query_y"]).float().mean(dim=1).cpu())
+            predicted = pixel_nearest_neighbour(sx, sy, qx)
+            self._test_pixel_acc.append((predicted == qy).float().mean(dim=1).cpu())
 
     def on_test_epoch_start(self) -> None:
-        self._test_acc, self._test_pixel_acc = [], []
+        self._test_probs, self._test_labels, self._test_class_ids, self._test_episode_ids = [], [], [], []
+        self._test_curve, self._test_pixel_acc, self._curve_episodes, self._grid_example = [], [], 0, None
 
     def on_test_epoch_end(self) -> None:
-        """Mean accuracy ± 95% CI over the test episodes, logged and written to ``metrics.json``."""
-        accuracy = self._gather(self._test_acc)
-        mean, ci = mean_and_ci95(accuracy)
+        """Metrics with 95% CIs over the test episodes, logged and written with figures to the run folder.
+
+        Writes ``metrics.json``, ``per_episode.csv``, ``test_episodes.json`` (the frozen episodes, to
+        replay with ``--episodes``) and PNGs: confusion matrix, reliability diagram, adaptation
+        curve and an episode grid.
+        """
+        probs, labels = self._gather(self._test_probs), self._gather(self._test_labels)
+        class_ids, episode_ids = self._gather(self._test_class_ids), self._gather(self._test_episode_ids)
+        names = self._test_class_names(int(class_ids.max()) + 1 if class_ids.numel() else 0)
+        episode_classes = [tuple(names[c] for c in row.tolist()) for row in class_ids]
+        metrics = summarise(probs, labels, episode_classes)
         summary: dict[str, object] = {
             "algorithm": self._algorithm_label(),
-            "test_episodes": int(accuracy.numel()),
-            "accuracy": mean,
-            "accuracy_ci95": ci,
+            "test_episodes": int(probs.shape[0]),
+            **metrics,
             "normalisation": self._normalisation_label(),
             "eval_inner_steps": self.hparams.eval_inner_steps,
         }
-        self.log("test/acc", mean)
-        self.log("test/acc_ci95", ci)
+        for key in ("accuracy", "accuracy_ci95", "balanced_accuracy", "macro_auroc", "ece"):
+            self.log(f"test/{key.replace('accuracy', 'acc')}", float(metrics[key]))
         if self._test_pixel_acc:
             pixel_mean, pixel_ci = mean_and_ci95(self._gather(self._test_pixel_acc))
             summary.update(pixel_nn_accuracy=pixel_mean, pixel_nn_accuracy_ci95=pixel_ci)
             self.log("test/pixel_nn_acc", pixel_mean)
+        curve = torch.cat(self._test_curve) if self._test_curve else None
+        if curve is not None:
+            summary["adaptation_curve"] = {"episodes": int(curve.shape[0]), "accuracy_after_step": curve.mean(0).tolist()}
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "describe"):
             summary["episodes"] = dict(datamodule.describe())
@@ -211,15 +241,48 @@ class FewShotModule(L.LightningModule):
         metrics_path = out_dir / "metrics.json"
         if self.trainer.is_global_zero:
             out_dir.mkdir(parents=True, exist_ok=True)
+            if datamodule is not None and hasattr(datamodule, "freeze_test_episodes"):
+                datamodule.freeze_test_episodes(out_dir / "test_episodes.json")
+            _write_per_episode_csv(out_dir / "per_episode.csv", episode_ids, probs, labels, episode_classes)
+            summary["figures"] = self._write_figures(out_dir, probs, labels, episode_classes, curve, float(metrics["ece"]))
             metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
         summary["metrics_file"] = str(metrics_path)
         self.test_summary = summary
+
+    def _write_figures(
+        self, out_dir: Path, probs: torch.Tensor, labels: torch.Tensor, episode_classes: list[tuple[str, ...]],
+        curve: torch.Tensor | None, ece: float,
+    ) -> list[str]:  # fmt: skip
+        """The evaluation PNGs in ``out_dir`` (also sent to a TensorBoard logger); their file names."""
+        names, counts = confusion_over_classes(probs, labels, episode_classes)
+        paths = [
+            figures.plot_confusion_matrix(names, counts, out_dir / "confusion_matrix.png"),
+            figures.plot_reliability_diagram(reliability_bins(probs, labels), out_dir / "reliability_diagram.png", ece=ece),
+        ]
+        if curve is not None:
+            paths.append(figures.plot_adaptation_curve(curve, out_dir / "adaptation_curve.png"))
+        if self._grid_example is not None:
+            example = self._grid_example
+            paths.append(figures.plot_episode_grid(
+                example["support_x"], example["support_y"], example["query_x"], example["query_y"], example["predicted"],
+                episode_classes[0], out_dir / "episode_grid.png",
+            ))  # fmt: skip
+        _log_images(self.loggers, paths, self.global_step)
+        return [path.name for path in paths]
+
+    def _test_class_names(self, count: int) -> list[str]:
+        """Names of the test classes (by the datamodule's sorted test split), else ``class 0..``."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        splits = getattr(datamodule, "class_splits", None)
+        if splits is not None and len(splits.test) >= count:
+            return sorted(splits.test)
+        return [f"class {i}" for i in range(count)]
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Per-episode values of this process, or of all DDP processes together."""
         values = torch.cat(parts)
         if self.trainer.world_size > 1:
-            values = self.all_gather(values).flatten()
+            values = self.all_gather(values).flatten(0, 1)  # [world, E, ...] -> [world * E, ...]
         return values
 
     def _algorithm_label(self) -> str:
@@ -272,6 +335,46 @@ class FewShotModule(L.LightningModule):
             raise ValueError(
                 f"episodes have {n_way} classes but the model head has n_way={self.hparams.n_way} outputs"
             )
+
+
+def _episode_class_ids(batch: Batch) -> torch.Tensor:
+    """``[T, N]``: for each episode, the test-split index of the class behind local label 0..N-1."""
+    labels = batch["query_y"]
+    n_way = int(labels.max()) + 1
+    if "query_class" not in batch:
+        return torch.arange(n_way).expand(labels.shape[0], -1).clone()
+    first = (labels.unsqueeze(-1) == torch.arange(n_way, device=labels.device)).float().argmax(dim=1)  # [T, N]
+    return batch["query_class"].gather(1, first).cpu()
+
+
+def _write_per_episode_csv(
+    path: Path, episode_ids: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, episode_classes: list[tuple[str, ...]]
+) -> None:  # fmt: skip
+    """One row per test episode: its index, classes and metrics."""
+    per_episode = per_episode_metrics(probs, labels)
+    columns = ("accuracy", "balanced_accuracy", "macro_auroc", "ece")
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("episode", "classes", *columns))
+        for e in range(probs.shape[0]):
+            values = [f"{float(per_episode[c][e]):.6f}" for c in columns]
+            writer.writerow((int(episode_ids[e]), ";".join(episode_classes[e]), *values))
+
+
+def _log_images(loggers: list, paths: list[Path], step: int) -> None:
+    """Send the figures to every TensorBoard logger (the CSV logger keeps the scalars)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    boards = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+    if not boards:
+        return
+    import numpy as np
+    from PIL import Image
+
+    for path in paths:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        for board in boards:
+            board.experiment.add_image(f"test/{path.stem}", image, step, dataformats="HWC")
 
 
 def _running_stat_slots(algorithm: str, norm: str, norm_mode: str, inner_steps: int) -> int:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from medmeta.module import FewShotModule, mean_and_ci95
+from medmeta.evaluation.metrics import mean_and_ci95
+from medmeta.module import FewShotModule
 
 
 def _batch(tasks: int = 2, n_way: int = 3, side: int = 8) -> dict[str, torch.Tensor]:

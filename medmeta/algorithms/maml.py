@@ -206,6 +206,25 @@ class MAML(nn.Module):
             logits.append(self._query_forward(adapted, query_x[task], steps).detach())
         return torch.stack(logits)
 
+    def adapt_and_predict_every_step(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
+    ) -> Tensor:
+        """Detached query logits after 0, 1, ..., ``steps`` inner steps: ``[steps + 1, T, N*Q, N]``.
+
+        The last entry equals :meth:`adapt_and_predict`; the others give the adaptation curve.
+        """
+        steps = self.eval_inner_steps if steps is None else steps
+        theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
+        curves = []
+        for task in range(support_x.shape[0]):
+            params, logits = theta, [self._query_forward(theta, query_x[task], 0).detach()]
+            for step in range(steps):  # one plain step at a time: the inner rate does not depend on the step here
+                params = self.adapt(support_x[task], support_y[task], steps=1, first_order=True, params=params)
+                params = {name: p.detach() for name, p in params.items()}
+                logits.append(self._query_forward(params, query_x[task], step + 1).detach())
+            curves.append(torch.stack(logits))
+        return torch.stack(curves, dim=1)
+
 
 def _require_grad_mode() -> None:
     if torch.compiler.is_compiling():  # traced code cannot query the mode; the eager call checked it

@@ -229,3 +229,16 @@ class MAMLPlusPlus(MAML):
             )[-1]
             logits.append(self._query_forward(final, query_x[task], steps).detach())
         return torch.stack(logits)
+
+    def adapt_and_predict_every_step(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
+    ) -> Tensor:
+        """Detached query logits after 0..``steps`` inner steps ``[steps + 1, T, N*Q, N]`` (per-step rates and norms)."""
+        steps = self.eval_inner_steps if steps is None else steps
+        theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
+        curves = []
+        for task in range(support_x.shape[0]):
+            states = self.trajectory(support_x[task], support_y[task], steps=steps, first_order=True, params=theta,
+                                     detach=True)  # fmt: skip
+            curves.append(torch.stack([self._query_forward(state, query_x[task], k).detach() for k, state in enumerate(states)]))
+        return torch.stack(curves, dim=1)

@@ -15,6 +15,7 @@ import torch
 from monai.data import CacheDataset
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from medmeta.data.episode_manifest import EpisodeManifest, ManifestEpisodeSampler, data_hash, sample_id
 from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler
 from medmeta.data.inventory import Inventory, take_inventory
 from medmeta.data.records import ImageRecord
@@ -110,7 +111,9 @@ class EpisodicDataModule(L.LightningDataModule):
         seed: seed of the class split and of every episode.
         train_batches_per_epoch: meta-batches in one training epoch.
         val_episodes: frozen validation episodes.
-        test_episodes: frozen test episodes.
+        test_episodes: frozen test episodes (written to ``test_episodes.json`` in the run folder).
+        episodes_file: replay the test episodes of this manifest (a ``test_episodes.json``) instead
+            of drawing them: identical tasks on any machine; refused if the data set changed.
         augment: random flips/rotations of training images.
         num_workers: data-loader worker processes.
         synthetic_seed: seed of the generated data set when ``root`` is ``None``.
@@ -142,6 +145,7 @@ class EpisodicDataModule(L.LightningDataModule):
         train_batches_per_epoch: int = 100,
         val_episodes: int = 100,
         test_episodes: int = 600,
+        episodes_file: str | None = None,
         augment: bool = True,
         num_workers: int = 0,
         synthetic_seed: int = 0,
@@ -161,9 +165,11 @@ class EpisodicDataModule(L.LightningDataModule):
         self.split_ratios, self.explicit_splits, self.seed = tuple(split_ratios), splits, seed
         self.train_batches_per_epoch = train_batches_per_epoch
         self.episodes = {"val": val_episodes, "test": test_episodes}
+        self.episodes_file = Path(episodes_file).expanduser() if episodes_file else None
         self.augment, self.num_workers, self.synthetic_seed = augment, num_workers, synthetic_seed
         self.inventory: Inventory | None = None
         self._datasets: dict[str, EpisodeDataset] = {}
+        self._test_records: Sequence[ImageRecord] = ()
 
     @property
     def class_splits(self) -> ClassSplits | None:
@@ -229,13 +235,55 @@ class EpisodicDataModule(L.LightningDataModule):
         assert self.inventory is not None
         classes = self.inventory.class_splits.of(split)
         records = [r for r in self.inventory.records if r.label in classes]
-        sampler = EpisodeSampler(
-            [r.label for r in records], [r.patient for r in records], classes, split=split,
-            n_way=self.n_way, k_shot=self.k_shot, q_query=self.q_query, seed=self.seed,
-        )  # fmt: skip
+        if split == "test" and self.episodes_file is not None:
+            sampler = self._replayed_test_episodes(records, classes)
+            length = len(sampler)
+        else:
+            sampler = EpisodeSampler(
+                [r.label for r in records], [r.patient for r in records], classes, split=split,
+                n_way=self.n_way, k_shot=self.k_shot, q_query=self.q_query, seed=self.seed,
+            )  # fmt: skip
+            length = self.train_batches_per_epoch * self.meta_batch_size if split == "train" else self.episodes[split]
+        if split == "test":
+            self._test_records = records
         images = self._cache(records)
-        length = self.train_batches_per_epoch * self.meta_batch_size if split == "train" else self.episodes[split]
         return EpisodeDataset(images, sampler, length, augment=self.augment and split == "train")
+
+    def _data_hash(self) -> str:
+        assert self.inventory is not None
+        records = self.inventory.records
+        return data_hash(records, [sample_id(r, self.data_root) for r in records])
+
+    def _replayed_test_episodes(self, records: Sequence[ImageRecord], classes: Sequence[str]) -> ManifestEpisodeSampler:
+        """The sampler replaying ``episodes_file``, after checking its shape and the data set's hash."""
+        manifest = EpisodeManifest.read(self.episodes_file)
+        shape, wanted = (manifest.n_way, manifest.k_shot, manifest.q_query), (self.n_way, self.k_shot, self.q_query)
+        if shape != wanted:
+            raise DataError(
+                f"episode manifest {self.episodes_file} holds {shape[0]}-way {shape[1]}-shot {shape[2]}-query episodes "
+                f"but the data config asks for {wanted[0]}-way {wanted[1]}-shot {wanted[2]}-query"
+            )
+        current = self._data_hash()
+        if manifest.data_hash != current:
+            raise DataError(
+                f"episode manifest {self.episodes_file} was frozen on a different data set (hash {manifest.data_hash}, "
+                f"this data set {current}): files were added, removed, relabelled or changed; replay refused"
+            )
+        return ManifestEpisodeSampler(manifest, [sample_id(r, self.data_root) for r in records], classes,
+                                      source=self.episodes_file)  # fmt: skip
+
+    def freeze_test_episodes(self, path: Path) -> Path | None:
+        """Write the test episodes used (drawn or replayed) as a manifest to ``path``; ``None`` before setup."""
+        dataset = self._datasets.get("test")
+        if dataset is None:
+            return None
+        if isinstance(dataset.sampler, ManifestEpisodeSampler):
+            return dataset.sampler.manifest.write(path)
+        ids = [sample_id(r, self.data_root) for r in self._test_records]
+        episodes = [dataset.sampler.episode(i) for i in range(len(dataset))]
+        manifest = EpisodeManifest.freeze(episodes, ids, split="test", seed=self.seed, k_shot=self.k_shot,
+                                          q_query=self.q_query, data_hash=self._data_hash())  # fmt: skip
+        return manifest.write(path)
 
     def _world(self) -> tuple[int, bool]:
         """(number of processes, whether this one is rank 0) of the attached trainer."""
@@ -346,7 +394,8 @@ class EpisodicDataModule(L.LightningDataModule):
         splits = {s: list(self.class_splits.of(s)) for s in SPLITS} if self.class_splits else None
         return {
             "n_way": self.n_way, "k_shot": self.k_shot, "q_query": self.q_query, "seed": self.seed,
-            "test_episodes": self.episodes["test"], "class_splits": splits,
+            "test_episodes": len(self._datasets["test"]) if "test" in self._datasets else self.episodes["test"],
+            "episodes_file": "replayed" if self.episodes_file else "drawn (seed, split, index)", "class_splits": splits,
         }  # fmt: skip
 
 
