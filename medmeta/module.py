@@ -15,7 +15,11 @@ from medmeta.algorithms import GRADIENT_BASED, AlgorithmName, build_algorithm, p
 from medmeta.algorithms.cuda_graph import GraphedOuterLoss
 from medmeta.evaluation import figures
 from medmeta.evaluation.metrics import (
-    confusion_over_classes, mean_and_ci95, per_episode_metrics, reliability_bins, summarise,
+    confusion_over_classes,
+    mean_and_ci95,
+    per_episode_metrics,
+    reliability_bins,
+    summarise,
 )  # fmt: skip
 from medmeta.networks import get_backbone
 from medmeta.networks.conv4 import NormName
