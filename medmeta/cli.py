@@ -1,4 +1,5 @@
-"""The ``medmeta`` command: LightningCLI (fit/validate/test/predict) plus ``medmeta synth``.
+"""The ``medmeta`` command: LightningCLI (fit/validate/test/predict) plus ``synth``, ``data check``,
+``evaluate`` and ``diagnose``.
 
 The CLI holds no logic: it parses, links the data and model shapes, and reports.
 """
@@ -150,6 +151,77 @@ def data_check_main(argv: list[str]) -> int:
     return 0 if inventory.ok else 1
 
 
+def diagnose_main(argv: list[str]) -> int:
+    """``medmeta diagnose``: adapt a trained model to a new task from a few labelled cases, predict and explain."""
+    import time
+
+    from medmeta.diagnose import diagnose
+
+    parser = argparse.ArgumentParser(prog="medmeta diagnose", description=diagnose_main.__doc__)
+    parser.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by medmeta fit")
+    parser.add_argument("--support", required=True, type=Path,
+                        help="folder with one sub-folder per diagnosis, 2 to 20 labelled cases each")  # fmt: skip
+    parser.add_argument("--query", required=True, type=Path, nargs="+", help="query image files or folders")
+    parser.add_argument("--out", type=Path, default=None, help="new output folder (default: diagnosis-<date-time>)")
+    parser.add_argument("--steps", type=int, default=None, help="inner steps (default: the model's eval_inner_steps)")
+    args = parser.parse_args(argv)
+    out = args.out or Path(time.strftime("diagnosis-%Y%m%d-%H%M%S"))
+    result = diagnose(args.ckpt, args.support, args.query, out, steps=args.steps)
+    from rich.table import Table
+
+    table = Table(title=f"{len(result.predictions)} query case(s)")
+    for column in ("case", "predicted", "probability"):
+        table.add_column(column)
+    for p in result.predictions:
+        table.add_row(str(p["case"]), str(p["predicted"]), f"{max(p['probabilities'].values()):.2f}")
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    console.print(f"report: {result.report}", highlight=False)
+    return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    """``medmeta evaluate``: test a checkpoint on frozen test episodes (drawn, or replayed from --episodes)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    parser = argparse.ArgumentParser(prog="medmeta evaluate", description=evaluate_main.__doc__)
+    parser.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by medmeta fit")
+    parser.add_argument("--episodes", type=Path, default=None, help="replay this test_episodes.json")
+    parser.add_argument("--data-root", default=None, help="the data set (default: the one the model was trained on)")
+    parser.add_argument("--test-episodes", type=int, default=None, help="episodes to draw when not replaying")
+    parser.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="run folder root")
+    args = parser.parse_args(argv)
+    if not args.ckpt.is_file():
+        raise DataError(f"checkpoint {args.ckpt} does not exist")
+    try:
+        raw = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+        model = FewShotModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to load is the user's file
+        raise DataError(f"cannot load checkpoint {args.ckpt}: {type(error).__name__}") from error
+    settings = dict(raw.get("datamodule_hyper_parameters") or {})
+    if args.data_root is not None:
+        settings["root"] = args.data_root
+    if args.test_episodes is not None:
+        settings["test_episodes"] = args.test_episodes
+    settings["episodes_file"] = str(args.episodes) if args.episodes else None
+    data = EpisodicDataModule(**settings)
+    loggers = [CSVLogger(args.out, name="evaluate"), TensorBoardLogger(args.out, name="evaluate")]
+    trainer = L.Trainer(logger=loggers, inference_mode=False, enable_progress_bar=False, default_root_dir=args.out)
+    trainer.test(model, datamodule=data, verbose=False)
+    summary = model.test_summary
+    console.print(
+        f"test accuracy: [bold]{100 * summary['accuracy']:.1f}% ± {100 * summary['accuracy_ci95']:.1f}%[/], "
+        f"macro AUROC {summary['macro_auroc']:.3f} ± {summary['macro_auroc_ci95']:.3f}, "
+        f"balanced accuracy {100 * summary['balanced_accuracy']:.1f}%, ECE {summary['ece']:.3f} "
+        f"({summary['test_episodes']} episodes)"
+    )
+    console.print(f"outputs: {Path(summary['metrics_file']).parent}", highlight=False)
+    return 0
+
+
 def _quiet_third_party_noise() -> None:
     """Hide start-up chatter that says nothing about the user's run (optional GPU codecs, deprecations)."""
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -168,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             return synth_main(list(words[1:]))
         if words[:2] == ["data", "check"]:
             return data_check_main(list(words[2:]))
+        if words[:1] == ["diagnose"]:
+            return diagnose_main(list(words[1:]))
+        if words[:1] == ["evaluate"]:
+            return evaluate_main(list(words[1:]))
         MedMetaCLI(
             FewShotModule,
             EpisodicDataModule,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
+from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.synthetic import generate_synthetic_dataset
+from medmeta.module import FewShotModule
 
 torch.set_num_threads(2)
 
@@ -17,3 +20,19 @@ def tiny_dicom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 lesion classes x 4 patients x 3 images of 32x32 DICOM (read-only use)."""
     root = tmp_path_factory.mktemp("data") / "lesions"
     return generate_synthetic_dataset(root, n_classes=12, patients_per_class=4, images_per_patient=3, image_size=32, seed=3)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_dicom_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-way model meta-trained for 2 steps on the tiny DICOM set (its image settings saved with it)."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("fit")
+    module = FewShotModule(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=3, pixel_baseline=False)
+    data = EpisodicDataModule(str(tiny_dicom_root), n_way=3, k_shot=1, q_query=2, meta_batch_size=2, image_size=16,
+                              val_episodes=2, test_episodes=2, split_ratios=(0.5, 0.25, 0.25))  # fmt: skip
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, inference_mode=False, default_root_dir=out)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    path = out / "model.ckpt"
+    trainer.save_checkpoint(path)
+    return path

@@ -154,6 +154,7 @@ class EpisodicDataModule(L.LightningDataModule):
         skip_undecodable: bool = False,
     ) -> None:
         super().__init__()
+        self.save_hyperparameters()  # kept in checkpoints: `medmeta diagnose` reads the image settings from there
         self.root = Path(root).expanduser() if root is not None else None
         self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
         self.meta_batch_size, self.eval_batch_size = meta_batch_size, eval_batch_size
@@ -325,33 +326,11 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def _transform_all(self, records: Sequence[ImageRecord]) -> torch.Tensor:
         """Run the deterministic transforms once per image (MONAI ``CacheDataset``) and stack the results."""
-        arrays = self.inventory.arrays if self.inventory is not None else None
-        transform = load_transforms(
-            image_size=self.image_size, window=self.window, preset=self.preset, spatial_dims=self.spatial_dims,
-            in_channels=self.in_channels, from_array=arrays is not None, spacing=self.spacing, roi_size=self.roi_size,
-            array_channel_dim=-1 if arrays is not None and arrays.ndim == self.spatial_dims + 2 else "no_channel",
+        return transform_images(
+            records, image_size=self.image_size, window=self.window, preset=self.preset,
+            spatial_dims=self.spatial_dims, in_channels=self.in_channels, spacing=self.spacing, roi_size=self.roi_size,
+            arrays=self.inventory.arrays if self.inventory is not None else None, source=self.data_root,
         )  # fmt: skip
-        items = [{KEY: arrays[r.item] if arrays is not None else str(r.path)} for r in records]
-        try:
-            cached = CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
-            images = torch.stack([cached[i][KEY] for i in range(len(cached))])
-        except Exception as error:  # find the file that broke the cache and name it
-            for record, item in zip(records, items):
-                try:
-                    transform(dict(item))
-                except Exception as inner:
-                    raise DataError(f"cannot read {record.path}: {_reason(inner)}") from inner
-            raise DataError(f"cannot cache images under {self.data_root}: {_reason(error)}") from error
-        expected = (self.in_channels, *(self.image_size,) * self.spatial_dims)
-        if tuple(images.shape[1:]) != expected:
-            raise DataError(
-                f"images under {self.data_root} load as {tuple(images.shape[1:])}, expected {expected} "
-                f"(in_channels={self.in_channels}, spatial_dims={self.spatial_dims})"
-            )
-        bad = ~torch.isfinite(images.flatten(1)).all(dim=1)
-        if bad.any():
-            raise DataError(f"non-finite pixel values in {records[int(bad.nonzero()[0])].path}")
-        return images
 
     def _loader(self, split: str, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
         if split not in self._datasets:
@@ -397,6 +376,44 @@ class EpisodicDataModule(L.LightningDataModule):
             "test_episodes": len(self._datasets["test"]) if "test" in self._datasets else self.episodes["test"],
             "episodes_file": "replayed" if self.episodes_file else "drawn (seed, split, index)", "class_splits": splits,
         }  # fmt: skip
+
+
+def transform_images(
+    records: Sequence[ImageRecord], *, image_size: int, window: tuple[float, float] | None, preset: str | None,
+    spatial_dims: int, in_channels: int, spacing: tuple[float, float, float] | None = None,
+    roi_size: tuple[int, int, int] | None = None, arrays: np.ndarray | None = None, source: Path | str = "the data",
+) -> torch.Tensor:  # fmt: skip
+    """The images of ``records`` through the deterministic load transforms, ``[n, C, *spatial]`` in [0, 1].
+
+    A file that cannot be transformed, a wrong shape or non-finite pixels raise ``DataError``
+    naming the file.
+    """
+    transform = load_transforms(
+        image_size=image_size, window=window, preset=preset, spatial_dims=spatial_dims, in_channels=in_channels,
+        from_array=arrays is not None, spacing=spacing, roi_size=roi_size,
+        array_channel_dim=-1 if arrays is not None and arrays.ndim == spatial_dims + 2 else "no_channel",
+    )  # fmt: skip
+    items = [{KEY: arrays[r.item] if arrays is not None else str(r.path)} for r in records]
+    try:
+        cached = CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
+        images = torch.stack([cached[i][KEY] for i in range(len(cached))])
+    except Exception as error:  # find the file that broke the cache and name it
+        for record, item in zip(records, items):
+            try:
+                transform(dict(item))
+            except Exception as inner:
+                raise DataError(f"cannot read {record.path}: {_reason(inner)}") from inner
+        raise DataError(f"cannot cache images under {source}: {_reason(error)}") from error
+    expected = (in_channels, *(image_size,) * spatial_dims)
+    if tuple(images.shape[1:]) != expected:
+        raise DataError(
+            f"images under {source} load as {tuple(images.shape[1:])}, expected {expected} "
+            f"(in_channels={in_channels}, spatial_dims={spatial_dims})"
+        )
+    bad = ~torch.isfinite(images.flatten(1)).all(dim=1)
+    if bad.any():
+        raise DataError(f"non-finite pixel values in {records[int(bad.nonzero()[0])].path}")
+    return images
 
 
 def _reason(error: BaseException) -> str:

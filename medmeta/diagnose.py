@@ -1,0 +1,298 @@
+"""``medmeta diagnose``: adapt a meta-trained model to a new diagnostic task from a few labelled cases.
+
+Data flow: checkpoint -> model and image settings; support folder (one sub-folder per diagnosis)
+and query files -> preflight (reason codes as in ``medmeta data check``) -> the training
+transforms -> adaptation on the support set (a new head when the number of diagnoses differs
+from training) -> query probabilities, Grad-CAM overlays, a leave-one-out check of the support
+set -> ``predictions.csv``, ``predictions.json``, PNGs and one self-contained ``report.html``.
+
+Query cases are named ``query-001``, ... with a hash of the file's bytes, never by file name or
+path, so no patient identifier reaches the outputs. Nothing is written inside the input folders.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from medmeta.algorithms import ANIL, MAML, MetaSGD, ProtoNet
+from medmeta.algorithms.meta_sgd import lr_key
+from medmeta.data.datamodule import transform_images
+from medmeta.data.preflight import check_image
+from medmeta.data.records import IMAGE_SUFFIXES, ImageRecord, discover_records
+from medmeta.errors import DataError
+from medmeta.explain import grad_cam, image_png, overlay_png
+from medmeta.module import FewShotModule
+from medmeta.report import ReportRow, write_html_report
+
+logger = logging.getLogger(__name__)
+
+MIN_CASES, MAX_CASES = 2, 20  # labelled support cases per diagnosis
+SUPPORTED = ("maml", "maml_pp", "meta_sgd", "anil", "protonet")
+LOO_WARNING_BELOW = 0.5  # leave-one-out accuracy under which the support set is flagged
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What ``diagnose`` wrote: the output folder, the report and the per-case predictions."""
+
+    out: Path
+    report: Path
+    predictions: list[dict[str, object]]
+    warnings: list[str]
+
+
+def diagnose(ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps: int | None = None) -> Diagnosis:
+    """Adapt the checkpoint's model to the diagnoses in ``support`` and predict and explain every query case."""
+    out = Path(out).expanduser()
+    _refuse_inside_inputs(out, [Path(support), *map(Path, queries)])
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"output folder {out} exists and is not empty; choose a new --out (nothing is overwritten)")
+    module, settings = load_checkpoint(Path(ckpt))
+    spatial_dims = int(settings["spatial_dims"])
+    support_records, names = read_support(Path(support), spatial_dims)
+    query_records, warnings = read_queries([Path(q) for q in queries], spatial_dims)
+    support_x = transform_images(support_records, source=support, **_image_settings(settings))
+    query_x = transform_images(query_records, source="the query cases", **_image_settings(settings))
+    support_y = torch.tensor([names.index(r.label) for r in support_records])
+    algorithm = adapted_algorithm(module, len(names))
+    steps = module.hparams.eval_inner_steps if steps is None else steps
+    with torch.enable_grad():
+        probs = algorithm.adapt_and_predict(support_x[None], support_y[None], query_x[None], steps=steps)[0].softmax(-1)
+    warnings += leave_one_out_warnings(algorithm, support_x, support_y, names, steps)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir()
+    (out / "overlays").mkdir()
+    explained = explainer(algorithm, support_x, support_y, steps)
+    predicted = probs.argmax(-1)
+    with torch.enable_grad():
+        cams = grad_cam(explained, query_x, predicted, target_layer=_target_layer(explained))
+    rows, predictions = [], []
+    for i, record in enumerate(query_records):
+        case_id = f"query-{i + 1:03d}"
+        file_id = _file_id(record.path)
+        image = image_png(query_x[i], out / "images" / f"{case_id}.png", scale=_scale(query_x))
+        overlay = overlay_png(query_x[i], cams[i], out / "overlays" / f"{case_id}.png", scale=_scale(query_x))
+        probabilities = {name: float(probs[i, k]) for k, name in enumerate(names)}
+        predictions.append({"case": case_id, "file_sha256_12": file_id, "predicted": names[int(predicted[i])],
+                            "probabilities": probabilities})  # fmt: skip
+        rows.append(ReportRow(f"{case_id} ({file_id})", image, overlay, names[int(predicted[i])], probabilities))
+    _write_predictions(out, predictions, names)
+    counts = {name: int((support_y == k).sum()) for k, name in enumerate(names)}
+    header = {
+        "model": f"{Path(ckpt).name} ({module._algorithm_label()}, {module.hparams.backbone} backbone)",
+        "support set": ", ".join(f"{name}: {n}" for name, n in counts.items()),
+        "query cases": str(len(query_records)),
+        "adaptation": f"{steps} inner steps" if module.hparams.algorithm != "protonet" else "class prototypes",
+        "normalisation": _normalisation(module),
+        "saliency": "Grad-CAM (MONAI) on the adapted model, for the predicted class",
+    }
+    report = write_html_report(out / "report.html", title="medmeta diagnose", header=header, rows=rows, warnings=warnings)
+    (out / "warnings.txt").write_text("".join(f"{w}\n" for w in warnings))
+    return Diagnosis(out, report, predictions, warnings)
+
+
+def load_checkpoint(ckpt: Path) -> tuple[FewShotModule, dict[str, object]]:
+    """The meta-trained module (weights only, CPU) and the image settings it was trained with."""
+    if not ckpt.is_file():
+        raise DataError(f"checkpoint {ckpt} does not exist")
+    try:
+        raw = torch.load(ckpt, map_location="cpu", weights_only=True)
+        module = FewShotModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any failure to load is the user's file
+        raise DataError(f"cannot load checkpoint {ckpt}: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
+    if module.hparams.algorithm not in SUPPORTED:
+        raise DataError(f"diagnose supports {', '.join(SUPPORTED)}; checkpoint {ckpt} holds {module.hparams.algorithm!r}")
+    settings = dict(raw.get("datamodule_hyper_parameters") or {})
+    settings.setdefault("window", (-1100.0, 400.0))
+    for key in ("image_size", "in_channels", "spatial_dims"):
+        settings[key] = module.hparams[key]
+    return module.eval(), settings
+
+
+def read_support(folder: Path, spatial_dims: int) -> tuple[list[ImageRecord], list[str]]:
+    """Support records (preflighted) and the sorted diagnosis names; a clear error if the set is unusable."""
+    records, skipped = discover_records(folder, spatial_dims=spatial_dims)
+    problems = [f"{s.path}: {s.reason}" for s in skipped]
+    problems += [f"{p.path}: {p.reason} ({p.detail})" for r in records if (p := check_image(r.path, spatial_dims=spatial_dims))]
+    if problems:
+        raise DataError(f"support set {folder} has unusable files (fix or remove them):\n  " + "\n  ".join(problems))
+    names = sorted({r.label for r in records})
+    counts = {name: sum(r.label == name for r in records) for name in names}
+    wrong = {name: n for name, n in counts.items() if not MIN_CASES <= n <= MAX_CASES}
+    if len(names) < 2 or wrong:
+        raise DataError(
+            f"support set {folder} needs at least 2 diagnosis sub-folders with {MIN_CASES} to {MAX_CASES} cases each; "
+            f"found {counts}"
+        )
+    return records, names
+
+
+def read_queries(paths: list[Path], spatial_dims: int) -> tuple[list[ImageRecord], list[str]]:
+    """Query records from files and folders; unusable files are left out with a warning naming the reason."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DataError(f"query {path} does not exist")
+    warnings, records = [], []
+    for number, path in enumerate(files, start=1):
+        problem = check_image(path, spatial_dims=spatial_dims)
+        if problem is None:
+            records.append(ImageRecord(path, "?", "?"))
+        else:  # the report names it by position and content hash, not by file name
+            warnings.append(f"query file {number} ({_file_id(path)}) left out: {problem.reason} ({problem.detail})")
+            logger.warning("query %s left out: %s (%s)", path, problem.reason, problem.detail)
+    if not records:
+        raise DataError(f"no usable query images in {', '.join(map(str, paths))}")
+    return records, warnings
+
+
+def adapted_algorithm(module: FewShotModule, n_classes: int) -> nn.Module:
+    """The module's algorithm, with a new zero-initialised head when ``n_classes`` differs from training.
+
+    A zero head scores every class alike before adaptation, so no class is favoured by the order
+    of the folders; the inner loop then fits it (and the body, for MAML) to the support set.
+    """
+    algorithm = copy.deepcopy(module.algorithm)
+    if isinstance(algorithm, ProtoNet) or n_classes == module.hparams.n_way:
+        return algorithm
+    head = algorithm.model.head
+    new = nn.Linear(head.in_features, n_classes)
+    nn.init.zeros_(new.weight)
+    nn.init.zeros_(new.bias)
+    algorithm.model.head = new
+    if isinstance(algorithm, MetaSGD):  # per-element learned rates: the head's become their mean
+        for name, p in new.named_parameters():
+            key = lr_key(f"head.{name}")
+            algorithm.inner_lrs[key] = nn.Parameter(torch.full_like(p, float(algorithm.inner_lrs[key].mean())))
+    return algorithm
+
+
+def leave_one_out_warnings(algorithm: nn.Module, support_x: Tensor, support_y: Tensor, names: list[str], steps: int) -> list[str]:
+    """Adapt on all support cases but one and predict it, for each; warn when the support set does not separate."""
+    correct = torch.zeros(len(support_y), dtype=torch.bool)
+    for i in range(len(support_y)):
+        keep = torch.arange(len(support_y)) != i
+        with torch.enable_grad():
+            logits = algorithm.adapt_and_predict(support_x[keep][None], support_y[keep][None], support_x[i : i + 1][None],
+                                                 steps=steps)  # fmt: skip
+        correct[i] = bool(logits[0, 0].argmax() == support_y[i])
+    accuracy = float(correct.float().mean())
+    recalls = {name: float(correct[support_y == k].float().mean()) for k, name in enumerate(names)}
+    warnings = []
+    if accuracy < LOO_WARNING_BELOW or min(recalls.values()) == 0.0:
+        never = [name for name, r in recalls.items() if r == 0.0]
+        warnings.append(
+            f"leave-one-out check: adapting on all support cases but one predicted the left-out case correctly for "
+            f"{100 * accuracy:.0f}% of them (chance {100 / len(names):.0f}%)"
+            + (f"; never for {', '.join(never)}" if never else "")
+            + ". The support set may not separate these diagnoses: add cases or check the labels."
+        )
+    return warnings
+
+
+class _Adapted(nn.Module):
+    """The backbone with adapted weights, as a plain module (for Grad-CAM)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, Tensor]) -> None:
+        super().__init__()
+        self.model, self.params = model, params
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional_call(self.model, self.params, (x,), strict=False)
+
+
+class _Prototypes(nn.Module):
+    """Negative squared distances of the embedding to fixed class prototypes (ProtoNet's logits)."""
+
+    def __init__(self, algorithm: ProtoNet, prototypes: Tensor) -> None:
+        super().__init__()
+        self.model, self.algorithm, self.prototypes = algorithm.model, algorithm, prototypes
+
+    def forward(self, x: Tensor) -> Tensor:
+        return -torch.cdist(self.algorithm.embed(x), self.prototypes).pow(2)
+
+
+def explainer(algorithm: nn.Module, support_x: Tensor, support_y: Tensor, steps: int) -> nn.Module:
+    """A module computing the adapted model's logits from images, for Grad-CAM."""
+    if isinstance(algorithm, ProtoNet):
+        with torch.no_grad():
+            embedded = algorithm.embed(support_x)
+        prototypes = torch.stack([embedded[support_y == k].mean(0) for k in range(int(support_y.max()) + 1)])
+        return _Prototypes(algorithm, prototypes)
+    assert isinstance(algorithm, (MAML, ANIL))
+    theta = {name: p.detach() for name, p in algorithm.adaptable_parameters().items()}
+    with torch.enable_grad():
+        adapted = algorithm.adapt(support_x, support_y, steps=steps, first_order=True, params=theta)
+    return _Adapted(algorithm.model, {name: p.detach() for name, p in adapted.items()})
+
+
+def _target_layer(explained: nn.Module) -> str:
+    """The activation after the backbone's last convolution (still spatial), else that convolution."""
+    names = [(name, m) for name, m in explained.named_modules()]
+    convs = [i for i, (_, m) in enumerate(names) if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    if not convs:
+        raise DataError("the backbone has no convolution to explain with Grad-CAM")
+    after = [name for name, m in names[convs[-1]:] if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU))]
+    return after[0] if after else names[convs[-1]][0]
+
+
+def _image_settings(settings: dict[str, object]) -> dict[str, object]:
+    window = settings.get("window")
+    return {
+        "image_size": int(settings["image_size"]), "window": tuple(window) if window is not None else None,
+        "preset": settings.get("preset"), "spatial_dims": int(settings["spatial_dims"]),
+        "in_channels": int(settings["in_channels"]), "spacing": settings.get("spacing"), "roi_size": settings.get("roi_size"),
+    }  # fmt: skip
+
+
+def _normalisation(module: FewShotModule) -> str:
+    label = module._normalisation_label()
+    if "transductive" in label:
+        label += "; here the query cases are normalised together as one batch"
+    return label
+
+
+def _scale(images: Tensor) -> int:
+    """An integer upscaling so that small images are at least 192 pixels wide in the report."""
+    return max(1, 192 // images.shape[-1])
+
+
+def _file_id(path: Path) -> str:
+    """The first 12 hex digits of the SHA-256 of the file's bytes (a folder: of its sorted files)."""
+    digest = hashlib.sha256()
+    for part in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if part.is_file():
+            digest.update(part.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _write_predictions(out: Path, predictions: list[dict[str, object]], names: list[str]) -> None:
+    (out / "predictions.json").write_text(json.dumps({"classes": names, "cases": predictions}, indent=2) + "\n")
+    with (out / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("case", "file_sha256_12", "predicted", *(f"p({name})" for name in names)))
+        for p in predictions:
+            writer.writerow((p["case"], p["file_sha256_12"], p["predicted"], *(f"{p['probabilities'][n]:.6f}" for n in names)))
+
+
+def _refuse_inside_inputs(out: Path, inputs: list[Path]) -> None:
+    """Nothing is ever written into a user's data folder (the support folder, a query folder, a query file's folder)."""
+    resolved = out.resolve()
+    for path in inputs:
+        folder = path.resolve() if path.is_dir() else path.resolve().parent
+        if resolved == folder or (path.is_dir() and folder in resolved.parents):
+            raise DataError(f"output folder {out} is inside the input folder {folder}; choose --out elsewhere")
