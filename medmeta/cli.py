@@ -14,8 +14,10 @@ import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
+from medmeta.callbacks import PreemptionCheckpoint, RandomStateCheckpoint
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.episodes import SPLITS
 from medmeta.errors import DataError
@@ -38,6 +40,54 @@ class MedMetaCLI(LightningCLI):
             help="Replay the test episodes of this manifest (a run's test_episodes.json) instead of drawing them.",
         )  # fmt: skip
         parser.link_arguments("episodes", "data.episodes_file")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads a checkpoint's hyperparameters while parsing: check the file before it does."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            check_checkpoint(Path(path), None)
+        super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        self._resolve_last_checkpoint()
+        self._load_checkpoints_safely()
+
+    def before_validate(self) -> None:
+        self._load_checkpoints_safely()
+
+    def before_test(self) -> None:
+        self._load_checkpoints_safely()
+
+    def before_predict(self) -> None:
+        self._load_checkpoints_safely()
+
+    def _load_checkpoints_safely(self) -> None:
+        """Checkpoints are loaded with ``weights_only=True`` (a crafted pickle can never run code) and checked first."""
+        config = self.config_init[self.subcommand]
+        if config.get("weights_only") is False:
+            raise DataError("--weights_only false is refused: medmeta never unpickles code from a checkpoint")
+        config["weights_only"] = True
+        path = config.get("ckpt_path")
+        if path and path not in ("last", "best", "hpc"):  # the named ones are this run's own checkpoints
+            check_checkpoint(Path(path), self.model.hparams)
+
+    def _resolve_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this run's logger folder (any version), or a clear error."""
+        config = self.config_init["fit"]
+        if config.get("ckpt_path") != "last":
+            return
+        callback = self.trainer.checkpoint_callback
+        candidates = [Path(callback.dirpath) / "last.ckpt"] if callback is not None and callback.dirpath else []
+        logger = self.trainer.logger
+        if logger is not None and logger.save_dir:
+            candidates += Path(logger.save_dir, logger.name or "").glob("version_*/checkpoints/last.ckpt")
+        candidates += Path(self.trainer.default_root_dir).glob("**/checkpoints/last.ckpt")
+        found = [path for path in candidates if path.is_file()]
+        if not found:
+            raise DataError(f"--ckpt_path last: no last.ckpt found under {logger.save_dir if logger else self.trainer.default_root_dir}")
+        config["ckpt_path"] = str(max(found, key=lambda path: path.stat().st_mtime))
+        console.print(f"resuming from {config['ckpt_path']}", highlight=False, soft_wrap=True)
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):
@@ -64,6 +114,11 @@ class MedMetaCLI(LightningCLI):
                 f"pixel nearest-neighbour baseline: {100 * summary['pixel_nn_accuracy']:.1f}% "
                 f"± {100 * summary['pixel_nn_accuracy_ci95']:.1f}%"
             )
+        console.print(
+            f"macro AUROC {summary['macro_auroc']:.3f} ± {summary['macro_auroc_ci95']:.3f}, balanced accuracy "
+            f"{100 * summary['balanced_accuracy']:.1f}% ± {100 * summary['balanced_accuracy_ci95']:.1f}%, "
+            f"ECE {summary['ece']:.3f} (bootstrap CIs)"
+        )
         console.print(f"normalisation: {summary['normalisation']}")
         callback = self.trainer.checkpoint_callback
         checkpoint = self.trainer.ckpt_path or (
@@ -72,6 +127,35 @@ class MedMetaCLI(LightningCLI):
         if checkpoint:
             console.print(f"checkpoint: {checkpoint}")
         console.print(f"metrics: {summary['metrics_file']}")
+        console.print(
+            "also there: per_episode.csv, figures (confusion matrix, reliability, adaptation curve, episode grid) "
+            "and test_episodes.json (replay with --episodes)"
+        )
+
+
+def check_checkpoint(path: Path, hparams: object | None) -> None:
+    """A clear ``DataError`` if ``path`` is missing, not a safe checkpoint, cut short, or (given this run's model
+    ``hparams``) for another model shape."""
+    import torch
+
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - crafted pickle, truncated zip, not a checkpoint at all
+        reason = "it holds objects other than tensors and plain values (refused unread)" if "Weights only load failed" in str(
+            error
+        ) else f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else 'unreadable'}"
+        raise DataError(f"cannot load checkpoint {path}: {reason}") from error
+    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict) or "state_dict" not in checkpoint:
+        raise DataError(f"checkpoint {path} is not a medmeta checkpoint (no state_dict or hyper_parameters)")
+    if hparams is None:
+        return
+    shape = ("algorithm", "backbone", "n_way", "in_channels", "spatial_dims", "hidden_channels", "norm", "image_size")
+    differs = [f"{key}={saved.get(key)!r} (this run: {hparams[key]!r})" for key in shape if key in saved and saved[key] != hparams[key]]
+    if differs:
+        raise DataError(f"checkpoint {path} was trained for a different model: {', '.join(differs)}")
 
 
 def synth_main(argv: list[str]) -> int:
@@ -235,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_third_party_noise()
+    preemption = PreemptionCheckpoint()
     try:
         if words[:1] == ["synth"]:
             return synth_main(list(words[1:]))
@@ -248,12 +333,20 @@ def main(argv: list[str] | None = None) -> int:
             FewShotModule,
             EpisodicDataModule,
             args=argv,  # None: LightningCLI reads sys.argv itself
-            trainer_defaults={"inference_mode": False},
+            trainer_defaults={"inference_mode": False, "callbacks": [preemption, RandomStateCheckpoint()]},
             save_config_kwargs={"overwrite": True},
         )
     except (DataError, FileExistsError) as error:
-        console.print(f"[bold red]medmeta: error:[/] {error}", highlight=False)
+        console.print(f"[bold red]medmeta: error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
+    except SIGTERMException:
+        console.print(
+            f"medmeta: stopped by a termination signal; checkpoint written to "
+            f"{preemption.saved or '(none: the signal came before training started)'}; "
+            "continue with the same command and --ckpt_path last",
+            highlight=False, soft_wrap=True,
+        )
+        return 143
     return 0
 
 

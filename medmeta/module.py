@@ -76,6 +76,8 @@ class FewShotModule(L.LightningModule):
         cosine_annealing: cosine-anneal the outer learning rate to 0 over ``trainer.max_steps``.
         meta_lr: Adam learning rate of the outer loop (``--optimizer`` on the CLI overrides it).
         pixel_baseline: also score a nearest-neighbour-on-pixels baseline on the test episodes.
+        nonfinite: a non-finite meta-loss or meta-gradient ``"stop"``s the run naming the episodes,
+            or ``"skip"``s that update (counted in ``train/skipped_steps``); no update is applied either way.
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class FewShotModule(L.LightningModule):
         cosine_annealing: bool = False,
         meta_lr: float = 1e-3,
         pixel_baseline: bool = True,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -137,7 +140,10 @@ class FewShotModule(L.LightningModule):
         )  # fmt: skip
         if cuda_graph and algorithm not in GRADIENT_BASED:
             raise ValueError(f"cuda_graph is for {', '.join(GRADIENT_BASED)}; got algorithm {algorithm!r}")
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self._graphed = GraphedOuterLoss(self.algorithm) if cuda_graph else None
+        self.skipped_steps, self._last_episodes = 0, []
         self.on_test_epoch_start()
         self.test_summary: dict[str, object] = {}
 
@@ -156,9 +162,10 @@ class FewShotModule(L.LightningModule):
         loss, logits = outer_loss_and_logits(
             batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"], **extra
         )
-        if not torch.isfinite(loss):
+        self._last_episodes = batch["episode"].tolist() if "episode" in batch else []
+        if not torch.isfinite(loss) and self.hparams.nonfinite == "stop":
             raise FloatingPointError(
-                f"non-finite meta-loss {loss.item()} at training episodes {batch['episode'].tolist()}; "
+                f"non-finite meta-loss {loss.item()} at training episodes {self._last_episodes}; "
                 "no update was applied"
             )
         tasks = batch["support_x"].shape[0]
@@ -166,6 +173,27 @@ class FewShotModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=tasks)
         self.log("train/acc", accuracy, prog_bar=True, batch_size=tasks)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A non-finite meta-gradient stops the run (``nonfinite="stop"``) or skips this update (``"skip"``).
+
+        Skipping drops every gradient, so the optimiser changes no parameter and no moment; the
+        count is logged as ``train/skipped_steps``. Under DDP the gradients are already averaged,
+        so every rank sees the same fault and skips together.
+        """
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if all(bool(torch.isfinite(g).all()) for g in grads):
+            return
+        if self.hparams.nonfinite == "stop":
+            raise FloatingPointError(
+                f"non-finite meta-gradient at training episodes {self._last_episodes}; no update was applied "
+                "(set model.nonfinite: skip to skip such steps instead)"
+            )
+        for p in self.parameters():
+            p.grad = None
+        self.skipped_steps += 1
+        logger.warning("skipped the update of training episodes %s: non-finite meta-gradient", self._last_episodes)
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
     def _episode_accuracy(self, batch: Batch) -> torch.Tensor:
         self._check_n_way(batch)

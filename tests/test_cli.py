@@ -60,6 +60,15 @@ def test_fit_then_test_end_to_end(tiny_dicom_root: Path, tmp_path: Path) -> None
     assert checkpoint["hyper_parameters"]["n_way"] == 3  # linked from data.n_way
     assert checkpoint["state_dict"]["algorithm.model.head.weight"].shape[0] == 3
     assert not (tiny_dicom_root / "runs").exists()
+    # the same checkpoint tested again on the frozen episodes of that run, through `--episodes`
+    run_dir = Path(metrics_line.removeprefix("metrics: ").strip()).parent
+    replay = _medmeta("test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", checkpoint_line.removeprefix("checkpoint: ").strip(),
+                      "--episodes", str(run_dir / "test_episodes.json"), cwd=tmp_path)  # fmt: skip
+    assert replay.returncode == 0, replay.stdout[-3000:] + replay.stderr[-3000:]
+    replay_line = next(line for line in replay.stdout.splitlines() if line.startswith("metrics: "))
+    replay_dir = Path(replay_line.removeprefix("metrics: ").strip()).parent
+    assert replay_dir != run_dir
+    assert (replay_dir / "per_episode.csv").read_text() == (run_dir / "per_episode.csv").read_text()
 
 
 def test_model_n_way_cannot_disagree_with_data(tiny_dicom_root: Path, tmp_path: Path) -> None:

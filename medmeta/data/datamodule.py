@@ -6,14 +6,14 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 from monai.data import CacheDataset
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from medmeta.data.episode_manifest import EpisodeManifest, ManifestEpisodeSampler, data_hash, sample_id
 from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler
@@ -68,21 +68,48 @@ class EpisodeDataset(Dataset):
         }
 
 
-class EpochEpisodeSampler(Sampler[int]):
-    """Yields episode indices ``epoch * length ... epoch * length + length - 1``: new episodes every epoch."""
+class EpochEpisodeSampler(DistributedSampler):
+    """This rank's share of episode indices ``epoch * length ... epoch * length + length - 1``.
 
-    def __init__(self, length: int) -> None:
-        self.length, self.epoch = length, 0
+    New episodes every epoch; under DDP rank ``r`` of ``w`` takes every ``w``-th index from ``r``,
+    so the ranks adapt distinct tasks (a ``DistributedSampler``, so Lightning does not wrap it and
+    calls its ``set_epoch``). After a mid-epoch resume, the next iteration starts ``skip``
+    episodes into the epoch (once).
+    """
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.length, self.num_replicas, self.rank, self.epoch, self.skip = length, num_replicas, rank, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.epoch * self.length, (self.epoch + 1) * self.length))
+        start, self.skip = self.skip, 0
+        return iter(range(self.epoch * self.length + start + self.rank, (self.epoch + 1) * self.length, self.num_replicas))
 
     def __len__(self) -> int:
-        return self.length
+        return self.length // self.num_replicas
+
+
+class ResumableLoader(DataLoader):
+    """The training loader: Lightning keeps its position in checkpoints and restores it on resume.
+
+    ``position()`` gives the meta-batches already trained in the current epoch (all DDP ranks
+    move together); ``episodes_per_batch`` is the episodes of one meta-batch over all ranks.
+    """
+
+    def __init__(self, *args: object, position: Callable[[], int], episodes_per_batch: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.position, self.episodes_per_batch = position, episodes_per_batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The epoch and the meta-batches of it already trained."""
+        return {"epoch": self.sampler.epoch, "batches": int(self.position())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Start the next iteration where the checkpointed run stopped."""
+        self.sampler.skip = state["batches"] * self.episodes_per_batch
 
 
 class EpisodicDataModule(L.LightningDataModule):
@@ -343,18 +370,28 @@ class EpisodicDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Meta-batches of ``meta_batch_size`` new episodes, split evenly across DDP ranks.
 
-        Under DDP Lightning shards the episode indices across ranks (distinct tasks per rank) and
+        Under DDP the sampler shards the episode indices across ranks (distinct tasks per rank) and
         each rank adapts ``meta_batch_size / world_size`` of them; averaging the ranks' gradients
-        then gives the meta-gradient of the whole meta-batch.
+        then gives the meta-gradient of the whole meta-batch. The loader's position is saved in
+        checkpoints, so a run resumed mid-epoch continues with the next meta-batch.
         """
         world, _ = self._world()
+        rank = self.trainer.global_rank if getattr(self, "trainer", None) is not None else 0
         if self.meta_batch_size % world:
             raise ValueError(
                 f"meta_batch_size={self.meta_batch_size} does not split evenly across {world} processes; "
                 f"use a multiple of {world}"
             )
         length = self.train_batches_per_epoch * self.meta_batch_size
-        return self._loader("train", self.meta_batch_size // world, EpochEpisodeSampler(length))
+        if "train" not in self._datasets:
+            self.setup("fit")
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress if getattr(self, "trainer", None) else None
+        return ResumableLoader(
+            self._datasets["train"], batch_size=self.meta_batch_size // world, sampler=EpochEpisodeSampler(length, world, rank),
+            shuffle=False, num_workers=self.num_workers, persistent_workers=False,
+            position=(lambda: progress.current.processed) if progress else (lambda: 0),
+            episodes_per_batch=self.meta_batch_size,
+        )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         """The frozen validation episodes."""

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityd, ScaleIntensityRanged
-from monai.transforms import ScaleIntensityRangePercentilesd
+from monai.transforms import (
+    MapTransform,
+    NormalizeIntensityd,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+)
 
 # CT windows as (level, width) in Hounsfield units, the values radiology workstations ship with.
 CT_WINDOWS: dict[str, tuple[float, float]] = {

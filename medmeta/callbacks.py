@@ -1,0 +1,71 @@
+"""Callbacks every ``medmeta fit`` carries: checkpoint on pre-emption, RNG state in checkpoints."""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> Path:
+    """Where this run's ``last.ckpt`` goes: the checkpoint callback's folder, else ``<log dir>/checkpoints``."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return Path(callback.dirpath) / "last.ckpt"
+    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM during fit (and SIGUSR1, SLURM's usual pre-emption warning, outside Lightning's own SLURM
+    requeueing), finish the step in progress, write ``last.ckpt`` and stop; ``fit --ckpt_path last``
+    continues from it. Lightning turns the signal into ``SIGTERMException`` at the end of the step;
+    ``medmeta`` then exits with status 143 and a one-line message.
+    """
+
+    def __init__(self) -> None:
+        self.saved: Path | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        environment = trainer._accelerator_connector.cluster_environment
+        slurm_requeues = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+        if stage == "fit" and hasattr(signal, "SIGUSR1") and not slurm_requeues:
+            # Lightning restores the handlers it found when fit ends
+            signal.signal(signal.SIGUSR1, trainer._signal_connector._sigterm_notifier_fn)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self.saved = last_checkpoint_path(trainer)
+            trainer.save_checkpoint(self.saved)
+
+
+class RandomStateCheckpoint(L.Callback):
+    """Saves the Python, NumPy and torch random states in checkpoints and restores them on resume."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        numpy_state = np.random.get_state()
+        checkpoint["medmeta_rng"] = {
+            "python": random.getstate(),
+            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],  # plain types: loads with weights_only
+            "torch": torch.get_rng_state(),
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("medmeta_rng")
+        if state is None:
+            return
+        version, keys, *rest = state["numpy"]
+        random.setstate(_as_tuple(state["python"]))
+        np.random.set_state((version, np.asarray(keys, dtype=np.uint32), *rest))
+        torch.set_rng_state(state["torch"])
+
+
+def _as_tuple(value: Any) -> Any:
+    """Python's random state with its nested tuples back (a checkpoint may hold lists)."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

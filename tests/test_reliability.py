@@ -1,0 +1,218 @@
+"""Reliability: exact resume, pre-emption signals, untrusted checkpoints, numerical faults, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from medmeta.callbacks import RandomStateCheckpoint
+from medmeta.cli import check_checkpoint
+from medmeta.data import datamodule as datamodule_module
+from medmeta.data.datamodule import EpisodicDataModule
+from medmeta.errors import DataError
+from medmeta.module import FewShotModule
+from tests.test_cli import _medmeta, _tiny_fit_args
+
+DATA: dict = dict(
+    n_way=3, k_shot=1, q_query=2, meta_batch_size=2, image_size=16, train_batches_per_epoch=4, val_episodes=2,
+    test_episodes=2, split_ratios=(0.5, 0.25, 0.25),
+)  # fmt: skip
+
+
+class EpisodeLog(L.Callback):
+    """Records the training episode indices and losses of every step."""
+
+    def __init__(self) -> None:
+        self.episodes: list[list[int]] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: dict, *_: object) -> None:
+        self.episodes.append(batch["episode"].tolist())
+        self.losses.append(float(outputs["loss"]))
+
+
+def _fit(root: Path, out: Path, max_steps: int, ckpt_path: str | None = None) -> tuple[FewShotModule, EpisodeLog]:
+    L.seed_everything(0)
+    module = FewShotModule(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=1, pixel_baseline=False)
+    log = EpisodeLog()
+    checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=1, save_top_k=0)
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, inference_mode=False, default_root_dir=out,
+                        callbacks=[checkpoints, RandomStateCheckpoint(), log])  # fmt: skip
+    trainer.fit(module, datamodule=EpisodicDataModule(str(root), **DATA), ckpt_path=ckpt_path, weights_only=True)
+    return module, log
+
+
+def test_resumed_run_equals_the_uninterrupted_one(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """Stopped at step 3 (mid-epoch: 4 steps per epoch) and resumed to 6: same episodes, losses and weights."""
+    full, full_log = _fit(tiny_dicom_root, tmp_path / "full", 6)
+    _fit(tiny_dicom_root, tmp_path / "part", 3)
+    resumed, resumed_log = _fit(tiny_dicom_root, tmp_path / "part", 6, ckpt_path=str(tmp_path / "part/checkpoints/last.ckpt"))
+    assert resumed_log.episodes == full_log.episodes[3:]
+    assert resumed_log.losses == pytest.approx(full_log.losses[3:], rel=1e-6, abs=1e-7)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_without_the_loader_state_a_mid_epoch_resume_repeats_episodes(
+    tiny_dicom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The counter-check: the saved loader position is what makes the resumed episode stream right."""
+    _, full_log = _fit(tiny_dicom_root, tmp_path / "full", 6)
+    _fit(tiny_dicom_root, tmp_path / "part", 3)
+    monkeypatch.setattr(datamodule_module.ResumableLoader, "load_state_dict", lambda self, state: None)
+    _, resumed_log = _fit(tiny_dicom_root, tmp_path / "part", 6, ckpt_path=str(tmp_path / "part/checkpoints/last.ckpt"))
+    assert resumed_log.episodes != full_log.episodes[3:]
+
+
+def test_same_seed_gives_bitwise_identical_checkpoints_and_metrics(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        module, _ = _fit(tiny_dicom_root, tmp_path / name, 4)
+        checkpoint = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=True)
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, inference_mode=False, default_root_dir=tmp_path / name)
+        trainer.test(module, datamodule=EpisodicDataModule(str(tiny_dicom_root), **DATA), verbose=False)
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        runs.append((checkpoint["state_dict"], checkpoint["optimizer_states"], metrics.pop("figures"), metrics))
+    (state_a, optim_a, _, metrics_a), (state_b, optim_b, _, metrics_b) = runs
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert all(torch.equal(x, y) for x, y in zip(_tensors(optim_a), _tensors(optim_b), strict=True))
+    assert metrics_a == metrics_b
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in _tensors(value[k])]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _batches(nan_step: int | None = None, steps: int = 3) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for step in range(steps):
+        for task in range(2):
+            item = {"support_x": torch.rand(3, 1, 8, 8, generator=g), "support_y": torch.arange(3),
+                    "query_x": torch.rand(6, 1, 8, 8, generator=g), "query_y": torch.arange(3).repeat_interleave(2),
+                    "episode": torch.tensor(10 * step + task)}  # fmt: skip
+            if step == nan_step and task == 1:
+                item["query_x"][0, 0, 0, 0] = float("nan")  # an image that escaped the preflight
+            items.append(item)
+    return DataLoader(items, batch_size=2)
+
+
+def test_nonfinite_skip_mode_skips_only_the_bad_update_and_counts_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = FewShotModule(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, nonfinite="skip", pixel_baseline=False)
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *_: object) -> None:
+            snapshots.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        inference_mode=False, default_root_dir=tmp_path, callbacks=[Snapshot()])  # fmt: skip
+    trainer.fit(module, _batches(nan_step=1))
+    assert module.skipped_steps == 1
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert not same(snapshots[0], snapshots[2]) and same(snapshots[0], snapshots[1])  # step 2 (index 1) changed nothing
+    assert all(torch.isfinite(v).all() for v in snapshots[2].values() if v.is_floating_point())
+
+
+def test_nonfinite_meta_gradient_stops_with_the_episodes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = FewShotModule(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, pixel_baseline=False)
+    module.model.head.weight.register_hook(lambda grad: grad * float("inf"))  # finite loss, non-finite meta-gradient
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        inference_mode=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"non-finite meta-gradient at training episodes \[0, 1\]"):
+        trainer.fit(module, _batches())
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_sigterm_during_fit_writes_a_checkpoint_and_fit_last_continues(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """A real ``medmeta fit`` subprocess, a real SIGTERM, then ``--ckpt_path last``."""
+    out = tmp_path / "run"
+    args = [*_tiny_fit_args(tiny_dicom_root, out), "--trainer.max_steps", "100000", "--trainer.val_check_interval", "50",
+            "--trainer.log_every_n_steps", "1", "--test_after_fit", "false"]  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "medmeta.cli", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and _logged_steps(out) < 3:  # training is under way
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stdout[-2000:] + stderr[-2000:]
+    message = [line for line in stdout.splitlines() if line.startswith("medmeta: stopped by a termination signal")]
+    assert len(message) == 1 and "last.ckpt" in message[0] and "Traceback" not in stdout + stderr
+    last = next(out.rglob("last.ckpt"))
+    stopped_at = torch.load(last, weights_only=True)["global_step"]
+    assert stopped_at >= 3
+    resumed = _medmeta(*_tiny_fit_args(tiny_dicom_root, out), "--trainer.max_steps", str(stopped_at + 2),
+                       "--ckpt_path", "last", "--test_after_fit", "false", cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resuming from {last}" in resumed.stdout.replace("\n", "")
+    newest = max(out.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+    assert torch.load(newest, weights_only=True)["global_step"] == stopped_at + 2
+
+
+def _logged_steps(out: Path) -> int:
+    """Training steps logged so far by the CSV logger of a run folder."""
+    files = list(out.rglob("metrics.csv"))
+    return max((len(f.read_text().splitlines()) - 1 for f in files), default=0)
+
+
+class _Evil:
+    """Unpickling this would create a file: the proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_untrusted_checkpoints_are_refused_with_clear_errors(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": _Evil(marker)}, evil, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    run = _medmeta(*_tiny_fit_args(tiny_dicom_root, tmp_path / "run"), "--test_after_fit", "false", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    good = next((tmp_path / "run").rglob("last.ckpt"))
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    cases = [
+        ("fit", evil, [], "holds objects other than tensors and plain values"),
+        ("test", truncated, [], "cannot load checkpoint"),
+        ("test", good, ["--data.n_way", "4"], "trained for a different model: n_way=3 (this run: 4)"),
+    ]  # (a --model.* value is replaced by the checkpoint's own hyperparameters: LightningCLI's rule)
+    for command, path, extra, message in cases:
+        args = _tiny_fit_args(tiny_dicom_root, tmp_path / "other")
+        args[0] = command
+        result = _medmeta(*args, *extra, "--ckpt_path", str(path), cwd=tmp_path)
+        assert result.returncode == 2, (command, path.name, result.stdout[-1500:], result.stderr[-1500:])
+        assert message in result.stdout.replace("\n", ""), (command, path.name, result.stdout[-1500:])
+        assert "Traceback" not in result.stdout + result.stderr
+    for tool in ("diagnose", "evaluate"):
+        extra = ["--support", str(tiny_dicom_root), "--query", str(tiny_dicom_root)] if tool == "diagnose" else []
+        result = _medmeta(tool, "--ckpt", str(evil), *extra, "--out", str(tmp_path / tool), cwd=tmp_path)
+        assert result.returncode == 2 and "cannot load checkpoint" in result.stdout and "Traceback" not in result.stderr
+    assert not marker.exists()
+    with pytest.raises(DataError, match=r"different model: backbone='conv4' \(this run: 'resnet12'\)"):
+        check_checkpoint(good, FewShotModule(n_way=3, image_size=16, hidden_channels=8, backbone="resnet12").hparams)
