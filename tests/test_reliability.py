@@ -216,3 +216,31 @@ def test_untrusted_checkpoints_are_refused_with_clear_errors(tiny_dicom_root: Pa
     assert not marker.exists()
     with pytest.raises(DataError, match=r"different model: backbone='conv4' \(this run: 'resnet12'\)"):
         check_checkpoint(good, FewShotModule(n_way=3, image_size=16, hidden_channels=8, backbone="resnet12").hparams)
+
+
+def test_full_pipeline_on_a_read_only_data_folder(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """fit + test, then diagnose, on a data folder made read-only; nothing in it changes.
+
+    Tests may run as root, which ignores file modes, so the snapshot of names, sizes and times is
+    what proves that nothing was written.
+    """
+    import shutil
+    import stat
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dicom_root, root)
+    for path in [root, *root.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    snapshot = lambda: {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}  # noqa: E731
+    before = snapshot()
+    try:
+        fit = _medmeta(*_tiny_fit_args(root, tmp_path / "run"), cwd=tmp_path)
+        assert fit.returncode == 0 and "test accuracy:" in fit.stdout, fit.stdout[-2000:] + fit.stderr[-2000:]
+        checkpoint = next((tmp_path / "run").rglob("last.ckpt"))
+        diagnosed = _medmeta("diagnose", "--ckpt", str(checkpoint), "--support", str(root), "--query",
+                             str(next(root.iterdir())), "--out", str(tmp_path / "dx"), cwd=tmp_path)  # fmt: skip
+        assert diagnosed.returncode == 0, diagnosed.stdout[-2000:] + diagnosed.stderr[-2000:]
+        assert snapshot() == before
+    finally:
+        for path in [root, *root.rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)

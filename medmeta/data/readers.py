@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from monai.utils import MetaKeys, SpaceKeys
 from pydicom import config as pydicom_config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.misc import is_dicom
 from pydicom.pixels import apply_modality_lut, get_decoder
 
@@ -159,7 +160,7 @@ def _read_dataset(path: Path) -> Dataset:
         if "DICM" in str(err) or "File Meta" in str(err):
             raise DicomReadError(path, "not a DICOM file (no DICOM file header)") from err
         raise DicomReadError(path, "malformed DICOM header (InvalidDicomError)") from err
-    except EOFError as err:
+    except (EOFError, struct.error, BytesLengthException) as err:  # cut inside an element's tag, VR or length
         raise DicomTruncatedError(path, "file ends inside the DICOM data set (truncated)") from err
     except Exception as err:  # OSError, or one of the many types pydicom raises on malformed input
         raise DicomReadError(path, f"cannot open or parse the file ({type(err).__name__})") from err
@@ -169,7 +170,7 @@ def _read_dataset(path: Path) -> Dataset:
                 and len(elem.value) < elem.length):
             raise DicomTruncatedError(path, f"file ends inside element {tag} (truncated)")
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
-        sop_class = ds.get("SOPClassUID")
+        sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
         sop_name = sop_class.name if sop_class is not None else "unknown SOP class"
         if len(ds) == 0 or "Rows" in ds or "Image Storage" in sop_name:
             raise DicomTruncatedError(path, "file ends before the pixel data (truncated)")

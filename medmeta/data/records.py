@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from medmeta.data.preflight import NIFTI_SUFFIXES, PICTURE_SUFFIXES
 from medmeta.data.readers import DICOM_SUFFIXES
@@ -71,6 +72,17 @@ def _patient_of(path: Path, class_dir: Path) -> str:
     return hash_patient(f"path:{class_dir.name}/{key}")
 
 
+def _series_patient(folder: Path, class_dir: Path) -> str:
+    """The patient of a DICOM series folder: from its first readable slice, else from the folder path."""
+    for slice_path in sorted(p for p in folder.iterdir() if p.name.lower().endswith(DICOM_SUFFIXES)):
+        try:
+            return _patient_of(slice_path, class_dir)
+        except (InvalidDicomError, OSError, ValueError, LookupError, EOFError, struct.error, BytesLengthException):
+            continue
+    relative = folder.relative_to(class_dir)
+    return hash_patient(f"path:{class_dir.name}/{relative.parts[0]}")
+
+
 def _series_folders(class_dir: Path) -> set[Path]:
     """Folders holding two or more DICOM files: each is one series (one volume) in 3D."""
     counts: dict[Path, int] = {}
@@ -102,9 +114,8 @@ def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[I
         series = _series_folders(class_dir) if spatial_dims == 3 else set()
         candidates = sorted(series | {p for p in class_dir.rglob("*") if p.is_file() and p.parent not in series})
         for path in candidates:
-            if path.is_dir():
-                first = sorted(p for p in path.iterdir() if p.name.lower().endswith(DICOM_SUFFIXES))[0]
-                records.append(ImageRecord(path, class_dir.name, _patient_of(first, class_dir)))
+            if path.is_dir():  # the patient of the first readable slice; the preflight judges the series
+                records.append(ImageRecord(path, class_dir.name, _series_patient(path, class_dir)))
             elif not _is_image(path):
                 skipped.append(SkippedFile(path, "not-image"))
             elif path.stat().st_size == 0:
@@ -112,7 +123,10 @@ def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[I
             else:
                 try:
                     records.append(ImageRecord(path, class_dir.name, _patient_of(path, class_dir)))
-                except (InvalidDicomError, OSError, ValueError, EOFError) as error:
+                except (EOFError, struct.error, BytesLengthException) as error:  # cut inside an element
+                    logger.warning("skipping %s: truncated (%s)", path, type(error).__name__)
+                    skipped.append(SkippedFile(path, "truncated"))
+                except (InvalidDicomError, OSError, ValueError, LookupError) as error:
                     logger.warning("skipping %s: unreadable (%s)", path, type(error).__name__)
                     skipped.append(SkippedFile(path, "unreadable"))
     if not records:
