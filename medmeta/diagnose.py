@@ -68,7 +68,7 @@ def diagnose(ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps
     steps = module.hparams.eval_inner_steps if steps is None else steps
     with torch.enable_grad():
         probs = algorithm.adapt_and_predict(support_x[None], support_y[None], query_x[None], steps=steps)[0].softmax(-1)
-    warnings += leave_one_out_warnings(algorithm, support_x, support_y, names, steps)
+    warnings += leave_one_out_warnings(algorithm, support_x, support_y, names, steps, query_x)
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir()
     (out / "overlays").mkdir()
@@ -181,14 +181,20 @@ def adapted_algorithm(module: FewShotModule, n_classes: int) -> nn.Module:
     return algorithm
 
 
-def leave_one_out_warnings(algorithm: nn.Module, support_x: Tensor, support_y: Tensor, names: list[str], steps: int) -> list[str]:
-    """Adapt on all support cases but one and predict it, for each; warn when the support set does not separate."""
+def leave_one_out_warnings(
+    algorithm: nn.Module, support_x: Tensor, support_y: Tensor, names: list[str], steps: int, query_x: Tensor
+) -> list[str]:  # fmt: skip
+    """Adapt on all support cases but one and predict it, for each; warn when the support set does not separate.
+
+    The left-out case is predicted in one batch with the query cases, as the queries themselves are
+    (transductive batch norm would otherwise see a batch of one image).
+    """
     correct = torch.zeros(len(support_y), dtype=torch.bool)
     for i in range(len(support_y)):
         keep = torch.arange(len(support_y)) != i
+        batch = torch.cat([support_x[i : i + 1], query_x])
         with torch.enable_grad():
-            logits = algorithm.adapt_and_predict(support_x[keep][None], support_y[keep][None], support_x[i : i + 1][None],
-                                                 steps=steps)  # fmt: skip
+            logits = algorithm.adapt_and_predict(support_x[keep][None], support_y[keep][None], batch[None], steps=steps)
         correct[i] = bool(logits[0, 0].argmax() == support_y[i])
     accuracy = float(correct.float().mean())
     recalls = {name: float(correct[support_y == k].float().mean()) for k, name in enumerate(names)}

@@ -146,8 +146,11 @@ def test_nonfinite_meta_gradient_stops_with_the_episodes(tmp_path: Path) -> None
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
-def test_sigterm_during_fit_writes_a_checkpoint_and_fit_last_continues(tiny_dicom_root: Path, tmp_path: Path) -> None:
-    """A real ``medmeta fit`` subprocess, a real SIGTERM, then ``--ckpt_path last``."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_during_fit_writes_a_checkpoint_and_fit_last_continues(
+    tiny_dicom_root: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A real ``medmeta fit`` subprocess, a real SIGTERM (or SLURM's SIGUSR1), then ``--ckpt_path last``."""
     out = tmp_path / "run"
     args = [*_tiny_fit_args(tiny_dicom_root, out), "--trainer.max_steps", "100000", "--trainer.val_check_interval", "50",
             "--trainer.log_every_n_steps", "1", "--test_after_fit", "false"]  # fmt: skip
@@ -156,7 +159,7 @@ def test_sigterm_during_fit_writes_a_checkpoint_and_fit_last_continues(tiny_dico
     deadline = time.time() + 120
     while time.time() < deadline and _logged_steps(out) < 3:  # training is under way
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stdout[-2000:] + stderr[-2000:]
     message = [line for line in stdout.splitlines() if line.startswith("medmeta: stopped by a termination signal")]
@@ -164,6 +167,8 @@ def test_sigterm_during_fit_writes_a_checkpoint_and_fit_last_continues(tiny_dico
     last = next(out.rglob("last.ckpt"))
     stopped_at = torch.load(last, weights_only=True)["global_step"]
     assert stopped_at >= 3
+    if signum != signal.SIGTERM:
+        return  # the resume is the same for both signals
     resumed = _medmeta(*_tiny_fit_args(tiny_dicom_root, out), "--trainer.max_steps", str(stopped_at + 2),
                        "--ckpt_path", "last", "--test_after_fit", "false", cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
@@ -209,6 +214,9 @@ def test_untrusted_checkpoints_are_refused_with_clear_errors(tiny_dicom_root: Pa
         assert result.returncode == 2, (command, path.name, result.stdout[-1500:], result.stderr[-1500:])
         assert message in result.stdout.replace("\n", ""), (command, path.name, result.stdout[-1500:])
         assert "Traceback" not in result.stdout + result.stderr
+    unsafe = _medmeta(*_tiny_fit_args(tiny_dicom_root, tmp_path / "other"), "--ckpt_path", str(good), "--weights_only",
+                      "false", cwd=tmp_path)  # fmt: skip
+    assert unsafe.returncode == 2 and "--weights_only false is refused" in unsafe.stdout
     for tool in ("diagnose", "evaluate"):
         extra = ["--support", str(tiny_dicom_root), "--query", str(tiny_dicom_root)] if tool == "diagnose" else []
         result = _medmeta(tool, "--ckpt", str(evil), *extra, "--out", str(tmp_path / tool), cwd=tmp_path)
