@@ -285,14 +285,15 @@ def evaluate_main(argv: list[str]) -> int:
         model = FewShotModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure to load is the user's file
         raise DataError(f"cannot load checkpoint {args.ckpt}: {type(error).__name__}") from error
-    settings = dict(raw.get("datamodule_hyper_parameters") or {})
+    settings = {k: v for k, v in (raw.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
     if args.data_root is not None:
         settings["root"] = args.data_root
     if args.test_episodes is not None:
         settings["test_episodes"] = args.test_episodes
     settings["episodes_file"] = str(args.episodes) if args.episodes else None
     data = EpisodicDataModule(**settings)
-    loggers = [CSVLogger(args.out, name="evaluate"), TensorBoardLogger(args.out, name="evaluate")]
+    csv_logger = CSVLogger(args.out, name="evaluate")
+    loggers = [csv_logger, TensorBoardLogger(args.out, name="evaluate", version=csv_logger.version)]  # one folder
     trainer = L.Trainer(logger=loggers, inference_mode=False, enable_progress_bar=False, default_root_dir=args.out)
     trainer.test(model, datamodule=data, verbose=False)
     summary = model.test_summary

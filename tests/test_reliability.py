@@ -227,7 +227,8 @@ def test_untrusted_checkpoints_are_refused_with_clear_errors(tiny_dicom_root: Pa
 
 
 def test_full_pipeline_on_a_read_only_data_folder(tiny_dicom_root: Path, tmp_path: Path) -> None:
-    """fit + test, then diagnose, on a data folder made read-only; nothing in it changes.
+    """fit + test, then diagnose and evaluate (on the command line's own checkpoint), on a data folder made
+    read-only; nothing in it changes.
 
     Tests may run as root, which ignores file modes, so the snapshot of names, sizes and times is
     what proves that nothing was written.
@@ -248,6 +249,9 @@ def test_full_pipeline_on_a_read_only_data_folder(tiny_dicom_root: Path, tmp_pat
         diagnosed = _medmeta("diagnose", "--ckpt", str(checkpoint), "--support", str(root), "--query",
                              str(next(root.iterdir())), "--out", str(tmp_path / "dx"), cwd=tmp_path)  # fmt: skip
         assert diagnosed.returncode == 0, diagnosed.stdout[-2000:] + diagnosed.stderr[-2000:]
+        evaluated = _medmeta("evaluate", "--ckpt", str(checkpoint), "--test-episodes", "3", "--out", str(tmp_path / "ev"),
+                             cwd=tmp_path)  # fmt: skip
+        assert evaluated.returncode == 0 and "macro AUROC" in evaluated.stdout, evaluated.stdout[-2000:] + evaluated.stderr[-2000:]
         assert snapshot() == before
     finally:
         for path in [root, *root.rglob("*")]:
