@@ -60,6 +60,9 @@ COVERED_BY: dict[str, tuple[str, ...]] = {
                          "tests/test_reliability.py::test_full_pipeline_on_a_read_only_data_folder"),
     "python benchmarks/maml_speed.py --quick": ("tests/test_maml_speed_benchmark.py::test_quick_run_reports_every_implementation",),
     "srun": ("tests/test_ddp.py::test_ddp_meta_gradient_equals_the_single_process_one",),
+    # slow tests (pytest -m slow): the minutes-long benchmark scripts end to end
+    "python benchmarks/compare.py": ("tests/test_benchmark_scripts.py::test_compare_script_at_small_size",),
+    "python benchmarks/data_pipeline.py": ("tests/test_benchmark_scripts.py::test_data_pipeline_script_runs",),
 }  # fmt: skip
 
 # (page, text in the command) -> text in its check's failure. Each entry must still fail.
