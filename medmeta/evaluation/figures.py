@@ -169,3 +169,85 @@ def plot_episode_grid(
     query_colours = [CORRECT_COLOUR if int(t) == int(p) else WRONG_COLOUR for t, p in zip(query_y, predicted)]
     draw(query_part, query, query_rows, query_titles, query_colours)
     return _save(figure, path)
+
+
+def _comparison_layout(rows: list[dict]) -> tuple[list[str], list[int], dict[tuple[str, int], dict]]:
+    """Algorithms (in order of first appearance), sorted shot counts, and the row of each (algorithm, shots)."""
+    if not rows:
+        raise ValueError("rows is empty: nothing to plot")
+    for row in rows:
+        missing = {"algorithm", "shots", "accuracy", "ci95"} - set(row)
+        if missing:
+            raise ValueError(f"every row needs algorithm, shots, accuracy and ci95; a row lacks {sorted(missing)}")
+    algorithms = list(dict.fromkeys(str(row["algorithm"]) for row in rows))
+    shots = sorted({int(row["shots"]) for row in rows})
+    return algorithms, shots, {(str(row["algorithm"]), int(row["shots"])): row for row in rows}
+
+
+def _chance(rows: list[dict]) -> float | None:
+    """``1 / n_way`` when every row states the same ``n_way``, else ``None``."""
+    ways = {row.get("n_way") for row in rows}
+    if len(ways) != 1 or None in ways:
+        return None
+    return 1.0 / float(ways.pop())
+
+
+def plot_comparison(
+    rows: list[dict], path: Path, title: str = "Test accuracy on the same frozen episodes (± 95% CI)"
+) -> Path:
+    """Bar plot of test accuracy with 95% CI error bars: one group per shot count, one bar (colour) per algorithm.
+
+    Each row is one run: ``algorithm``, ``shots``, ``accuracy`` and ``ci95`` (fractions in [0, 1]),
+    optionally ``n_way`` (the same in every row draws the chance level). Algorithms keep their colour
+    and place in every group (in order of first appearance, as in :func:`plot_accuracy_vs_shots`); a
+    missing (algorithm, shots) pair leaves a gap. Returns ``path``.
+    """
+    algorithms, shots, by_key = _comparison_layout(rows)
+    width = 0.8 / len(algorithms)
+    figure = _new_figure(max(6.0, 2.2 + 0.3 * len(algorithms) * len(shots)), 4.0)
+    axes = figure.add_subplot()
+    for j, name in enumerate(algorithms):
+        present = [(i, by_key[(name, k)]) for i, k in enumerate(shots) if (name, k) in by_key]
+        xs = [i - 0.4 + width * (j + 0.5) for i, _ in present]
+        axes.bar(xs, [100 * float(r["accuracy"]) for _, r in present], width,
+                 yerr=[100 * float(r["ci95"]) for _, r in present], capsize=3, label=name)  # fmt: skip
+    chance = _chance(rows)
+    if chance is not None:
+        axes.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({100 * chance:.0f}%)")
+    axes.set_xticks(range(len(shots)), [f"{k}-shot" for k in shots])
+    axes.set_ylim(0, 100)
+    axes.set_ylabel("test accuracy (%) ± 95% CI")
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes.set_title(title)
+    return _save(figure, path)
+
+
+def plot_accuracy_vs_shots(
+    rows: list[dict], path: Path, title: str = "Test accuracy against support images per class (± 95% CI)"
+) -> Path:
+    """Test accuracy against shots (K), one line per algorithm with 95% CI error bars and band; same rows as
+    :func:`plot_comparison` (an algorithm run at one shot count shows as a single point). Returns ``path``."""
+    algorithms, shots, by_key = _comparison_layout(rows)
+    figure = _new_figure(6.0, 4.0)
+    axes = figure.add_subplot()
+    gap = float(np.diff(shots).min()) if len(shots) > 1 else 1.0
+    for i, name in enumerate(algorithms):
+        points = [(k, by_key[(name, k)]) for k in shots if (name, k) in by_key]
+        dodge = 0.04 * gap * (i - (len(algorithms) - 1) / 2)  # side by side, so the error bars stay readable
+        ks = np.array([k for k, _ in points], dtype=float) + dodge
+        mean = np.array([100 * float(r["accuracy"]) for _, r in points])
+        ci = np.array([100 * float(r["ci95"]) for _, r in points])
+        bars = axes.errorbar(ks, mean, yerr=ci, marker="o", capsize=3, label=name)
+        axes.fill_between(ks, mean - ci, mean + ci, color=bars.lines[0].get_color(), alpha=0.1)
+    chance = _chance(rows)
+    if chance is not None:
+        axes.axhline(100 * chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    axes.set_xticks(shots)
+    axes.set_xlabel("shots (support images per class)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_ylim(0, 100)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    axes.set_title(title, fontsize=10)
+    return _save(figure, path)

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from medmeta.evaluation.figures import (
+    plot_accuracy_vs_shots,
     plot_adaptation_curve,
+    plot_comparison,
     plot_confusion_matrix,
     plot_episode_grid,
     plot_reliability_diagram,
@@ -70,3 +72,32 @@ def test_episode_grid(tmp_path: Path, shape: tuple[int, ...]) -> None:
         max_query=10,
     )
     assert_png(path, written, min_side=200)
+
+
+def _comparison_rows() -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for shots in (1, 5, 10):
+        for name in ("maml", "protonet", "finetune"):
+            if name == "finetune" and shots == 10:
+                continue  # a missing (algorithm, shots) pair leaves a gap
+            accuracy = 0.3 + 0.04 * shots + 0.05 * float(torch.rand(1, generator=generator))
+            rows.append({"algorithm": name, "shots": shots, "accuracy": accuracy, "ci95": 0.02, "n_way": 5})
+    return rows
+
+
+def test_comparison_bar_plot(tmp_path: Path) -> None:
+    path = tmp_path / "figs" / "comparison.png"
+    assert_png(path, plot_comparison(_comparison_rows(), path, title="5-way comparison"))
+
+
+def test_accuracy_vs_shots(tmp_path: Path) -> None:
+    path = tmp_path / "shots.png"
+    assert_png(path, plot_accuracy_vs_shots(_comparison_rows(), path))
+
+
+def test_comparison_needs_rows(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="empty"):
+        plot_comparison([], tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="ci95"):
+        plot_accuracy_vs_shots([{"algorithm": "maml", "shots": 1, "accuracy": 0.5}], tmp_path / "bad.png")
