@@ -1,7 +1,8 @@
 """The ``medmeta`` command: LightningCLI (fit/validate/test/predict) plus ``synth``, ``data check``,
 ``evaluate`` and ``diagnose``.
 
-The CLI holds no logic: it parses, links the data and model shapes, and reports.
+The CLI holds no logic of its own: it parses, links the data and model shapes, checks checkpoints
+(``medmeta.checkpoints``) before anything loads them, and reports.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
 from medmeta.callbacks import PreemptionCheckpoint, RandomStateCheckpoint
+from medmeta.checkpoints import check_checkpoint, load_trained
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.episodes import SPLITS
 from medmeta.errors import DataError
@@ -133,31 +135,6 @@ class MedMetaCLI(LightningCLI):
         )
 
 
-def check_checkpoint(path: Path, hparams: object | None) -> None:
-    """A clear ``DataError`` if ``path`` is missing, not a safe checkpoint, cut short, or (given this run's model
-    ``hparams``) for another model shape."""
-    import torch
-
-    if not path.is_file():
-        raise DataError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - crafted pickle, truncated zip, not a checkpoint at all
-        reason = "it holds objects other than tensors and plain values (refused unread)" if "Weights only load failed" in str(
-            error
-        ) else f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else 'unreadable'}"
-        raise DataError(f"cannot load checkpoint {path}: {reason}") from error
-    saved = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
-    if not isinstance(saved, dict) or "state_dict" not in checkpoint:
-        raise DataError(f"checkpoint {path} is not a medmeta checkpoint (no state_dict or hyper_parameters)")
-    if hparams is None:
-        return
-    shape = ("algorithm", "backbone", "n_way", "in_channels", "spatial_dims", "hidden_channels", "norm", "image_size")
-    differs = [f"{key}={saved.get(key)!r} (this run: {hparams[key]!r})" for key in shape if key in saved and saved[key] != hparams[key]]
-    if differs:
-        raise DataError(f"checkpoint {path} was trained for a different model: {', '.join(differs)}")
-
-
 def synth_main(argv: list[str]) -> int:
     """``medmeta synth --out DIR``: write the synthetic lesion data set (2D DICOM or 3D NIfTI)."""
     from medmeta.data.synthetic import generate_synthetic_dataset
@@ -268,7 +245,6 @@ def diagnose_main(argv: list[str]) -> int:
 def evaluate_main(argv: list[str]) -> int:
     """``medmeta evaluate``: test a checkpoint on frozen test episodes (drawn, or replayed from --episodes)."""
     import lightning as L
-    import torch
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     parser = argparse.ArgumentParser(prog="medmeta evaluate", description=evaluate_main.__doc__)
@@ -278,14 +254,7 @@ def evaluate_main(argv: list[str]) -> int:
     parser.add_argument("--test-episodes", type=int, default=None, help="episodes to draw when not replaying")
     parser.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="run folder root")
     args = parser.parse_args(argv)
-    if not args.ckpt.is_file():
-        raise DataError(f"checkpoint {args.ckpt} does not exist")
-    try:
-        raw = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-        model = FewShotModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure to load is the user's file
-        raise DataError(f"cannot load checkpoint {args.ckpt}: {type(error).__name__}") from error
-    settings = {k: v for k, v in (raw.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
+    model, settings = load_trained(args.ckpt)
     if args.data_root is not None:
         settings["root"] = args.data_root
     if args.test_episodes is not None:

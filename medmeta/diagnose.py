@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from medmeta.algorithms import ANIL, MAML, MetaSGD, ProtoNet
 from medmeta.algorithms.meta_sgd import lr_key
+from medmeta.checkpoints import load_trained
 from medmeta.data.datamodule import transform_images
 from medmeta.data.preflight import check_image
 from medmeta.data.records import IMAGE_SUFFIXES, ImageRecord, discover_records
@@ -103,20 +104,13 @@ def diagnose(ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps
 
 def load_checkpoint(ckpt: Path) -> tuple[FewShotModule, dict[str, object]]:
     """The meta-trained module (weights only, CPU) and the image settings it was trained with."""
-    if not ckpt.is_file():
-        raise DataError(f"checkpoint {ckpt} does not exist")
-    try:
-        raw = torch.load(ckpt, map_location="cpu", weights_only=True)
-        module = FewShotModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure to load is the user's file
-        raise DataError(f"cannot load checkpoint {ckpt}: {type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
+    module, settings = load_trained(ckpt)
     if module.hparams.algorithm not in SUPPORTED:
         raise DataError(f"diagnose supports {', '.join(SUPPORTED)}; checkpoint {ckpt} holds {module.hparams.algorithm!r}")
-    settings = dict(raw.get("datamodule_hyper_parameters") or {})
     settings.setdefault("window", (-1100.0, 400.0))
     for key in ("image_size", "in_channels", "spatial_dims"):
         settings[key] = module.hparams[key]
-    return module.eval(), settings
+    return module, settings
 
 
 def read_support(folder: Path, spatial_dims: int) -> tuple[list[ImageRecord], list[str]]:

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from medmeta.callbacks import RandomStateCheckpoint
-from medmeta.cli import check_checkpoint
+from medmeta.checkpoints import check_checkpoint
 from medmeta.data import datamodule as datamodule_module
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.errors import DataError
