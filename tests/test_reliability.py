@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pickle
@@ -169,12 +170,16 @@ def test_signal_during_fit_writes_a_checkpoint_and_fit_last_continues(
     assert stopped_at >= 3
     if signum != signal.SIGTERM:
         return  # the resume is the same for both signals
+    runs_before = set(out.rglob("metrics.csv"))
     resumed = _medmeta(*_tiny_fit_args(tiny_dicom_root, out), "--trainer.max_steps", str(stopped_at + 2),
-                       "--ckpt_path", "last", "--test_after_fit", "false", cwd=tmp_path)  # fmt: skip
+                       "--trainer.log_every_n_steps", "1", "--ckpt_path", "last", "--test_after_fit", "false",
+                       cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"resuming from {last}" in resumed.stdout.replace("\n", "")
-    newest = max(out.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    assert torch.load(newest, weights_only=True)["global_step"] == stopped_at + 2
+    # the resumed run's own log: it trained exactly the two steps after the checkpoint, not from step 0
+    (log,) = set(out.rglob("metrics.csv")) - runs_before
+    trained = sorted({int(row["step"]) for row in csv.DictReader(log.open()) if row.get("train/loss")})
+    assert trained == [stopped_at, stopped_at + 1]  # CSVLogger counts steps from 0
 
 
 def _logged_steps(out: Path) -> int:
