@@ -171,9 +171,11 @@ def test_signal_during_fit_writes_a_checkpoint_and_fit_last_continues(
     if signum != signal.SIGTERM:
         return  # the resume is the same for both signals
     runs_before = set(out.rglob("metrics.csv"))
+    # the same validation interval as the stopped run: Lightning numbers logged steps one higher when a run
+    # resumes on a step that the new configuration would have validated at
     resumed = _medmeta(*_tiny_fit_args(tiny_dicom_root, out), "--trainer.max_steps", str(stopped_at + 2),
-                       "--trainer.log_every_n_steps", "1", "--ckpt_path", "last", "--test_after_fit", "false",
-                       cwd=tmp_path)  # fmt: skip
+                       "--trainer.val_check_interval", "50", "--trainer.log_every_n_steps", "1", "--ckpt_path", "last",
+                       "--test_after_fit", "false", cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"resuming from {last}" in resumed.stdout.replace("\n", "")
     # the resumed run's own log: it trained exactly the two steps after the checkpoint, not from step 0
