@@ -70,9 +70,11 @@ class FewShotModule(L.LightningModule):
         per_step_norm_weights: MAML++: separate norm weights and biases per inner step.
         learn_inner_lrs: MAML++: learned inner learning rate per layer and step.
         first_order_epochs: MAML++: first order for this many epochs, then second order.
-        mann_controller: MANN: ``"lstm"`` or ``"feedforward"`` controller.
+        mann_controller: MANN: ``"feedforward"`` or ``"lstm"`` controller.
         mann_memory_slots: MANN: memory rows per episode.
         mann_key_strength: MANN: sharpness of the cosine read addressing.
+        mann_label_timing: MANN: support labels fed with their own image (``"current"``) or one step
+            late as in Santoro et al. (``"previous"``).
         cosine_annealing: cosine-anneal the outer learning rate to 0 over ``trainer.max_steps``.
         meta_lr: Adam learning rate of the outer loop (``--optimizer`` on the CLI overrides it).
         pixel_baseline: also score a nearest-neighbour-on-pixels baseline on the test episodes.
@@ -110,9 +112,10 @@ class FewShotModule(L.LightningModule):
         per_step_norm_weights: bool = True,
         learn_inner_lrs: bool = True,
         first_order_epochs: int = 0,
-        mann_controller: Literal["lstm", "feedforward"] = "lstm",
+        mann_controller: Literal["lstm", "feedforward"] = "feedforward",
         mann_memory_slots: int = 32,
         mann_key_strength: float = 10.0,
+        mann_label_timing: Literal["current", "previous"] = "current",
         cosine_annealing: bool = False,
         meta_lr: float = 1e-3,
         pixel_baseline: bool = True,
@@ -136,7 +139,10 @@ class FewShotModule(L.LightningModule):
                 "per_step_norm_weights": per_step_norm_weights, "learn_inner_lrs": learn_inner_lrs,
                 "first_order_epochs": first_order_epochs,
             },
-            mann={"controller": mann_controller, "memory_slots": mann_memory_slots, "key_strength": mann_key_strength},
+            mann={
+                "controller": mann_controller, "memory_slots": mann_memory_slots, "key_strength": mann_key_strength,
+                "label_timing": mann_label_timing,
+            },
         )  # fmt: skip
         if cuda_graph and algorithm not in GRADIENT_BASED:
             raise ValueError(f"cuda_graph is for {', '.join(GRADIENT_BASED)}; got algorithm {algorithm!r}")

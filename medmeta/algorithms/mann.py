@@ -8,9 +8,18 @@ weights and the controller state start from zero for every task, so tasks never 
 (the sequence is vectorised over the task dimension ``T``, the encoder runs once per task because
 batch norm uses the statistics of the batch it sees).
 
-Sequence of a task: the support examples in a shuffled order, each with the one-hot label of the
-previous step (zeros at ``t = 0``); then the queries, the first with the label of the last support
-example and the rest with a zero "unknown" label, so no query ever sees a query label.
+Sequence of a task: the support examples in a shuffled order, then every query as one further
+step from the state after the support set. ``label_timing`` says when a support label is shown:
+
+* ``"current"`` (default): with its own image, ``(x_t, y_t)``; queries get a zero "unknown" label.
+* ``"previous"`` (the paper's protocol): one step late, ``(x_t, y_{t-1})`` (zeros at ``t = 0``);
+  queries get the label of the last support example. The controller must then carry ``x_{t-1}`` to
+  bind it to ``y_{t-1}``; on the synthetic lesion set that binding was not learned within
+  thousands of steps even from pre-trained features, while ``"current"`` learns in a few hundred
+  (BENCHMARKS.md). In the paper every image is also a query before its label is shown; with a
+  separate query set the late label only delays the binding.
+
+No query ever sees a query label.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ class MANN(nn.Module):
         memory_width: memory columns (key size).
         read_heads: read heads; head ``i`` writes to the ``i``-th least-used slot.
         gamma: usage decay γ.
-        controller: ``"lstm"`` or ``"feedforward"``.
+        controller: ``"feedforward"`` (default; learns fastest on the synthetic set) or ``"lstm"``.
         shuffle_seed: seed of the support order; each task's permutation comes from a private
             ``torch.Generator`` seeded by a hash of ``(shuffle_seed, its support images and labels)``,
             so it is deterministic, varies between episodes, never touches the global RNG and does
@@ -50,7 +59,9 @@ class MANN(nn.Module):
             paper's 128 slots and strength 1 a read is close to uniform over the mostly empty
             memory; 32 slots and strength 10 are the defaults here (see BENCHMARKS.md).
         support_loss: also add the cross-entropy of support predictions for examples whose class
-            was already shown earlier in the sequence (off by default: query loss only).
+            was already shown earlier in the sequence (off by default: query loss only); only with
+            ``label_timing="previous"`` (otherwise a support step sees its own label).
+        label_timing: ``"current"`` or ``"previous"``: when a support label is fed (see above).
     """
 
     def __init__(
@@ -63,13 +74,18 @@ class MANN(nn.Module):
         memory_width: int = 40,
         read_heads: int = 4,
         gamma: float = 0.95,
-        controller: Literal["lstm", "feedforward"] = "lstm",
+        controller: Literal["lstm", "feedforward"] = "feedforward",
         shuffle_seed: int | None = 0,
         key_strength: float = 10.0,
         support_loss: bool = False,
+        label_timing: Literal["current", "previous"] = "current",
     ) -> None:
         if controller not in ("lstm", "feedforward"):
             raise ValueError(f"controller must be 'lstm' or 'feedforward', got {controller!r}")
+        if label_timing not in ("current", "previous"):
+            raise ValueError(f"label_timing must be 'current' or 'previous', got {label_timing!r}")
+        if support_loss and label_timing == "current":
+            raise ValueError("support_loss needs label_timing='previous': a support step sees its own label")
         if not 1 <= read_heads <= memory_slots:
             raise ValueError("need 1 <= read_heads <= memory_slots")
         super().__init__()
@@ -77,6 +93,7 @@ class MANN(nn.Module):
         self.n_way, self.slots, self.width, self.heads = n_way, memory_slots, memory_width, read_heads
         self.gamma, self.controller_kind, self.controller_size = gamma, controller, controller_size
         self.shuffle_seed, self.key_strength, self.support_loss = shuffle_seed, key_strength, support_loss
+        self.label_timing = label_timing
         self.feature_norm = nn.LayerNorm(model.feature_dim)
         in_size = model.feature_dim + n_way + read_heads * memory_width
         if controller == "lstm":
@@ -87,8 +104,8 @@ class MANN(nn.Module):
         self.alpha = nn.Linear(controller_size, read_heads)
         self.output = nn.Linear(controller_size + read_heads * memory_width, n_way)
         logger.debug(
-            "MANN: %s controller %d, memory %dx%d, %d heads", controller, controller_size, memory_slots,
-            memory_width, read_heads,
+            "MANN: %s controller %d, memory %dx%d, %d heads, %s labels", controller, controller_size,
+            memory_slots, memory_width, read_heads, label_timing,
         )
 
     def _order(self, support_x: Tensor, support_y: Tensor) -> Tensor:
@@ -170,7 +187,7 @@ class MANN(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Query logits ``[T, N*Q, N]``, support logits and labels in presentation order.
 
-        The support set is one sequence (label of step t−1 fed at step t). Every query is then a
+        The support set is one sequence (see ``label_timing``). Every query is then a
         single further step from the state after the support set, independently of the other
         queries, so neither the queries' order (sorted by class in a batch) nor their number can
         carry label information.
@@ -181,15 +198,18 @@ class MANN(nn.Module):
         s_feat = torch.gather(s_feat, 1, order.unsqueeze(-1).expand_as(s_feat))
         s_y = torch.gather(support_y, 1, order)
         onehot = F.one_hot(s_y, self.n_way).to(s_feat.dtype)
-        previous = torch.cat([torch.zeros_like(onehot[:, :1]), onehot], dim=1)  # label of step t-1
+        if self.label_timing == "previous":  # label of step t-1; the queries get the last support label
+            labels = torch.cat([torch.zeros_like(onehot[:, :1]), onehot], dim=1)
+        else:  # label of step t; the queries get the zero "unknown" label
+            labels = torch.cat([onehot, torch.zeros_like(onehot[:, :1])], dim=1)
         tasks, shots, queries = s_feat.shape[0], s_feat.shape[1], q_feat.shape[1]
         state, support_logits = self._initial_state(tasks, s_feat), []
         for step in range(shots):
-            logits, state = self._step(state, s_feat[:, step], previous[:, step])
+            logits, state = self._step(state, s_feat[:, step], labels[:, step])
             support_logits.append(logits)
         state = {name: value.repeat_interleave(queries, dim=0) for name, value in state.items()}
-        last_label = previous[:, shots].repeat_interleave(queries, dim=0)
-        q_logits, _ = self._step(state, q_feat.reshape(tasks * queries, -1), last_label, write=False)
+        query_label = labels[:, shots].repeat_interleave(queries, dim=0)
+        q_logits, _ = self._step(state, q_feat.reshape(tasks * queries, -1), query_label, write=False)
         return q_logits.view(tasks, queries, -1), torch.stack(support_logits, dim=1), s_y
 
     def outer_loss_and_logits(

@@ -54,15 +54,37 @@ def test_memory_resets_between_and_within_calls(controller: str) -> None:
     assert not torch.allclose(batched[0], batched[1])  # the two tasks really differ
 
 
-@pytest.mark.parametrize("support_loss", [False, True])
-def test_query_labels_do_not_change_query_logits(support_loss: bool) -> None:
-    mann = _mann(support_loss=support_loss)
+@pytest.mark.parametrize(("label_timing", "support_loss"), [("current", False), ("previous", False), ("previous", True)])
+def test_query_labels_do_not_change_query_logits(label_timing: str, support_loss: bool) -> None:
+    mann = _mann(label_timing=label_timing, support_loss=support_loss)
     sx, sy, qx, qy = _episodes(2)
     _, logits = mann.outer_loss_and_logits(sx, sy, qx, qy)
     _, relabelled = mann.outer_loss_and_logits(sx, sy, qx, (qy + 1) % N_WAY)
     assert torch.equal(logits, relabelled)
     # ... while the support labels are really used.
     assert not torch.equal(mann.adapt_and_predict(sx, (sy + 1) % N_WAY, qx), logits.detach())
+
+
+@pytest.mark.parametrize("label_timing", ["current", "previous"])
+def test_a_support_label_is_fed_with_its_image_or_one_step_late(label_timing: str) -> None:
+    """Changing the label of the last support example changes that step's own prediction only when
+    labels are ``current``; one step late (the paper's protocol) a step never sees its own label."""
+    mann = _mann(label_timing=label_timing, shuffle_seed=None)
+    sx, sy, qx, _ = _episodes(1)
+    relabelled = sy.clone()
+    relabelled[0, -1] = (sy[0, -1] + 1) % N_WAY
+    with torch.no_grad():
+        _, support, _ = mann._sequence_logits(sx, sy, qx)
+        _, support_relabelled, _ = mann._sequence_logits(sx, relabelled, qx)
+    assert torch.equal(support[:, :-1], support_relabelled[:, :-1])  # earlier steps cannot see a later label
+    assert torch.equal(support[:, -1], support_relabelled[:, -1]) == (label_timing == "previous")
+
+
+def test_support_loss_needs_late_labels() -> None:
+    with pytest.raises(ValueError, match="support_loss needs label_timing='previous'"):
+        _mann(support_loss=True, label_timing="current")
+    with pytest.raises(ValueError, match="label_timing must be"):
+        _mann(label_timing="next")
 
 
 def test_shapes_and_determinism() -> None:
