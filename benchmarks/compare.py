@@ -2,6 +2,7 @@
 
 Usage:
     python benchmarks/compare.py --steps 300 --shots 1 5 --out runs/compare
+    python benchmarks/compare.py --algorithms mann --shots 1 --set mann_controller=lstm --out runs/mann-lstm
 
 Each (algorithm, shots) pair trains in its own subprocess (so peak memory is its own) for the
 same number of meta-steps on the same data, then is tested on the same frozen test episodes
@@ -23,8 +24,10 @@ from pathlib import Path
 ALGORITHMS = ("maml", "maml_pp", "meta_sgd", "anil", "protonet", "mann", "finetune")
 
 
-def run_one(algorithm: str, shots: int, steps: int, test_episodes: int, out: Path) -> dict[str, object]:
-    """Train and test one algorithm in this process; return its figures."""
+def run_one(
+    algorithm: str, shots: int, steps: int, test_episodes: int, out: Path, options: dict[str, object] | None = None
+) -> dict[str, object]:
+    """Train and test one algorithm in this process; return its figures. ``options`` override ``FewShotModule`` settings."""
     import lightning as L
 
     from medmeta import EpisodicDataModule, FewShotModule
@@ -35,10 +38,11 @@ def run_one(algorithm: str, shots: int, steps: int, test_episodes: int, out: Pat
         None, n_way=5, k_shot=shots, q_query=15, meta_batch_size=4, image_size=32,
         train_batches_per_epoch=steps, test_episodes=test_episodes, eval_batch_size=20,
     )  # fmt: skip
-    model = FewShotModule(
-        algorithm=algorithm, n_way=5, image_size=32, hidden_channels=32, inner_lr=0.05, inner_steps=5,
-        eval_inner_steps=10, meta_lr=0.001 if algorithm == "mann" else 0.003,
-    )  # fmt: skip
+    settings = {
+        "algorithm": algorithm, "n_way": 5, "image_size": 32, "hidden_channels": 32, "inner_lr": 0.05, "inner_steps": 5,
+        "eval_inner_steps": 10, "meta_lr": 0.001 if algorithm == "mann" else 0.003,
+    }  # fmt: skip
+    model = FewShotModule(**{**settings, **(options or {})})
     trainer = L.Trainer(
         max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -53,7 +57,7 @@ def run_one(algorithm: str, shots: int, steps: int, test_episodes: int, out: Pat
         "algorithm": algorithm, "shots": shots, "steps": steps, "test_episodes": summary["test_episodes"],
         "accuracy": summary["accuracy"], "ci95": summary["accuracy_ci95"], "train_s": train_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "normalisation": summary["normalisation"],
+        "normalisation": summary["normalisation"], "options": options or {},
     }  # fmt: skip
 
 
@@ -88,17 +92,22 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--test-episodes", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path("runs/compare"))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="FewShotModule settings for every run, e.g. mann_controller=lstm (values parsed as YAML)")
     parser.add_argument("--single", nargs=2, metavar=("ALGORITHM", "SHOTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    options = _parse_settings(parser, args.set)
     if args.single:
-        print(json.dumps(run_one(args.single[0], int(args.single[1]), args.steps, args.test_episodes, args.out)))
+        result = run_one(args.single[0], int(args.single[1]), args.steps, args.test_episodes, args.out, options)
+        print(json.dumps(result))
         return
     results = []
     for shots in args.shots:
         for algorithm in args.algorithms:
             command = [sys.executable, __file__, "--single", algorithm, str(shots), "--steps", str(args.steps),
                        "--test-episodes", str(args.test_episodes), "--out", str(args.out)]  # fmt: skip
+            command += ["--set", *args.set] if args.set else []
             line = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             results.append(json.loads(line))
             r = results[-1]
@@ -111,6 +120,19 @@ def main() -> None:
     (args.out / "compare.md").write_text("\n".join(rows) + "\n")
     plot(results, args.out / "compare.png")
     print(f"wrote {args.out / 'compare.md'} and {args.out / 'compare.png'}")
+
+
+def _parse_settings(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as a dict, each value parsed as YAML (numbers, booleans, lists, strings)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"--set expects KEY=VALUE, got {pair!r}")
+        options[key] = yaml.safe_load(value)
+    return options
 
 
 if __name__ == "__main__":

@@ -22,11 +22,15 @@ def _run(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess[s
 def test_compare_script_at_small_size(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     done = _run(str(REPO / "benchmarks" / "compare.py"), "--algorithms", "protonet", "maml", "--shots", "1", "--steps", "2",
-                "--test-episodes", "4", "--out", str(out), cwd=tmp_path, timeout=1200)  # fmt: skip
+                "--test-episodes", "4", "--out", str(out), "--set", "distance=cosine", "inner_steps=1", cwd=tmp_path,
+                timeout=1200)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = json.loads((out / "compare.json").read_text())
     rows = rows["results"] if isinstance(rows, dict) else rows
     assert {row["algorithm"] for row in rows} == {"protonet", "maml"}
+    assert all(row["options"] == {"distance": "cosine", "inner_steps": 1} for row in rows)
+    bad = _run(str(REPO / "benchmarks" / "compare.py"), "--set", "distance", "--out", str(out), cwd=tmp_path, timeout=60)
+    assert bad.returncode == 2 and "--set expects KEY=VALUE, got 'distance'" in bad.stderr
     assert (out / "compare.png").stat().st_size > 5000 and (out / "compare.md").is_file()
 
 
