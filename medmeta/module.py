@@ -55,7 +55,7 @@ class FewShotModule(L.LightningModule):
         task_reduction: ``"mean"`` or ``"sum"`` of query losses over the tasks of a meta-batch.
         task_parallel: gradient-based algorithms: adapt the tasks of a meta-batch with
             ``"vmap"``, in a ``"loop"``, or ``"auto"`` (vmap on GPUs, the loop on CPUs).
-        checkpoint_inner_steps: MAML, Meta-SGD, ANIL: recompute inner steps in the meta-backward
+        checkpoint_inner_steps: MAML, MAML++, Meta-SGD, ANIL: recompute inner steps in the meta-backward
             (memory no longer grows with the activations of every inner step; loop only).
         cuda_graph: MAML, Meta-SGD, ANIL on CUDA: record each meta-training step (inner loops and
             meta-backward) once as CUDA graphs and replay it (same numbers, no launch overhead;

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import grad
+from torch.utils.checkpoint import checkpoint
 
 from medmeta.algorithms.maml import MAML, Params, _require_grad_mode
 from medmeta.algorithms.meta_sgd import lr_key
@@ -61,8 +62,6 @@ class MAMLPlusPlus(MAML):
         first_order_epochs: int = 0,
         **maml_options: Any,
     ) -> None:
-        if maml_options.get("checkpoint_inner_steps"):
-            raise ValueError("checkpoint_inner_steps is not implemented for MAML++ yet; use maml, meta_sgd or anil")
         super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, **maml_options)
         if multi_step_loss_epochs < 0 or first_order_epochs < 0:
             raise ValueError("multi_step_loss_epochs and first_order_epochs must be >= 0")
@@ -168,14 +167,34 @@ class MAMLPlusPlus(MAML):
         """Weights after 0..``steps`` updates, each merged with its step's norm weights."""
         _require_grad_mode()
         support_grad = grad(self._step_support_loss)
+        checkpointed = self.checkpoint_inner_steps and not first_order and torch.is_grad_enabled()
         states = [{**params, **self.step_norm_weights(0, detach=detach)}]
         for step in range(steps):
-            grads = support_grad(params, self.step_norm_weights(step, detach=detach), support_x, support_y)
-            if first_order:
-                grads = {name: g.detach() for name, g in grads.items()}
-            params = self.inner_update(params, grads, step)
+            if checkpointed:
+                params = self._checkpointed_step(params, step, support_x, support_y)
+            else:
+                grads = support_grad(params, self.step_norm_weights(step, detach=detach), support_x, support_y)
+                if first_order:
+                    grads = {name: g.detach() for name, g in grads.items()}
+                params = self.inner_update(params, grads, step)
             states.append({**params, **self.step_norm_weights(step + 1, detach=detach)})
         return states
+
+    def _checkpointed_step(self, params: Params, step: int, support_x: Tensor, support_y: Tensor) -> Params:
+        """One second-order inner step whose graph is recomputed in the meta-backward instead of stored.
+
+        The step's norm weights and learned rate are read inside, so they get their gradients too.
+        """
+        names = list(params)
+
+        def one_step(x: Tensor, y: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+            current = dict(zip(names, tensors))
+            loss = self._step_support_loss(current, self.step_norm_weights(step), x, y)
+            grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
+            by_name = {n: torch.zeros_like(t) if g is None else g for n, t, g in zip(names, tensors, grads)}
+            return tuple(self.inner_update(current, by_name, step).values())
+
+        return dict(zip(names, checkpoint(one_step, support_x, support_y, *params.values(), use_reentrant=False)))
 
     def adapt(
         self,
