@@ -20,6 +20,7 @@ from rich.console import Console
 
 from medmeta.callbacks import PreemptionCheckpoint, RandomStateCheckpoint
 from medmeta.checkpoints import check_checkpoint, load_trained
+from medmeta.config_check import check_config_files
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.episodes import SPLITS
 from medmeta.errors import DataError
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             return diagnose_main(list(words[1:]))
         if words[:1] == ["evaluate"]:
             return evaluate_main(list(words[1:]))
+        check_config_files(words)
         MedMetaCLI(
             FewShotModule,
             EpisodicDataModule,

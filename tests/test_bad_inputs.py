@@ -175,6 +175,13 @@ def _bad_yaml(root: Path) -> Path:
     return path
 
 
+def _garbled_yaml(root: Path) -> Path:
+    """A config whose YAML does not parse (an unclosed list on line 2)."""
+    path = root.parent / "garbled.yaml"
+    path.write_text("model:\n  hidden_channels: [8\ndata:\n  n_way: 2\n")
+    return path
+
+
 # ---- the commands -----------------------------------------------------------------------------------------------
 
 
@@ -215,6 +222,7 @@ RUNS: dict[str, Run] = {
     "fit-too-small-class": Run("2d", _fit()),
     "fit-n-way-3": Run("2d", _fit("--data.n_way", "3")),
     "fit-bad-yaml": Run("2d", _fit("--config", "bad.yaml")),  # in the working folder
+    "fit-garbled-yaml": Run("2d", _fit("--config=garbled.yaml")),
     "fit-n-way-mismatch": Run("2d", _fit("--model.n_way", "4")),
 }
 
@@ -280,7 +288,10 @@ CASES = [
     Case("too-small-class", "fit-too-small-class", _too_small_class, None,
          ("has 2 image(s) from 1 patient(s)", "1 support + 2 query = 3 images"), named="class"),
     Case("n-way-above-classes", "fit-n-way-3", lambda r: r, None, ("has 2 class(es)", "n_way=3", "at least 3")),
-    Case("bad-yaml-key", "fit-bad-yaml", _bad_yaml, None, ("n_wya",), before_data=True),
+    Case("bad-yaml-key", "fit-bad-yaml", _bad_yaml, None, ("unknown key 'data.n_wya'", "did you mean 'n_way'"),
+         named="file", before_data=True),
+    Case("garbled-yaml", "fit-garbled-yaml", _garbled_yaml, None, ("not valid YAML", "line 3"), named="file",
+         before_data=True),
     Case("data-model-n-way-mismatch", "fit-n-way-mismatch", lambda r: r, None, ("model.n_way", "data.n_way"),
          before_data=True),
 ]

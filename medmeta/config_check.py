@@ -1,0 +1,75 @@
+"""Check the ``--config`` files of a ``medmeta fit/validate/test/predict`` command before Lightning reads them.
+
+Lightning's parser reports a misspelt key or a YAML syntax error without saying which of several
+config files it came from; this check names the file, the key (with the nearest valid spelling)
+or the line. It only refuses what the parser would refuse too: unknown keys are looked up in the
+signatures of ``FewShotModule``, ``EpisodicDataModule`` and ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import yaml
+
+from medmeta.data.datamodule import EpisodicDataModule
+from medmeta.errors import DataError
+from medmeta.module import FewShotModule
+
+TOP_LEVEL = (
+    "seed_everything", "trainer", "model", "data", "test_after_fit", "episodes", "optimizer", "lr_scheduler",
+    "ckpt_path", "weights_only",
+)  # fmt: skip
+SECTIONS: dict[str, Callable[..., object]] = {"model": FewShotModule, "data": EpisodicDataModule, "trainer": L.Trainer}
+
+
+def config_paths(argv: Sequence[str]) -> list[str]:
+    """The files given with ``--config FILE`` or ``--config=FILE``, in order."""
+    paths = []
+    for i, word in enumerate(argv):
+        if word == "--config" and i + 1 < len(argv):
+            paths.append(argv[i + 1])
+        elif word.startswith("--config="):
+            paths.append(word.split("=", 1)[1])
+    return paths
+
+
+def check_config_files(argv: Sequence[str]) -> None:
+    """Raise ``DataError`` naming the file for a missing config, invalid YAML or an unknown key."""
+    for given in config_paths(argv):
+        path = Path(given).expanduser()
+        shown = path.resolve()
+        if not path.is_file():
+            raise DataError(f"config {shown}: no such file")
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise DataError(f"config {shown}: not valid YAML{where}: {problem}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataError(f"config {shown}: cannot be read ({error})") from None
+        if content is None:
+            continue
+        if not isinstance(content, dict):
+            raise DataError(f"config {shown}: expected keys such as 'model:' and 'data:', got a {type(content).__name__}")
+        for key, value in content.items():
+            _check_key(shown, str(key), TOP_LEVEL)
+            if key in SECTIONS and isinstance(value, dict):
+                allowed = [p for p in inspect.signature(SECTIONS[key]).parameters if p not in ("self", "args", "kwargs")]
+                for name in value:
+                    _check_key(shown, f"{key}.{name}", allowed)
+
+
+def _check_key(path: Path, dotted: str, allowed: Sequence[str]) -> None:
+    name = dotted.rsplit(".", 1)[-1]
+    if name in allowed:
+        return
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise DataError(f"config {path}: unknown key '{dotted}'{hint}")

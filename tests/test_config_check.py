@@ -1,0 +1,49 @@
+"""``medmeta.config_check``: config problems are named by file before Lightning parses anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medmeta.config_check import check_config_files, config_paths
+from medmeta.errors import DataError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_finds_both_spellings_of_config() -> None:
+    assert config_paths(["fit", "--config", "a.yaml", "--config=b.yaml", "--model.n_way", "3"]) == ["a.yaml", "b.yaml"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_passes(config: Path) -> None:
+    check_config_files(["fit", "--config", str(config)])
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("modle:\n  n_way: 3\n", ["unknown key 'modle'", "did you mean 'model'"]),
+        ("trainer:\n  max_step: 3\n", ["unknown key 'trainer.max_step'", "did you mean 'max_steps'"]),
+        ("model:\n  inner_lr: [0.1\n", ["not valid YAML at line 3", "expected ',' or ']'"]),
+        ("- model\n- data\n", ["expected keys such as 'model:'", "got a list"]),
+    ],
+)
+def test_a_bad_config_is_named_with_the_reason(tmp_path: Path, text: str, words: list[str]) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("model:\n  hidden_channels: 8\n")
+    bad.write_text(text)
+    with pytest.raises(DataError) as caught:
+        check_config_files(["fit", "--config", str(good), "--config", str(bad)])
+    message = str(caught.value)
+    assert message.startswith(f"config {bad.resolve()}: ")
+    for word in words:
+        assert word in message
+
+
+def test_missing_and_empty_configs(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        check_config_files(["fit", f"--config={tmp_path / 'absent.yaml'}"])
+    (tmp_path / "empty.yaml").write_text("")
+    check_config_files(["fit", "--config", str(tmp_path / "empty.yaml")])
