@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_session.sh full    # GPU tests, speed matrix, meta-batch sweep + PNG, memory vs
 #                                          # inner steps (~7 min)
 #   bash benchmarks/gpu_session.sh fit     # quickstart meta-training, eager vs --model.cuda_graph (~2 min)
+#   bash benchmarks/gpu_session.sh target  # only the issue-6 target case, 84x84x3 1-shot T=32, exact fp32
+#                                          # and TF32 for every implementation alike (~6 min)
 #
 # Results go to $OUT (default runs/gpu): log.txt, results.tgz (every JSON) and tasks_per_s.png.
 # Where .whl/ holds wheels (monai, pydicom, higher, torchopt, ...), they are installed first
@@ -45,6 +47,12 @@ full)
         speed 15 --cases 28x28x1 5s15q-T4 --inner-steps "$steps" --repeats 2 --warmup 1 \
             --implementations medmeta-loop medmeta-checkpoint medmeta-vmap --json "$OUT/json/steps$steps.json"
     done
+    ;;
+target)
+    TARGET="medmeta-vmap-graph medmeta-loop-graph medmeta-vmap-bf16-graph medmeta-vmap torchopt higher"
+    speed 240 --cases 84x84x3 1s15q-T32 --repeats 3 --warmup 1 --implementations $TARGET --json "$OUT/json/target.json"
+    speed 120 --cases 84x84x3 1s15q-T32 --repeats 3 --warmup 1 --tf32 --implementations $TARGET \
+        --json "$OUT/json/target-tf32.json"
     ;;
 fit)
     # Meta-training only (no validation or test): the quickstart's 5-way 1-shot, 32x32, T=4.
