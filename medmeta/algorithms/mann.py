@@ -1,9 +1,9 @@
 """Memory-augmented neural network (Santoro et al., 2016, "One-shot learning with MANNs").
 
 Each task is one episode: the CNN encodes all of its images in one batch, then a controller
-(LSTM or feed-forward) reads the sequence ``(x_t, y_{t-1})`` and talks to an external memory with
-cosine content-based reads and least-recently-used-access (LRUA) writes (encoder features are
-layer-normalised before the controller). The memory, the usage
+(feed-forward or LSTM) reads the image-and-label sequence below and talks to an external memory
+with cosine content-based reads and least-recently-used-access (LRUA) writes (encoder features
+are layer-normalised before the controller). The memory, the usage
 weights and the controller state start from zero for every task, so tasks never share anything
 (the sequence is vectorised over the task dimension ``T``, the encoder runs once per task because
 batch norm uses the statistics of the batch it sees).
