@@ -1,4 +1,4 @@
-"""Callbacks every ``medmeta fit`` carries: checkpoint on pre-emption, RNG state in checkpoints."""
+"""Callbacks every ``medmeta fit`` carries: checkpoint on pre-emption, a fresh ``last.ckpt``, RNG state in checkpoints."""
 
 from __future__ import annotations
 
@@ -43,6 +43,28 @@ class PreemptionCheckpoint(L.Callback):
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             self.saved = last_checkpoint_path(trainer)
             trainer.save_checkpoint(self.saved)
+
+
+class LastCheckpoint(L.Callback):
+    """Refresh ``last.ckpt`` after every validation during fit and when training ends.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` with a monitored metric rewrites ``last.ckpt``
+    only when that metric improves, so a run killed without warning (out of memory, a lost node)
+    would resume from its last improvement; with this callback it loses at most one validation
+    interval. Off when checkpointing is off (``--trainer.enable_checkpointing false``).
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    @staticmethod
+    def _save(trainer: L.Trainer) -> None:
+        if trainer.checkpoint_callback is not None:
+            trainer.save_checkpoint(last_checkpoint_path(trainer))
 
 
 class RandomStateCheckpoint(L.Callback):

@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
-from medmeta.callbacks import PreemptionCheckpoint, RandomStateCheckpoint
+from medmeta.callbacks import LastCheckpoint, PreemptionCheckpoint, RandomStateCheckpoint
 from medmeta.checkpoints import check_checkpoint, load_trained
 from medmeta.config_check import check_config_files
 from medmeta.data.datamodule import EpisodicDataModule
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             FewShotModule,
             EpisodicDataModule,
             args=argv,  # None: LightningCLI reads sys.argv itself
-            trainer_defaults={"inference_mode": False, "callbacks": [preemption, RandomStateCheckpoint()]},
+            trainer_defaults={"inference_mode": False, "callbacks": [preemption, LastCheckpoint(), RandomStateCheckpoint()]},
             save_config_kwargs={"overwrite": True},
         )
     except (DataError, FileExistsError) as error:

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from medmeta.callbacks import RandomStateCheckpoint
+from medmeta.callbacks import LastCheckpoint, RandomStateCheckpoint
 from medmeta.checkpoints import check_checkpoint
 from medmeta.data import datamodule as datamodule_module
 from medmeta.data.datamodule import EpisodicDataModule
@@ -65,6 +65,33 @@ def test_resumed_run_equals_the_uninterrupted_one(tiny_dicom_root: Path, tmp_pat
     assert resumed_log.losses == pytest.approx(full_log.losses[3:], rel=1e-6, abs=1e-7)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_last_checkpoint_is_refreshed_after_every_validation(tiny_dicom_root: Path, tmp_path: Path, fresh: bool) -> None:
+    """A monitored metric that never improves (``step`` in ``min`` mode): Lightning alone leaves last.ckpt at the first
+    validation; with ``LastCheckpoint`` it holds the newest validated step, and the final one when training ends."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    seen: list[tuple[int, int]] = []
+
+    class Probe(L.Callback):  # at the start of a step, every hook of the previous validation has run
+        def on_train_batch_start(self, trainer: L.Trainer, *_: object) -> None:
+            if last.exists():
+                seen.append((trainer.global_step, torch.load(last, weights_only=True)["global_step"]))
+
+    L.seed_everything(0)
+    module = FewShotModule(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=1, pixel_baseline=False)
+    checkpoints = ModelCheckpoint(dirpath=last.parent, monitor="step", mode="min", save_top_k=1, save_last=True)
+    trainer = L.Trainer(max_steps=7, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        inference_mode=False, default_root_dir=tmp_path,
+                        callbacks=[checkpoints, Probe(), *([LastCheckpoint()] if fresh else [])])  # fmt: skip
+    trainer.fit(module, datamodule=EpisodicDataModule(str(tiny_dicom_root), **DATA))
+    if fresh:
+        assert seen == [(2, 2), (3, 2), (4, 4), (5, 4), (6, 6)]
+        assert torch.load(last, weights_only=True)["global_step"] == 7
+    else:
+        assert {stored for _, stored in seen} == {2}
 
 
 def test_without_the_loader_state_a_mid_epoch_resume_repeats_episodes(
