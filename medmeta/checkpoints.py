@@ -54,8 +54,11 @@ def load_trained(path: Path) -> tuple[object, dict[str, object]]:
     from medmeta.module import FewShotModule
 
     checkpoint = read_checkpoint(path)
+    saved = checkpoint["hyper_parameters"]
+    # MANN checkpoints written before `mann_label_timing` existed fed the labels one step late
+    legacy = {"mann_label_timing": "previous"} if saved.get("algorithm") == "mann" and "mann_label_timing" not in saved else {}
     try:
-        module = FewShotModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        module = FewShotModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **legacy)
     except Exception as error:  # noqa: BLE001 - a state dict that does not fit its own hyperparameters
         raise DataError(f"cannot load checkpoint {path}: {type(error).__name__}: {str(error).splitlines()[0][:160]}") from error
     settings = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
