@@ -63,8 +63,14 @@ class LastCheckpoint(L.Callback):
 
     @staticmethod
     def _save(trainer: L.Trainer) -> None:
-        if trainer.checkpoint_callback is not None:
-            trainer.save_checkpoint(last_checkpoint_path(trainer))
+        if trainer.checkpoint_callback is None:
+            return
+        path = last_checkpoint_path(trainer)
+        for callback in trainer.checkpoint_callbacks:
+            # a ModelCheckpoint that finds a last.ckpt it did not write itself would start last-v1.ckpt
+            if getattr(callback, "save_last", False) and Path(getattr(callback, "dirpath", "") or "") == path.parent:
+                callback.last_model_path = str(path)
+        trainer.save_checkpoint(path)
 
 
 class RandomStateCheckpoint(L.Callback):

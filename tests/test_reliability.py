@@ -87,6 +87,7 @@ def test_last_checkpoint_is_refreshed_after_every_validation(tiny_dicom_root: Pa
                         inference_mode=False, default_root_dir=tmp_path,
                         callbacks=[checkpoints, Probe(), *([LastCheckpoint()] if fresh else [])])  # fmt: skip
     trainer.fit(module, datamodule=EpisodicDataModule(str(tiny_dicom_root), **DATA))
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]  # no last-v1.ckpt
     if fresh:
         assert seen == [(2, 2), (3, 2), (4, 4), (5, 4), (6, 6)]
         assert torch.load(last, weights_only=True)["global_step"] == 7
