@@ -143,18 +143,30 @@ class MAML(nn.Module):
 
     def _adapt_checkpointed(self, support_x: Tensor, support_y: Tensor, steps: int, params: Params) -> Params:
         """Second-order inner steps, each recomputed in the meta-backward instead of stored."""
+        for step in range(steps):
+            params = self._checkpointed_step(params, step, support_x, support_y)
+        return params
+
+    def _checkpointed_step(self, params: Params, step: int, support_x: Tensor, support_y: Tensor) -> Params:
+        """One second-order inner step whose graph is recomputed in the meta-backward instead of stored.
+
+        ``torch.utils.checkpoint`` around an ``autograd.grad(create_graph=True)`` step: ``torch.func.grad``
+        cannot run under checkpointing's saved-tensor hooks. Learned rates read inside get their gradients.
+        """
         names = list(params)
 
-        def one_step(step: int, x: Tensor, y: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        def one_step(x: Tensor, y: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
             current = dict(zip(names, tensors))
-            loss = self._support_loss(current, x, y)
+            loss = self._step_loss(current, step, x, y)
             grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
             grads_by_name = {n: torch.zeros_like(t) if g is None else g for n, t, g in zip(names, tensors, grads)}
             return tuple(self.inner_update(current, grads_by_name, step).values())
 
-        for step in range(steps):
-            params = dict(zip(names, checkpoint(one_step, step, support_x, support_y, *params.values(), use_reentrant=False)))
-        return params
+        return dict(zip(names, checkpoint(one_step, support_x, support_y, *params.values(), use_reentrant=False)))
+
+    def _step_loss(self, params: Params, step: int, x: Tensor, y: Tensor) -> Tensor:
+        """The support loss that inner step ``step`` descends (MAML++ adds that step's norm weights)."""
+        return self._support_loss(params, x, y)
 
     def inner_update(self, params: Params, grads: Params, step: int) -> Params:
         """One inner SGD step θ ← θ − α ∇θ L_support (subclasses learn α or restrict θ)."""

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import grad
-from torch.utils.checkpoint import checkpoint
 
 from medmeta.algorithms.maml import MAML, Params, _require_grad_mode
 from medmeta.algorithms.meta_sgd import lr_key
@@ -180,21 +179,9 @@ class MAMLPlusPlus(MAML):
             states.append({**params, **self.step_norm_weights(step + 1, detach=detach)})
         return states
 
-    def _checkpointed_step(self, params: Params, step: int, support_x: Tensor, support_y: Tensor) -> Params:
-        """One second-order inner step whose graph is recomputed in the meta-backward instead of stored.
-
-        The step's norm weights and learned rate are read inside, so they get their gradients too.
-        """
-        names = list(params)
-
-        def one_step(x: Tensor, y: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
-            current = dict(zip(names, tensors))
-            loss = self._step_support_loss(current, self.step_norm_weights(step), x, y)
-            grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
-            by_name = {n: torch.zeros_like(t) if g is None else g for n, t, g in zip(names, tensors, grads)}
-            return tuple(self.inner_update(current, by_name, step).values())
-
-        return dict(zip(names, checkpoint(one_step, support_x, support_y, *params.values(), use_reentrant=False)))
+    def _step_loss(self, params: Params, step: int, x: Tensor, y: Tensor) -> Tensor:
+        """The support loss with step ``step``'s norm weights (read inside a checkpointed step, so they get gradients)."""
+        return self._step_support_loss(params, self.step_norm_weights(step), x, y)
 
     def adapt(
         self,

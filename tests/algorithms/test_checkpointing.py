@@ -7,7 +7,6 @@ import torch
 
 from medmeta.algorithms import ANIL, MAML, MAMLPlusPlus, MetaSGD
 from medmeta.algorithms import maml as maml_module
-from medmeta.algorithms import maml_pp as maml_pp_module
 from medmeta.networks import Conv4
 from tests.algorithms.episodes import random_episodes
 from tests.algorithms.test_maml import reference_meta_gradient
@@ -55,8 +54,8 @@ def test_checkpointed_maml_matches_the_sequential_reference() -> None:
 def test_checkpointed_maml_pp_meta_gradient_equals_the_stored_one(msl: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Learned per-step rates and per-step norm weights (read inside the recomputed steps) included."""
     calls = []
-    original = maml_pp_module.checkpoint
-    monkeypatch.setattr(maml_pp_module, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = maml_module.checkpoint
+    monkeypatch.setattr(maml_module, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
     batch = random_episodes(tasks=2, q=3)
     built = []
     for flag in (False, True):
