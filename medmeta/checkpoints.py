@@ -7,6 +7,8 @@ is not a medmeta checkpoint, or one trained for another model shape is a one-lin
 
 from __future__ import annotations
 
+import json
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,25 +19,97 @@ from medmeta.errors import DataError
 SHAPE_KEYS = ("algorithm", "backbone", "n_way", "in_channels", "spatial_dims", "hidden_channels", "norm", "image_size")
 
 
+NOT_OURS = "not a medmeta/Lightning checkpoint"
+SEEN_CLASSES_KEY = "medmeta_seen_classes"  # {"train": [...], "val": [...]}: class names, written at fit time
+
+
 def read_checkpoint(path: Path) -> dict:
-    """The checkpoint's contents, read with ``weights_only=True``; ``DataError`` if it cannot be."""
+    """The checkpoint's contents, read with ``weights_only=True``; ``DataError`` if it cannot be.
+
+    Every refusal is one complete line: ``cannot load checkpoint PATH: <why>``.
+    """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"cannot load checkpoint {path}: it is a folder, not a checkpoint file")
+    problem = _format_problem(path)
+    if problem is not None:
+        raise DataError(f"cannot load checkpoint {path}: {problem}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - crafted pickle, truncated zip, not a checkpoint at all
+    except Exception as error:  # noqa: BLE001 - crafted pickle, damaged zip, not a checkpoint at all
         if "Weights only load failed" in str(error):
-            reason = "it holds objects other than tensors and plain values (refused unread)"
+            reason = "it holds objects other than tensors and plain values (refused unread: medmeta never unpickles code)"
         else:
-            first_line = str(error).splitlines()[0][:160] if str(error) else "unreadable"
-            reason = f"{type(error).__name__}: {first_line}"
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else "no further detail"
+            reason = f"it is damaged or incomplete, {NOT_OURS} that can be read ({type(error).__name__}: {first_line})"
         raise DataError(f"cannot load checkpoint {path}: {reason}") from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict) or (
         "state_dict" not in checkpoint
     ):  # fmt: skip
-        raise DataError(f"checkpoint {path} is not a medmeta checkpoint (no state_dict or hyper_parameters)")
+        raise DataError(
+            f"cannot load checkpoint {path}: it is a PyTorch file but {NOT_OURS} (no state_dict or hyper_parameters)"
+        )
     return checkpoint
+
+
+def _format_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint, judged from its size and first bytes (``None``: it may be one).
+
+    ``torch.save`` writes a zip archive (``PK``), or a pickle in its legacy format; anything else
+    (an empty file, a text file, random bytes) is refused before ``torch.load`` sees it, and a zip
+    archive without its closing directory is a truncated file.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return f"the file is empty (0 bytes), {NOT_OURS}"
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return f"the file is truncated ({size} bytes; the end of the archive is missing), not a complete checkpoint"
+        return None
+    if head[:1] == b"\x80":  # a pickle protocol marker: torch's legacy format
+        return None
+    if b"\x00" not in head and _is_text(head):
+        return f"it is a text file, {NOT_OURS}"
+    return f"its content is neither a zip archive nor a pickle ({size} bytes of other data), {NOT_OURS}"
+
+
+def _is_text(data: bytes) -> bool:
+    """Whether ``data`` (the start of a file) is UTF-8 text; a character cut by the read still counts."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start >= len(data) - 3
+    return True
+
+
+def seen_classes(path: Path, checkpoint: Mapping[str, object]) -> dict[str, list[str]] | None:
+    """The class names a checkpoint's model was meta-trained and validated on, or ``None`` if unknown.
+
+    Looked up in the checkpoint itself (written at fit time since this was added), then in explicit
+    ``data.splits`` saved with it, then in ``class_splits.json`` of the run folder the checkpoint
+    sits in (``<run>/checkpoints/<name>.ckpt``).
+    """
+    stored = checkpoint.get(SEEN_CLASSES_KEY)
+    if isinstance(stored, Mapping):
+        return {split: sorted(map(str, stored.get(split, ()))) for split in ("train", "val")}
+    data = checkpoint.get("datamodule_hyper_parameters")
+    explicit = data.get("splits") if isinstance(data, Mapping) else None
+    if isinstance(explicit, Mapping):
+        return {split: sorted(map(str, explicit.get(split, ()))) for split in ("train", "val")}
+    path = Path(path)
+    run_file = path.parent.parent / "class_splits.json"
+    if path.parent.name == "checkpoints" and run_file.is_file():
+        try:
+            splits = json.loads(run_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(splits, dict):
+            return {split: sorted(map(str, splits.get(split) or ())) for split in ("train", "val")}
+    return None
 
 
 def check_checkpoint(path: Path, hparams: Mapping[str, object] | None = None) -> dict:
@@ -60,6 +134,9 @@ def load_trained(path: Path) -> tuple[object, dict[str, object]]:
     try:
         module = FewShotModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **legacy)
     except Exception as error:  # noqa: BLE001 - a state dict that does not fit its own hyperparameters
-        raise DataError(f"cannot load checkpoint {path}: {type(error).__name__}: {str(error).splitlines()[0][:160]}") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "no further detail"
+        raise DataError(
+            f"cannot load checkpoint {path}: its model cannot be rebuilt from it ({type(error).__name__}: {first_line})"
+        ) from error
     settings = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
     return module.eval(), settings

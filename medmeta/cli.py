@@ -12,19 +12,21 @@ import json
 import logging
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
+from rich.markup import escape
 
 from medmeta.callbacks import LastCheckpoint, PreemptionCheckpoint, RandomStateCheckpoint
-from medmeta.checkpoints import check_checkpoint, load_trained
+from medmeta.checkpoints import check_checkpoint, load_trained, read_checkpoint, seen_classes
 from medmeta.config_check import check_config_files
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.episodes import SPLITS
 from medmeta.errors import DataError
-from medmeta.module import FewShotModule
+from medmeta.module import FewShotModule, check_learning_rate
 
 console = Console(stderr=False)
 
@@ -48,9 +50,33 @@ class MedMetaCLI(LightningCLI):
         """LightningCLI reads a checkpoint's hyperparameters while parsing: check the file before it does."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and Path(path).is_file():
+        if path and path not in ("last", "best", "hpc"):  # the named ones are this run's own checkpoints
             check_checkpoint(Path(path), None)
         super()._parse_ckpt_path()
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a zero, negative or non-finite learning rate by its setting's name, before any data is read."""
+        config = self.config[self.config["subcommand"]]
+        model, optimizer = config.get("model") or {}, config.get("optimizer")
+        rates = [(f"model.{name}", model.get(name)) for name in ("meta_lr", "inner_lr", "finetune_lr")]
+        if optimizer is not None and (optimizer.get("init_args") or {}).get("lr") is not None:
+            rates.append(("optimizer.lr", optimizer["init_args"]["lr"]))
+        for name, value in rates:
+            if value is not None:
+                try:
+                    check_learning_rate(name, value)
+                except ValueError as error:
+                    raise DataError(str(error)) from None
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a ``ValueError`` of their settings is a one-line message."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            if isinstance(error, DataError):
+                raise
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise DataError(f"invalid setting: {first_line}") from error
 
     def before_fit(self) -> None:
         self._resolve_last_checkpoint()
@@ -170,7 +196,8 @@ def data_check_main(argv: list[str]) -> int:
     """``medmeta data check SOURCE``: read every file, report usable images and skipped files, check episodes."""
     from rich.table import Table
 
-    from medmeta.data.inventory import take_inventory
+    from medmeta.data.inventory import data_folder, shown_path, take_inventory
+    from medmeta.data.presets import DEFAULT_WINDOW, PRESETS, parse_window
 
     parser = argparse.ArgumentParser(prog="medmeta data check", description=data_check_main.__doc__)
     parser.add_argument("source", type=Path, help="data folder, CSV manifest or MedMNIST .npz")
@@ -181,35 +208,46 @@ def data_check_main(argv: list[str]) -> int:
     parser.add_argument("--split-ratios", type=float, nargs=3, default=(0.6, 0.2, 0.2), metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--require-deidentified", action="store_true")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="intensity preset, as fit's --data.preset (overrides --window)")
+    parser.add_argument("--window", nargs="+", default=list(DEFAULT_WINDOW), metavar="LOW HIGH",
+                        help="intensity window, as fit's --data.window (default: %(default)s HU); "
+                             "'none' for per-image min/max")
     parser.add_argument("--json", action="store_true", help="print a JSON report instead of tables")
     args = parser.parse_args(argv)
+    try:
+        window = parse_window(args.window)
+    except ValueError as error:
+        parser.error(str(error))
     inventory = take_inventory(
         args.source, spatial_dims=args.spatial_dims, n_way=args.n_way, k_shot=args.k_shot, q_query=args.q_query,
         split_ratios=args.split_ratios, seed=args.seed, require_deidentified=args.require_deidentified,
-        skip_undecodable=True,
+        skip_undecodable=True, window=window, preset=args.preset,
     )  # fmt: skip
     if args.json:
         print(json.dumps(inventory.to_json(), indent=2))
         return 0 if inventory.ok else 1
     split_of = {name: split for split in SPLITS for name in inventory.class_splits.of(split)}
-    classes = Table(title=f"usable images per class ({args.source})")
-    for column in ("class", "images", "patients", "meta-split"):
-        classes.add_column(column)
+    console.print(f"data set: {inventory.source}", highlight=False, markup=False, soft_wrap=True)
+    classes = Table(title="usable images per class")
+    classes.add_column("class", overflow="fold")
+    for column in ("images", "patients", "meta-split"):
+        classes.add_column(column, no_wrap=True)
     for name, (images, patients) in inventory.classes().items():
         classes.add_row(name, str(images), str(patients), split_of.get(name, "-"))
     console.print(classes)
-    if inventory.problems:
-        skipped = Table(title=f"skipped files ({len(inventory.problems)})")
-        for column in ("file", "reason", "detail"):
-            skipped.add_column(column)
+    if inventory.problems:  # plain lines, never cut: a file name is only useful whole
+        base = data_folder(inventory.source)
+        console.print(f"skipped files ({len(inventory.problems)}; paths relative to {base}):", highlight=False,
+                      markup=False, soft_wrap=True)  # fmt: skip
         for problem in inventory.problems:
-            skipped.add_row(str(problem.path), problem.reason, problem.detail)
-        console.print(skipped)
+            line = f"  {shown_path(problem.path, inventory.source)}  {problem.reason}: {problem.detail}"
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     episode = f"{args.n_way}-way {args.k_shot}-shot {args.q_query}-query"
     for split, message in inventory.feasibility.items():
-        verdict = "[green]ok[/]" if message is None else f"[red]cannot[/] ({message})"
-        console.print(f"{split}: {episode} episodes {verdict}", highlight=False)
-    console.print(inventory.summary_line(), highlight=False)
+        verdict = "[green]ok[/]" if message is None else f"[red]cannot[/] ({escape(message)})"
+        console.print(f"{split}: {episode} episodes {verdict}", highlight=False, soft_wrap=True)
+    console.print(inventory.summary_line(), highlight=False, markup=False, soft_wrap=True)
     return 0 if inventory.ok else 1
 
 
@@ -249,13 +287,21 @@ def evaluate_main(argv: list[str]) -> int:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     parser = argparse.ArgumentParser(prog="medmeta evaluate", description=evaluate_main.__doc__)
-    parser.add_argument("--ckpt", required=True, type=Path, help="a checkpoint written by medmeta fit")
+    parser.add_argument("checkpoint", nargs="?", type=Path, default=None, help="a checkpoint written by medmeta fit")
+    parser.add_argument("--ckpt", type=Path, default=None, help="the checkpoint (same as the positional argument)")
     parser.add_argument("--episodes", type=Path, default=None, help="replay this test_episodes.json")
     parser.add_argument("--data-root", default=None, help="the data set (default: the one the model was trained on)")
     parser.add_argument("--test-episodes", type=int, default=None, help="episodes to draw when not replaying")
     parser.add_argument("--out", type=Path, default=Path("runs/evaluate"), help="run folder root")
+    parser.add_argument(
+        "--allow-seen-classes", action="store_true",
+        help="evaluate even if a test class was a meta-train or meta-val class of the model (a warning, not a refusal)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    model, settings = load_trained(args.ckpt)
+    if (args.checkpoint is None) == (args.ckpt is None):
+        parser.error("give the checkpoint once: medmeta evaluate CKPT (or --ckpt CKPT)")
+    path = args.checkpoint or args.ckpt
+    model, settings = load_trained(path)
     if args.data_root is not None:
         settings["root"] = args.data_root
     if args.test_episodes is not None:
@@ -265,6 +311,9 @@ def evaluate_main(argv: list[str]) -> int:
     csv_logger = CSVLogger(args.out, name="evaluate")
     loggers = [csv_logger, TensorBoardLogger(args.out, name="evaluate", version=csv_logger.version)]  # one folder
     trainer = L.Trainer(logger=loggers, inference_mode=False, enable_progress_bar=False, default_root_dir=args.out)
+    data.trainer = trainer  # set up before testing (class_splits.json still goes to the run folder), to check classes
+    data.setup("test")
+    _check_unseen_test_classes(path, read_checkpoint(path), data.class_splits.test, allow=args.allow_seen_classes)
     trainer.test(model, datamodule=data, verbose=False)
     summary = model.test_summary
     console.print(
@@ -275,6 +324,57 @@ def evaluate_main(argv: list[str]) -> int:
     )
     console.print(f"outputs: {Path(summary['metrics_file']).parent}", highlight=False)
     return 0
+
+
+def _check_unseen_test_classes(path: Path, checkpoint: dict, test_classes: Sequence[str], *, allow: bool) -> None:
+    """Refuse (or, with ``allow``, warn about) test classes the checkpoint's model meta-trained or validated on."""
+    seen = seen_classes(path, checkpoint)
+    if seen is None:
+        console.print(
+            f"[yellow]warning:[/] checkpoint {escape(str(path))} does not record the classes its model meta-trained on "
+            "(written by an older medmeta, and no class_splits.json in its run folder): whether a test class was "
+            "a training class cannot be checked",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        return
+    overlap = {split: sorted(set(test_classes) & set(seen[split])) for split in ("train", "val")}
+    if not any(overlap.values()):
+        return
+    listed = "; ".join(f"meta-{split}: {', '.join(names)}" for split, names in overlap.items() if names)
+    message = (
+        f"{sum(map(len, overlap.values()))} of the {len(test_classes)} test classes were seen by this model in "
+        f"meta-training or validation ({listed}): their accuracy is not few-shot accuracy on new classes"
+    )
+    if not allow:
+        raise DataError(
+            f"{message}; remove or rename them in the test data, or pass --allow-seen-classes to evaluate anyway"
+        )
+    console.print(f"[yellow]warning:[/] {escape(message)} (--allow-seen-classes)", highlight=False, soft_wrap=True)
+
+
+SUBCOMMANDS = {
+    "fit": "meta-train a model (LightningCLI: --config FILE, --model.*, --data.*, --trainer.*)",
+    "validate": "adapt to the frozen validation episodes with a checkpoint (--ckpt_path)",
+    "test": "test a checkpoint on frozen test episodes: metrics with 95% CIs, figures",
+    "predict": "query-class probabilities for the frozen test episodes",
+    "synth": "write the synthetic lesion data set (2D DICOM or 3D NIfTI)",
+    "data check": "read every file of a data set: usable images, skipped files with reasons, feasible episodes",
+    "evaluate": "test a checkpoint without a config (data settings read from the checkpoint)",
+    "diagnose": "adapt a trained model to a new task from a few labelled cases, predict and explain",
+}
+
+
+def print_overview() -> None:
+    """Print every subcommand with one line each (``medmeta --help``)."""
+    lines = [
+        "usage: medmeta SUBCOMMAND [options]   (medmeta SUBCOMMAND --help lists its options)",
+        "",
+        "Few-shot medical image diagnosis: meta-learning on DICOM, NIfTI and 2D images.",
+        "",
+        "subcommands:",
+        *(f"  {name:<11} {text}" for name, text in SUBCOMMANDS.items()),
+    ]
+    print("\n".join(lines))
 
 
 def _quiet_third_party_noise() -> None:
@@ -288,6 +388,12 @@ def _quiet_third_party_noise() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``medmeta`` console script."""
     words = sys.argv[1:] if argv is None else argv
+    if not words or words[0] in ("-h", "--help"):
+        print_overview()
+        return 0 if words else 2
+    if words[0] == "data" and words[1:2] != ["check"]:
+        print("usage: medmeta data check SOURCE [options]   (medmeta data check --help lists them)", file=sys.stderr)
+        return 0 if words[1:2] in (["-h"], ["--help"]) else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_third_party_noise()
     preemption = PreemptionCheckpoint()

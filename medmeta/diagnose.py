@@ -7,7 +7,14 @@ from training) -> query probabilities, Grad-CAM overlays, a leave-one-out check 
 set -> ``predictions.csv``, ``predictions.json``, PNGs and one self-contained ``report.html``.
 
 Query cases are named ``query-001``, ... with a hash of the file's bytes, never by file name or
-path, so no patient identifier reaches the outputs. Nothing is written inside the input folders.
+path, so no patient identifier reaches the outputs or the log. Nothing is written inside the input
+folders (the support folder, a query folder, or the folder of a query file).
+
+The probabilities come from the very function Grad-CAM differentiates (:func:`explainer`): the
+algorithm's own query forward after adaptation (MAML family, with the query batch norm of the
+checkpoint's ``norm_mode``), or its own prototype logits (ProtoNet, with its distance and
+temperature). A query image that is constant after the intensity window carries no information:
+it is still predicted, with a warning on its row, in ``predictions.csv``/``.json`` and in the report.
 """
 
 from __future__ import annotations
@@ -17,14 +24,15 @@ import csv
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from medmeta.algorithms import ANIL, MAML, MetaSGD, ProtoNet
+from medmeta.algorithms import MAML, MetaSGD, ProtoNet
 from medmeta.algorithms.meta_sgd import lr_key
 from medmeta.checkpoints import load_trained
 from medmeta.data.datamodule import transform_images
@@ -33,6 +41,7 @@ from medmeta.data.records import IMAGE_SUFFIXES, ImageRecord, discover_records
 from medmeta.errors import DataError
 from medmeta.explain import grad_cam, image_png, overlay_png
 from medmeta.module import FewShotModule
+from medmeta.networks.norm import uses_running_statistics
 from medmeta.report import ReportRow, write_html_report
 
 logger = logging.getLogger(__name__)
@@ -40,6 +49,7 @@ logger = logging.getLogger(__name__)
 MIN_CASES, MAX_CASES = 2, 20  # labelled support cases per diagnosis
 SUPPORTED = ("maml", "maml_pp", "meta_sgd", "anil", "protonet")
 LOO_WARNING_BELOW = 0.5  # leave-one-out accuracy under which the support set is flagged
+CONSTANT_SPAN = 1e-6  # an image whose windowed intensities span less than this is constant
 
 
 @dataclass(frozen=True)
@@ -63,39 +73,44 @@ def diagnose(ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps
     support_records, names = read_support(Path(support), spatial_dims)
     query_records, warnings = read_queries([Path(q) for q in queries], spatial_dims)
     support_x = transform_images(support_records, source=support, **_image_settings(settings))
+    _refuse_constant_support(support_records, support_x, settings)
     query_x = transform_images(query_records, source="the query cases", **_image_settings(settings))
     support_y = torch.tensor([names.index(r.label) for r in support_records])
     algorithm = adapted_algorithm(module, len(names))
     steps = module.hparams.eval_inner_steps if steps is None else steps
-    with torch.enable_grad():
-        probs = algorithm.adapt_and_predict(support_x[None], support_y[None], query_x[None], steps=steps)[0].softmax(-1)
+    explained = explainer(algorithm, support_x, support_y, steps)
+    with torch.no_grad():  # the function Grad-CAM explains below is the one that predicts
+        probs = explained(query_x).softmax(-1)
     warnings += leave_one_out_warnings(algorithm, support_x, support_y, names, steps, query_x)
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir()
     (out / "overlays").mkdir()
-    explained = explainer(algorithm, support_x, support_y, steps)
     predicted = probs.argmax(-1)
     with torch.enable_grad():
-        cams = grad_cam(explained, query_x, predicted, target_layer=_target_layer(explained))
+        cams = grad_cam(explained, query_x, predicted, target_layer=explained.TARGET)
+    constant = constant_images(query_x)
     rows, predictions = [], []
     for i, record in enumerate(query_records):
         case_id = f"query-{i + 1:03d}"
         file_id = _file_id(record.path)
+        case_warnings = [_constant_warning(settings, float(query_x[i].max()))] if constant[i] else []
+        warnings += [f"{case_id} ({file_id}): {w}" for w in case_warnings]
         image = image_png(query_x[i], out / "images" / f"{case_id}.png", scale=_scale(query_x))
         overlay = overlay_png(query_x[i], cams[i], out / "overlays" / f"{case_id}.png", scale=_scale(query_x))
         probabilities = {name: float(probs[i, k]) for k, name in enumerate(names)}
         predictions.append({"case": case_id, "file_sha256_12": file_id, "predicted": names[int(predicted[i])],
-                            "probabilities": probabilities})  # fmt: skip
-        rows.append(ReportRow(f"{case_id} ({file_id})", image, overlay, names[int(predicted[i])], probabilities))
+                            "probabilities": probabilities, "warnings": case_warnings})  # fmt: skip
+        rows.append(ReportRow(f"{case_id} ({file_id})", image, overlay, names[int(predicted[i])], probabilities,
+                              tuple(case_warnings)))  # fmt: skip
     _write_predictions(out, predictions, names)
     counts = {name: int((support_y == k).sum()) for k, name in enumerate(names)}
     header = {
         "model": f"{Path(ckpt).name} ({module._algorithm_label()}, {module.hparams.backbone} backbone)",
         "support set": ", ".join(f"{name}: {n}" for name, n in counts.items()),
         "query cases": str(len(query_records)),
-        "adaptation": f"{steps} inner steps" if module.hparams.algorithm != "protonet" else "class prototypes",
+        "adaptation": f"{steps} inner steps" if not isinstance(algorithm, ProtoNet) else _prototype_label(algorithm),
         "normalisation": _normalisation(module),
-        "saliency": "Grad-CAM (MONAI) on the adapted model, for the predicted class",
+        "saliency": "Grad-CAM (MONAI) of the function that gave the probabilities, for the predicted class",
     }
     report = write_html_report(out / "report.html", title="medmeta diagnose", header=header, rows=rows, warnings=warnings)
     (out / "warnings.txt").write_text("".join(f"{w}\n" for w in warnings))
@@ -148,7 +163,7 @@ def read_queries(paths: list[Path], spatial_dims: int) -> tuple[list[ImageRecord
             records.append(ImageRecord(path, "?", "?"))
         else:  # the report names it by position and content hash, not by file name
             warnings.append(f"query file {number} ({_file_id(path)}) left out: {problem.reason} ({problem.detail})")
-            logger.warning("query %s left out: %s (%s)", path, problem.reason, problem.detail)
+            logger.warning("%s", warnings[-1])  # by position and content hash: a file name may hold a patient id
     if not records:
         raise DataError(f"no usable query images in {', '.join(map(str, paths))}")
     return records, warnings
@@ -171,7 +186,7 @@ def adapted_algorithm(module: FewShotModule, n_classes: int) -> nn.Module:
     if isinstance(algorithm, MetaSGD):  # per-element learned rates: the head's become their mean
         for name, p in new.named_parameters():
             key = lr_key(f"head.{name}")
-            algorithm.inner_lrs[key] = nn.Parameter(torch.full_like(p, float(algorithm.inner_lrs[key].mean())))
+            algorithm.inner_lrs[key] = nn.Parameter(torch.full_like(p, float(algorithm.inner_lrs[key].detach().mean())))
     return algorithm
 
 
@@ -204,50 +219,125 @@ def leave_one_out_warnings(
     return warnings
 
 
-class _Adapted(nn.Module):
-    """The backbone with adapted weights, as a plain module (for Grad-CAM)."""
+class _Explained(nn.Module):
+    """The function that predicts the query cases, as a module of the query images (for Grad-CAM).
 
-    def __init__(self, model: nn.Module, params: dict[str, Tensor]) -> None:
+    Grad-CAM's target is ``tap``, an identity through which the query rows of the backbone's
+    last spatial activation (``target``: after its last convolution) pass exactly once per forward.
+    A forward that also runs support images through the backbone (ProtoNet) thus never mixes
+    their activations or gradients into the query maps. ``forward`` refuses to return logits when
+    the algorithm did not call ``target`` as expected, rather than explain the wrong activations.
+    """
+
+    TARGET = "tap"
+
+    def __init__(self, model: nn.Module, target: str) -> None:
         super().__init__()
-        self.model, self.params = model, params
+        self.model, self.tap, self.target = model, nn.Identity(), target
+
+    @contextmanager
+    def _tapped(self, batch: int, calls: int) -> Iterator[None]:
+        """Route the last ``batch`` rows of call number ``calls`` of the target layer through ``tap``."""
+        seen: list[int] = []
+
+        def route(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+            seen.append(output.shape[0])
+            if len(seen) != calls:
+                return None
+            return torch.cat([output[: output.shape[0] - batch], self.tap(output[output.shape[0] - batch :])])
+
+        handle = dict(self.model.named_modules())[self.target].register_forward_hook(route)
+        try:
+            yield
+        finally:
+            handle.remove()
+        if len(seen) != calls or seen[-1] < batch:
+            raise RuntimeError(f"Grad-CAM target {self.target!r} ran {len(seen)} times ({seen} rows), expected {calls}")
+
+
+class _Adapted(_Explained):
+    """Query logits of a MAML-family algorithm with its adapted weights (its own query forward)."""
+
+    def __init__(self, algorithm: MAML, params: dict[str, Tensor], steps: int, target: str) -> None:
+        super().__init__(algorithm.model, target)
+        self.params, self.steps, self._query_forward = params, steps, algorithm._query_forward
 
     def forward(self, x: Tensor) -> Tensor:
-        return functional_call(self.model, self.params, (x,), strict=False)
+        with self._tapped(x.shape[0], calls=1):
+            return self._query_forward(self.params, x, self.steps)
 
 
-class _Prototypes(nn.Module):
-    """Negative squared distances of the embedding to fixed class prototypes (ProtoNet's logits)."""
+class _Prototypes(_Explained):
+    """ProtoNet's query logits for one task (its own ``task_logits``: distance, temperature, batch norm)."""
 
-    def __init__(self, algorithm: ProtoNet, prototypes: Tensor) -> None:
-        super().__init__()
-        self.model, self.algorithm, self.prototypes = algorithm.model, algorithm, prototypes
+    def __init__(self, algorithm: ProtoNet, support_x: Tensor, support_y: Tensor, target: str) -> None:
+        super().__init__(algorithm.model, target)
+        self.support_x, self.support_y, self._task_logits = support_x, support_y, algorithm.task_logits
+        # running statistics: support and query go through the backbone separately, the query last
+        self.calls = 2 if uses_running_statistics(algorithm.model) else 1
 
     def forward(self, x: Tensor) -> Tensor:
-        return -torch.cdist(self.algorithm.embed(x), self.prototypes).pow(2)
+        with self._tapped(x.shape[0], calls=self.calls):
+            return self._task_logits(self.support_x, self.support_y, x)
 
 
-def explainer(algorithm: nn.Module, support_x: Tensor, support_y: Tensor, steps: int) -> nn.Module:
-    """A module computing the adapted model's logits from images, for Grad-CAM."""
+def explainer(algorithm: nn.Module, support_x: Tensor, support_y: Tensor, steps: int) -> _Explained:
+    """The adapted model's query logits as a module of the query images, in eval mode.
+
+    Its output is the algorithm's ``adapt_and_predict`` on the same support and query batch (the
+    same adaptation, query forward, batch-norm mode, distance and temperature); ``diagnose``
+    predicts with it and Grad-CAM differentiates it at the module named ``_Explained.TARGET``.
+    """
+    target = _target_layer(algorithm.model)
     if isinstance(algorithm, ProtoNet):
-        with torch.no_grad():
-            embedded = algorithm.embed(support_x)
-        prototypes = torch.stack([embedded[support_y == k].mean(0) for k in range(int(support_y.max()) + 1)])
-        return _Prototypes(algorithm, prototypes)
-    assert isinstance(algorithm, (MAML, ANIL))
+        return _Prototypes(algorithm, support_x, support_y, target).eval()
+    if not isinstance(algorithm, MAML):
+        raise DataError(f"diagnose cannot explain {type(algorithm).__name__}; it supports {', '.join(SUPPORTED)}")
     theta = {name: p.detach() for name, p in algorithm.adaptable_parameters().items()}
     with torch.enable_grad():
         adapted = algorithm.adapt(support_x, support_y, steps=steps, first_order=True, params=theta)
-    return _Adapted(algorithm.model, {name: p.detach() for name, p in adapted.items()})
+    return _Adapted(algorithm, {name: p.detach() for name, p in adapted.items()}, steps, target).eval()
 
 
-def _target_layer(explained: nn.Module) -> str:
+def _target_layer(model: nn.Module) -> str:
     """The activation after the backbone's last convolution (still spatial), else that convolution."""
-    names = [(name, m) for name, m in explained.named_modules()]
+    names = [(name, m) for name, m in model.named_modules()]
     convs = [i for i, (_, m) in enumerate(names) if isinstance(m, (nn.Conv2d, nn.Conv3d))]
     if not convs:
         raise DataError("the backbone has no convolution to explain with Grad-CAM")
     after = [name for name, m in names[convs[-1]:] if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU))]
     return after[0] if after else names[convs[-1]][0]
+
+
+def constant_images(images: Tensor) -> Tensor:
+    """``[B]`` booleans: images whose intensities span less than ``CONSTANT_SPAN`` (after the window)."""
+    flat = images.detach().flatten(1)
+    return (flat.amax(1) - flat.amin(1)) < CONSTANT_SPAN
+
+
+def _constant_warning(settings: dict[str, object], value: float) -> str:
+    return (
+        f"the image is constant after the intensity {_window_label(settings)} (every pixel {value:.2f}): "
+        "its prediction carries no information; check that it was acquired like the training data"
+    )
+
+
+def _window_label(settings: dict[str, object]) -> str:
+    if settings.get("preset"):
+        return f"preset {settings['preset']!r}"
+    window = settings.get("window")
+    return f"window {list(window)}" if window is not None else "scaling"
+
+
+def _refuse_constant_support(records: list[ImageRecord], images: Tensor, settings: dict[str, object]) -> None:
+    """A labelled support case that is constant after the window would teach nothing: name it and stop."""
+    bad = [f"{r.path}: constant after the intensity {_window_label(settings)}" for r, c in zip(records, constant_images(images)) if c]
+    if bad:
+        raise DataError("support set has cases without contrast (fix or remove them):\n  " + "\n  ".join(bad))
+
+
+def _prototype_label(algorithm: ProtoNet) -> str:
+    return f"class prototypes ({algorithm.distance.replace('_', ' ')} distance, temperature {algorithm.temperature:g})"
 
 
 def _image_settings(settings: dict[str, object]) -> dict[str, object]:
@@ -284,15 +374,22 @@ def _write_predictions(out: Path, predictions: list[dict[str, object]], names: l
     (out / "predictions.json").write_text(json.dumps({"classes": names, "cases": predictions}, indent=2) + "\n")
     with (out / "predictions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(("case", "file_sha256_12", "predicted", *(f"p({name})" for name in names)))
+        writer.writerow(("case", "file_sha256_12", "predicted", *(f"p({name})" for name in names), "warnings"))
         for p in predictions:
-            writer.writerow((p["case"], p["file_sha256_12"], p["predicted"], *(f"{p['probabilities'][n]:.6f}" for n in names)))
+            probabilities = (f"{p['probabilities'][n]:.6f}" for n in names)
+            writer.writerow((p["case"], p["file_sha256_12"], p["predicted"], *probabilities, "; ".join(p["warnings"])))
 
 
 def _refuse_inside_inputs(out: Path, inputs: list[Path]) -> None:
-    """Nothing is ever written into a user's data folder (the support folder, a query folder, a query file's folder)."""
+    """Nothing is ever written into a user's data folder: the support folder, a query folder, a query file's folder.
+
+    ``out`` may be none of them nor any folder below one of them (links resolved); it may not be
+    an existing file either.
+    """
     resolved = out.resolve()
     for path in inputs:
         folder = path.resolve() if path.is_dir() else path.resolve().parent
-        if resolved == folder or (path.is_dir() and folder in resolved.parents):
+        if resolved == folder or folder in resolved.parents:
             raise DataError(f"output folder {out} is inside the input folder {folder}; choose --out elsewhere")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"output folder {out} is an existing file; choose a new --out")

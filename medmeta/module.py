@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +31,17 @@ Batch = dict[str, torch.Tensor]
 
 
 CURVE_EPISODES = 100  # test episodes whose query accuracy is also recorded after every inner step
+
+
+def check_learning_rate(name: str, value: object) -> None:
+    """Raise ``ValueError`` naming the setting unless ``value`` is a positive, finite learning rate.
+
+    Zero is refused too: a zero inner rate adapts nothing while still taking the inner steps (set
+    ``eval_inner_steps: 0`` to evaluate without adaptation), and a zero outer rate trains nothing.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        hint = " (to evaluate without adaptation, set model.eval_inner_steps 0)" if name.endswith("inner_lr") else ""
+        raise ValueError(f"{name} must be a positive learning rate, got {value!r}{hint}")
 
 
 class FewShotModule(L.LightningModule):
@@ -61,6 +73,8 @@ class FewShotModule(L.LightningModule):
             meta-backward) once as CUDA graphs and replay it (same numbers, no launch overhead;
             episode shapes must stay fixed). Elsewhere it warns once and runs eagerly.
         distance: ProtoNet distance, ``"squared_euclidean"`` or ``"cosine"``.
+        protonet_temperature: ProtoNet: the negative distances are divided by it (positive; use
+            about 0.1 with ``"cosine"``, whose distances only span [0, 2]).
         pretrain_classes: fine-tune baseline: size of the pre-training head (>= meta-train classes).
         finetune_steps: fine-tune baseline: Adam steps of the new head on each support set.
         finetune_lr: fine-tune baseline: learning rate of those steps.
@@ -103,6 +117,7 @@ class FewShotModule(L.LightningModule):
         checkpoint_inner_steps: bool = False,
         cuda_graph: bool = False,
         distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
+        protonet_temperature: float = 1.0,
         pretrain_classes: int = 64,
         finetune_steps: int = 100,
         finetune_lr: float = 0.01,
@@ -122,6 +137,8 @@ class FewShotModule(L.LightningModule):
         nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
+        for name, rate in (("meta_lr", meta_lr), ("inner_lr", inner_lr), ("finetune_lr", finetune_lr)):
+            check_learning_rate(f"model.{name}", rate)
         self.save_hyperparameters()
         model = get_backbone(
             backbone, in_channels=in_channels, n_way=n_way, hidden_channels=hidden_channels,
@@ -132,6 +149,7 @@ class FewShotModule(L.LightningModule):
             algorithm, model, n_way=n_way, inner_lr=inner_lr, inner_steps=inner_steps,
             eval_inner_steps=eval_inner_steps, first_order=first_order, task_reduction=task_reduction,
             task_parallel=task_parallel, checkpoint_inner_steps=checkpoint_inner_steps, distance=distance,
+            temperature=protonet_temperature,
             pretrain_classes=pretrain_classes, finetune_steps=finetune_steps,
             finetune_lr=finetune_lr, finetune_scope=finetune_scope,
             maml_pp={
@@ -366,6 +384,29 @@ class FewShotModule(L.LightningModule):
             raise ValueError("cosine_annealing needs trainer.max_steps to know the schedule length")
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total)
         return {"optimizer": optimiser, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, object]) -> None:
+        """Record the meta-train and meta-val class names (diagnosis labels only) the model has seen.
+
+        ``medmeta evaluate`` refuses a test class among them. Names from an earlier checkpoint this
+        run resumed or started from are kept too.
+        """
+        from medmeta.checkpoints import SEEN_CLASSES_KEY
+
+        seen = {split: set(names) for split, names in (getattr(self, "_seen_classes", None) or {}).items()}
+        splits = getattr(getattr(self._trainer, "datamodule", None), "class_splits", None) if self._trainer else None
+        if splits is not None:
+            for split in ("train", "val"):
+                seen.setdefault(split, set()).update(splits.of(split))
+        if seen:
+            checkpoint[SEEN_CLASSES_KEY] = {split: sorted(names) for split, names in seen.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, object]) -> None:
+        """Keep the class names the loaded checkpoint had seen (see ``on_save_checkpoint``)."""
+        from medmeta.checkpoints import SEEN_CLASSES_KEY
+
+        stored = checkpoint.get(SEEN_CLASSES_KEY)
+        self._seen_classes = {k: list(v) for k, v in stored.items()} if isinstance(stored, dict) else None
 
     def _check_n_way(self, batch: Batch) -> None:
         n_way = int(batch["support_y"].max()) + 1

@@ -39,18 +39,21 @@ ul.probs .name { flex: 0 0 110px; overflow: hidden; text-overflow: ellipsis; whi
 ul.probs .bar { flex: 0 0 100px; height: 10px; background: #eaeef2; border-radius: 3px; overflow: hidden; }
 ul.probs .fill { display: block; height: 100%; background: #0969da; }
 ul.probs .pct { font-variant-numeric: tabular-nums; color: #57606a; }
+.case-warning { margin-top: 6px; padding: 4px 8px; max-width: 260px; font-size: 12px; font-weight: 400;
+  border: 1px solid #d4a72c; background: #fff8c5; color: #4d2d00; border-radius: 4px; }
 """
 
 
 @dataclass(frozen=True)
 class ReportRow:
-    """One query case: its opaque id, rendered PNGs, predicted class and class probabilities."""
+    """One query case: its opaque id, rendered PNGs, predicted class, class probabilities and its own warnings."""
 
     case_id: str
     image_png: Path
     overlay_png: Path
     predicted: str
     probabilities: dict[str, float]
+    warnings: tuple[str, ...] = ()
 
 
 def _data_uri(path: Path) -> str:
@@ -83,12 +86,13 @@ def _probabilities_html(probabilities: dict[str, float]) -> str:
 def _row_html(row: ReportRow) -> str:
     """One ``<tr class="case-row">`` of the case table."""
     case = html.escape(row.case_id)
+    notes = "".join(f'<div class="case-warning" role="alert">&#9888; {html.escape(w)}</div>' for w in row.warnings)
     return (
         f'<tr class="case-row" data-case="{case}">'
         f'<td class="case-id">{case}</td>'
         f'<td><img class="thumb" src="{_data_uri(row.image_png)}" alt="image of {case}"></td>'
         f'<td><img class="thumb" src="{_data_uri(row.overlay_png)}" alt="Grad-CAM of {case}"></td>'
-        f'<td class="predicted"><strong>{html.escape(row.predicted)}</strong></td>'
+        f'<td class="predicted"><strong>{html.escape(row.predicted)}</strong>{notes}</td>'
         f"<td>{_probabilities_html(row.probabilities)}</td>"
         "</tr>"
     )
@@ -139,7 +143,7 @@ def write_html_report(
         path: output ``.html`` file.
         title: page title and heading.
         header: run details shown as key/value pairs (checkpoint, algorithm, support counts, ...).
-        rows: one per query case, in display order.
+        rows: one per query case, in display order; a row's own warnings are shown under its prediction.
         warnings: shown in a yellow box when non-empty.
     """
     text = render_html_report(title=title, header=header, rows=rows, warnings=warnings)

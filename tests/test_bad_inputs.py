@@ -218,6 +218,7 @@ RUNS: dict[str, Run] = {
     "check-2d-crash": Run("2d", _check()),  # apart: a traceback here must not hide the other rows
     "check-3d": Run("3d", _check("--spatial-dims", "3", q_query=1)),
     "check-3d-crash": Run("3d", _check("--spatial-dims", "3", q_query=1)),
+    "check-2d-as-3d": Run("2d", _check("--spatial-dims", "3")),  # every class folder is then one mixed "series"
     "fit-no-decoder": Run("2d", _fit(), no_rle_decoder=True),
     "fit-too-small-class": Run("2d", _fit()),
     "fit-n-way-3": Run("2d", _fit("--data.n_way", "3")),
@@ -285,6 +286,8 @@ CASES = [
          "non-finite"),
     Case("constant-image", "check-2d", lambda r: png(_class(r, 3) / "constant.png", np.full((16, 16), 7, np.uint8)),
          "constant"),
+    Case("nothing-usable", "check-2d-as-3d", lambda r: r, None,
+         ("no usable images under", "all 6 file(s) skipped (inconsistent-series: 6)", "mixed series"), named="file"),
     Case("too-small-class", "fit-too-small-class", _too_small_class, None,
          ("has 2 image(s) from 1 patient(s)", "1 support + 2 query = 3 images"), named="class"),
     Case("n-way-above-classes", "fit-n-way-3", lambda r: r, None, ("has 2 class(es)", "n_way=3", "at least 3")),

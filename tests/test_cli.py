@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
-def _medmeta(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MEDMETA_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "2", "COLUMNS": "200"}
+def _medmeta(*args: str, cwd: Path, timeout: float = 300, columns: str = "200") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MEDMETA_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "2", "COLUMNS": columns}
     return subprocess.run(
         [sys.executable, "-m", "medmeta.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -163,3 +165,114 @@ def test_each_algorithm_config_combines_with_the_data_config(tiny_dicom_root: Pa
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())
     assert metrics["algorithm"].startswith(algorithm) and metrics["test_episodes"] == 4
+
+
+def test_help_lists_every_subcommand_with_a_description(tmp_path: Path) -> None:
+    result = _medmeta("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("fit", "validate", "test", "predict", "synth", "data check", "evaluate", "diagnose"):
+        assert re.search(rf"^ +{name} +\w.{{10,}}$", result.stdout, re.MULTILINE), f"{name!r} missing\n{result.stdout}"
+
+
+@pytest.mark.parametrize(
+    ("extra", "setting"),
+    [
+        (["--model.meta_lr", "-0.001"], "model.meta_lr"),
+        (["--model.inner_lr", "0"], "model.inner_lr"),
+        (["--optimizer", "SGD", "--optimizer.lr", "-0.1"], "optimizer.lr"),
+    ],
+)
+def test_a_bad_learning_rate_is_a_one_line_message(tiny_dicom_root: Path, tmp_path: Path, extra: list[str], setting: str) -> None:
+    """Zero or negative rates are refused by name before any data is read (a zero inner rate adapts nothing)."""
+    out = tmp_path / "run"
+    result = _medmeta(*_tiny_fit_args(tiny_dicom_root, out), *extra, cwd=tmp_path)
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2, result.stdout[-2000:]
+    (line,) = [line for line in result.stdout.splitlines() if "medmeta: error:" in line]
+    assert f"{setting} must be a positive learning rate, got {float(extra[-1])}" in line
+    assert not out.exists() and "usable images" not in result.stdout + result.stderr  # refused before data or run
+
+
+def test_files_that_are_not_checkpoints_are_named_by_every_command(trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path) -> None:
+    data = trained_checkpoint.read_bytes()
+    bad = {"truncated": data[: len(data) // 3], "text": b"not a checkpoint\n", "empty": b""}
+    words = {"truncated": "the file is truncated", "text": "it is a text file", "empty": "the file is empty (0 bytes)"}
+    for name, content in bad.items():
+        (tmp_path / f"{name}.ckpt").write_bytes(content)
+    test_args = _tiny_fit_args(tiny_dicom_root, tmp_path / "out")
+    test_args[0] = "test"
+    runs = {
+        "truncated": [*test_args, "--ckpt_path", str(tmp_path / "truncated.ckpt")],
+        "text": ["evaluate", str(tmp_path / "text.ckpt"), "--out", str(tmp_path / "out")],
+        "empty": ["diagnose", "--ckpt", str(tmp_path / "empty.ckpt"), "--support", str(tiny_dicom_root), "--query",
+                  str(tiny_dicom_root), "--out", str(tmp_path / "out")],
+    }  # fmt: skip
+    for name, args in runs.items():
+        result = _medmeta(*args, cwd=tmp_path)
+        assert "Traceback" not in result.stdout + result.stderr, (name, result.stderr[-3000:])
+        assert result.returncode == 2, (name, result.stdout[-2000:])
+        (line,) = [line for line in result.stdout.splitlines() if "medmeta: error:" in line]
+        assert f"cannot load checkpoint {tmp_path / f'{name}.ckpt'}: " in line and words[name] in line, line
+        assert "checkpoint" in line.split(f"{name}.ckpt: ", 1)[1], line
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_check_shows_whole_paths_relative_to_the_data_in_80_columns(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dicom_root, root)
+    nested = next(p for p in sorted(root.iterdir()) if p.is_dir()) / "patient-extra" / "series-0001" / "a-long-folder-name"
+    nested.mkdir(parents=True)
+    (nested / "an-empty-file-with-a-rather-long-name-0001.dcm").write_bytes(b"")
+    expected = str((nested / "an-empty-file-with-a-rather-long-name-0001.dcm").relative_to(root))
+    assert len(expected) > 80
+    result = _medmeta("data", "check", str(root), "--n-way", "3", "--q-query", "2", "--split-ratios", "0.5", "0.25",
+                      "0.25", cwd=tmp_path, columns="80")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "an-empty-file" in line]
+    assert line.split()[0] == expected and "empty" in line.split()[1], line
+    assert str(tmp_path) not in line
+
+
+def test_data_check_with_nothing_usable_says_why(tmp_path: Path) -> None:
+    from medmeta.data.synthetic3d import generate_synthetic_volumes
+
+    root = generate_synthetic_volumes(tmp_path / "vols", n_classes=3, patients_per_class=2, volumes_per_patient=1, size=16)
+    result = _medmeta("data", "check", str(root), cwd=tmp_path)  # 3D volumes checked as the default 2D
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "medmeta: error:" in line]
+    assert f"no usable images under {root}: all 6 file(s) skipped (wrong-dims: 6)" in line
+    first = sorted(root.rglob("*.nii.gz"))[0].relative_to(root)
+    assert f"{first}: wrong-dims (a 3D volume with 16 slices, but 2D images are configured)" in line
+    assert "--spatial-dims 3" in line
+
+
+def test_evaluate_refuses_test_classes_the_model_meta_trained_on(trained_checkpoint: Path, tmp_path: Path) -> None:
+    """Another data set sharing class names: a test class that was a meta-train or meta-val class is refused."""
+    from medmeta.checkpoints import SEEN_CLASSES_KEY, read_checkpoint
+    from medmeta.data.episodes import split_classes
+    from medmeta.data.synthetic import generate_synthetic_dataset
+
+    other = generate_synthetic_dataset(tmp_path / "other", n_classes=16, patients_per_class=3, images_per_patient=2,
+                                       image_size=16, seed=7)  # fmt: skip
+    checkpoint = read_checkpoint(trained_checkpoint)
+    seen = checkpoint[SEEN_CLASSES_KEY]
+    names = sorted(p.name for p in other.iterdir() if p.is_dir())
+    test = split_classes(names, ratios=(0.5, 0.25, 0.25), seed=0).test  # the trained model's data settings
+    overlap = sorted(set(test) & set(seen["train"] + seen["val"]))
+    assert overlap, "the second data set must share a test class with the first one's meta-train/val classes"
+    args = ["evaluate", str(trained_checkpoint), "--data-root", str(other), "--out", str(tmp_path / "eval")]
+    refused = _medmeta(*args, cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+    (line,) = [line for line in refused.stdout.splitlines() if "medmeta: error:" in line]
+    assert all(name in line for name in overlap) and "--allow-seen-classes" in line, line
+    assert not list((tmp_path / "eval").rglob("metrics.json"))
+    allowed = _medmeta(*args, "--allow-seen-classes", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]
+    assert "warning:" in allowed.stdout and all(name in allowed.stdout for name in overlap)
+    assert "test accuracy:" in allowed.stdout
+    # a checkpoint written before the class names were recorded (and not in its run folder): a warning
+    old = tmp_path / "old.ckpt"
+    torch.save({k: v for k, v in checkpoint.items() if k != SEEN_CLASSES_KEY}, old)
+    unknown = _medmeta("evaluate", str(old), "--data-root", str(other), "--out", str(tmp_path / "eval"), cwd=tmp_path)
+    assert unknown.returncode == 0, unknown.stdout[-2000:] + unknown.stderr[-2000:]
+    assert "warning:" in unknown.stdout and "cannot be checked" in unknown.stdout

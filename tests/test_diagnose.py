@@ -9,13 +9,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from medmeta.diagnose import diagnose
+import medmeta.diagnose
+from medmeta.data.datamodule import EpisodicDataModule, transform_images
+from medmeta.diagnose import _image_settings, adapted_algorithm, diagnose, load_checkpoint, read_queries, read_support
 from medmeta.errors import DataError
+from medmeta.module import FewShotModule
 from tests.test_report import _chromium
+
+# every algorithm diagnose accepts, in each batch-norm mode, and ProtoNet with both distances
+VARIANTS = [
+    (algorithm, norm_mode, distance)
+    for algorithm in ("maml", "maml_pp", "meta_sgd", "anil", "protonet")
+    for norm_mode in ("transductive", "running")
+    for distance in (("squared_euclidean", "cosine") if algorithm == "protonet" else ("squared_euclidean",))
+]
 
 
 def _cases(root: Path, tmp_path: Path, classes: int, per_class: int = 3) -> tuple[Path, Path]:
@@ -118,3 +131,152 @@ def test_evaluate_command_draws_then_replays_the_same_episodes(trained_checkpoin
     replayed = evaluate(tmp_path / "b", "--episodes", str(first / "test_episodes.json"))
     assert (first / "per_episode.csv").read_text() == (replayed / "per_episode.csv").read_text()
     assert len((first / "per_episode.csv").read_text().splitlines()) == 6
+
+
+@pytest.fixture(scope="module")
+def checkpoint_for(tiny_dicom_root: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """``(algorithm, norm_mode, distance) -> checkpoint``: a 3-way model meta-trained for 2 steps (under a second each)."""
+    cache: dict[tuple[str, str, str], Path] = {}
+    data = EpisodicDataModule(str(tiny_dicom_root), n_way=3, k_shot=1, q_query=2, meta_batch_size=2, image_size=16,
+                              val_episodes=2, test_episodes=2, split_ratios=(0.5, 0.25, 0.25))  # fmt: skip
+    # one data module for every fit: its preflight runs once
+
+    def build(algorithm: str, norm_mode: str, distance: str) -> Path:
+        key = (algorithm, norm_mode, distance)
+        if key not in cache:
+            torch.manual_seed(0)
+            out = tmp_path_factory.mktemp(f"fit-{algorithm}-{norm_mode}-{distance}")
+            module = FewShotModule(
+                algorithm=algorithm, norm_mode=norm_mode, distance=distance, n_way=3, image_size=16, hidden_channels=8,
+                inner_steps=1, eval_inner_steps=2, pixel_baseline=False,
+                **({"protonet_temperature": 0.1} if distance == "cosine" else {}),
+            )  # fmt: skip
+            trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, limit_val_batches=0, inference_mode=False,
+                                default_root_dir=out)  # fmt: skip
+            trainer.fit(module, datamodule=data)
+            cache[key] = out / "model.ckpt"
+            trainer.save_checkpoint(cache[key])
+        return cache[key]
+
+    return build
+
+
+@pytest.mark.parametrize(("algorithm", "norm_mode", "distance"), VARIANTS)
+def test_grad_cam_explains_the_logits_that_were_predicted(
+    checkpoint_for, tiny_dicom_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+    algorithm: str, norm_mode: str, distance: str,
+) -> None:  # fmt: skip
+    """For every accepted algorithm: the logits Grad-CAM differentiates are the algorithm's own prediction.
+
+    That prediction is ``adapt_and_predict`` (what ``evaluate`` measures) on the same support and
+    query batch, with the checkpoint's batch-norm mode, distance and temperature; the probabilities
+    diagnose reports are their softmax. Two diagnoses and a 3-way checkpoint: a new head is adapted.
+    """
+    ckpt = checkpoint_for(algorithm, norm_mode, distance)
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2, per_class=2)
+    differentiated: list[torch.Tensor] = []
+    real_grad_cam = medmeta.diagnose.grad_cam
+
+    def recording_grad_cam(model: torch.nn.Module, *args: object, **kwargs: object) -> torch.Tensor:
+        handle = model.register_forward_hook(lambda _m, _i, output: differentiated.append(output.detach().clone()))
+        try:
+            return real_grad_cam(model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(medmeta.diagnose, "grad_cam", recording_grad_cam)
+    result = diagnose(ckpt, support, [queries], tmp_path / "out")
+
+    module, settings = load_checkpoint(ckpt)
+    support_records, names = read_support(support, 2)
+    query_records, _ = read_queries([queries], 2)
+    support_x = transform_images(support_records, source=support, **_image_settings(settings))
+    query_x = transform_images(query_records, source="queries", **_image_settings(settings))
+    support_y = torch.tensor([names.index(r.label) for r in support_records])
+    with torch.enable_grad():
+        predicted = adapted_algorithm(module, len(names)).adapt_and_predict(
+            support_x[None], support_y[None], query_x[None], steps=module.hparams.eval_inner_steps
+        )[0]  # fmt: skip
+    assert differentiated, "Grad-CAM ran no forward"
+    for logits in differentiated:
+        torch.testing.assert_close(logits, predicted, atol=1e-6, rtol=0.0)
+    reported = torch.tensor([[case["probabilities"][name] for name in names] for case in result.predictions])
+    torch.testing.assert_close(reported, predicted.softmax(-1), atol=1e-6, rtol=0.0)
+    body = json.loads((result.out / "predictions.json").read_text())
+    assert [c["predicted"] for c in body["cases"]] == [names[k] for k in predicted.argmax(-1).tolist()]
+    for case in body["cases"]:
+        with Image.open(result.out / "overlays" / f"{case['case']}.png") as overlay:
+            assert overlay.size[0] % 16 == 0
+    html = result.report.read_text()
+    assert ("running" if norm_mode == "running" else "transductive") in html
+    if algorithm == "protonet":
+        assert f"{distance.replace('_', ' ')} distance, temperature {0.1 if distance == 'cosine' else 1:g}" in html
+
+
+def test_out_inside_the_folder_of_a_query_file_is_refused_and_nothing_is_written(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    support, _ = _cases(tiny_dicom_root, tmp_path, 2)
+    folder = tmp_path / "x"
+    folder.mkdir()
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(folder / "case.png")
+    nested = tmp_path / "nested" / "deeper"
+    nested.mkdir(parents=True)
+    Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).save(nested / "case.png")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for query, out in [
+        (folder / "case.png", folder / "out"),  # a sub-folder of the query file's folder
+        (folder / "case.png", folder / "out" / "deeper"),
+        (folder / "case.png", folder),  # the query file's folder itself
+        (folder / "case.png", folder / "case.png"),  # the query file itself
+        (nested / "case.png", nested / ".." / "deeper" / "out"),  # the same folder, spelled another way
+        (folder, folder / "out"),  # a query folder
+        (folder / "case.png", support / "out"),  # the support folder
+        (folder / "case.png", support / next(iter(sorted(p.name for p in support.iterdir()))) / "out"),
+    ]:
+        with pytest.raises(DataError, match="inside the input folder"):
+            diagnose(trained_checkpoint, support, [query], out)
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before, out
+    link = tmp_path / "link"
+    link.symlink_to(folder, target_is_directory=True)
+    with pytest.raises(DataError, match="inside the input folder"):
+        diagnose(trained_checkpoint, support, [folder / "case.png"], link / "out")
+    assert not (folder / "out").exists()
+
+
+def _sixteen_bit_png(path: Path) -> Path:
+    """A 16-bit grey PNG of values 1000..4071: above the default CT window, so it windows to one constant."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 3 + 1000).astype(np.uint16)).save(path)
+    return path
+
+
+def test_a_query_that_is_constant_after_the_window_is_flagged_in_every_output(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2)
+    _sixteen_bit_png(queries / "zz-sixteen-bit.png")  # sorted last: query-005
+    result = diagnose(trained_checkpoint, support, [queries], tmp_path / "out")
+    body = json.loads((result.out / "predictions.json").read_text())
+    flagged = {c["case"] for c in body["cases"] if any("constant after the intensity window" in w for w in c["warnings"])}
+    assert flagged == {"query-005"} and len(body["cases"]) == 5
+    assert any(w.startswith("query-005 (") and "constant after the intensity window" in w for w in result.warnings)
+    rows = {row.split(",")[0]: row for row in (result.out / "predictions.csv").read_text().splitlines()}
+    assert rows["case"].endswith(",warnings")
+    assert "constant after the intensity window" in rows["query-005"]
+    assert all("constant" not in rows[f"query-00{i}"] for i in range(1, 5))
+    html_rows = result.report.read_text().split('<tr class="case-row"')[1:]
+    assert [("case-warning" in row) for row in html_rows] == [False] * 4 + [True]
+    assert "constant after the intensity window" in (result.out / "warnings.txt").read_text()
+
+
+def test_a_support_case_that_is_constant_after_the_window_is_refused(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2)
+    flat = _sixteen_bit_png(next(p for p in sorted(support.iterdir())) / "flat.png")
+    with pytest.raises(DataError, match="constant") as error:
+        diagnose(trained_checkpoint, support, [queries], tmp_path / "out")
+    assert str(flat) in str(error.value)
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -44,27 +46,56 @@ class EpisodeLog(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit(root: Path, out: Path, max_steps: int, ckpt_path: str | None = None) -> tuple[FewShotModule, EpisodeLog]:
+class GlobalRandomNoise(L.Callback):
+    """Adds noise drawn from the global torch, NumPy and Python RNGs to every training batch.
+
+    medmeta itself draws no global randomness while training (episodes and augmentation come from
+    seeded local generators), but a user's model or callback may (dropout, noise): this stands in
+    for them, so that a resume that does not restore the global RNG states gives different losses.
+    """
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, *_: object) -> None:
+        for key in ("support_x", "query_x"):
+            x = batch[key]
+            noise = torch.randn_like(x) + torch.from_numpy(np.random.standard_normal(x.shape)).to(x.dtype)
+            batch[key] = x + 0.1 * (noise + random.gauss(0.0, 1.0))
+
+
+def _fit(
+    root: Path, out: Path, max_steps: int, ckpt_path: str | None = None, *, noise: bool = False, rng_state: bool = True
+) -> tuple[FewShotModule, EpisodeLog]:
     L.seed_everything(0)
     module = FewShotModule(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=1, pixel_baseline=False)
     log = EpisodeLog()
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=1, save_top_k=0)
+    callbacks = [checkpoints, *([RandomStateCheckpoint()] if rng_state else []), *([GlobalRandomNoise()] if noise else []), log]
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, inference_mode=False, default_root_dir=out,
-                        callbacks=[checkpoints, RandomStateCheckpoint(), log])  # fmt: skip
+                        limit_val_batches=0, inference_mode=False, default_root_dir=out, callbacks=callbacks)  # fmt: skip
     trainer.fit(module, datamodule=EpisodicDataModule(str(root), **DATA), ckpt_path=ckpt_path, weights_only=True)
     return module, log
 
 
 def test_resumed_run_equals_the_uninterrupted_one(tiny_dicom_root: Path, tmp_path: Path) -> None:
-    """Stopped at step 3 (mid-epoch: 4 steps per epoch) and resumed to 6: same episodes, losses and weights."""
-    full, full_log = _fit(tiny_dicom_root, tmp_path / "full", 6)
-    _fit(tiny_dicom_root, tmp_path / "part", 3)
-    resumed, resumed_log = _fit(tiny_dicom_root, tmp_path / "part", 6, ckpt_path=str(tmp_path / "part/checkpoints/last.ckpt"))
+    """Stopped at step 3 (mid-epoch: 4 steps per epoch) and resumed to 6, with global-RNG noise in every step
+    (crossing the epoch boundary at step 4): same episodes, bit-identical losses and weights."""
+    full, full_log = _fit(tiny_dicom_root, tmp_path / "full", 6, noise=True)
+    _fit(tiny_dicom_root, tmp_path / "part", 3, noise=True)
+    resumed, resumed_log = _fit(tiny_dicom_root, tmp_path / "part", 6, ckpt_path=str(tmp_path / "part/checkpoints/last.ckpt"), noise=True)
     assert resumed_log.episodes == full_log.episodes[3:]
-    assert resumed_log.losses == pytest.approx(full_log.losses[3:], rel=1e-6, abs=1e-7)
+    assert resumed_log.losses == full_log.losses[3:]
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+        assert torch.equal(a, b), name
+
+
+def test_without_the_rng_state_a_resume_with_global_randomness_differs(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """The counter-check: with global-RNG noise in training, the restored RNG states are what make the resumed
+    run equal the uninterrupted one (same episodes, different losses without them)."""
+    _, full_log = _fit(tiny_dicom_root, tmp_path / "full", 6, noise=True, rng_state=False)
+    _fit(tiny_dicom_root, tmp_path / "part", 3, noise=True, rng_state=False)
+    _, resumed_log = _fit(tiny_dicom_root, tmp_path / "part", 6, ckpt_path=str(tmp_path / "part/checkpoints/last.ckpt"),
+                          noise=True, rng_state=False)  # fmt: skip
+    assert resumed_log.episodes == full_log.episodes[3:]
+    assert all(a != b for a, b in zip(resumed_log.losses, full_log.losses[3:], strict=True))
 
 
 @pytest.mark.parametrize("fresh", [True, False])

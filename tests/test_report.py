@@ -66,6 +66,15 @@ def test_report_escapes_text_and_shows_warnings(tmp_path: Path) -> None:
     assert 'class="warnings"' in text and "only 2 support cases for &lt;naevus&gt;" in text
 
 
+def test_a_rows_own_warnings_are_shown_in_that_row_escaped(tmp_path: Path) -> None:
+    rows = _rows(tmp_path, 2)
+    rows[1] = ReportRow(**{**rows[1].__dict__, "warnings": ("constant after the window <10, 20>",)})
+    text = _write(tmp_path, rows, warnings=[]).read_text()
+    first, second = text.split('<tr class="case-row"')[1:]
+    assert "case-warning" not in first
+    assert second.count('class="case-warning"') == 1 and "constant after the window &lt;10, 20&gt;" in second
+
+
 def test_probabilities_are_sorted_with_bars(tmp_path: Path) -> None:
     png = _rows(tmp_path, 1)[0].image_png
     rows = [ReportRow("q (1)", png, png, "b", {"a": 0.1, "b": 0.7, "c": 0.2})]

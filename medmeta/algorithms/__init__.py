@@ -36,6 +36,7 @@ def build_algorithm(
     task_parallel: TaskParallel = "auto",
     checkpoint_inner_steps: bool = False,
     distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
+    temperature: float = 1.0,
     pretrain_classes: int = 64,
     finetune_steps: int = 100,
     finetune_lr: float = 0.01,
@@ -61,7 +62,7 @@ def build_algorithm(
             checkpoint_inner_steps=checkpoint_inner_steps, **(maml_pp or {}),
         )  # fmt: skip
     if name == "protonet":
-        return ProtoNet(model, distance=distance)
+        return ProtoNet(model, distance=distance, temperature=temperature)
     if name == "mann":
         return MANN(model, n_way=n_way, **(mann or {}))
     if name == "finetune":

@@ -34,6 +34,10 @@ class ANIL(MAML):
                 raise ValueError(f"ANIL needs a backbone with a `{part}` submodule; got {type(model).__name__}")
         super().__init__(model, **maml_options)
 
+    def _inner_loop_module(self) -> tuple[str, nn.Module]:
+        """Only the head runs inside the inner gradient (the body runs once per task, outside it)."""
+        return HEAD_PREFIX, self.model.head
+
     def adaptable_parameters(self) -> Params:
         """The head's weights, keyed by their names in ``self.model`` (``head.weight``, ...)."""
         return {HEAD_PREFIX + name: p for name, p in self.model.head.named_parameters()}

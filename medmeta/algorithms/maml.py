@@ -8,6 +8,7 @@ the exact second-order meta-gradient into ``model.parameters()``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -17,7 +18,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.checkpoint import checkpoint
 
-from medmeta.networks.norm import composite_norms, query_statistics, uses_running_statistics
+from medmeta.networks.norm import (
+    NotVectorisable,
+    composite_norms,
+    query_statistics,
+    running_statistic_updates,
+    uses_running_statistics,
+)
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -43,6 +50,10 @@ class MAML(nn.Module):
             (one after the other), ``"vmap"`` (all at once with ``torch.func.vmap``) or
             ``"auto"`` (``vmap`` on GPUs, the loop on CPUs, where it measured faster; always the
             loop with per-step running batch-norm statistics, whose updates cannot run under vmap).
+            Any model is exact under vmap: torch's batch, instance and layer norms (and any module type
+            medmeta does not know) are computed there with batching-correct ops
+            (``medmeta.networks.norm.composite_norms``); where that cannot be done exactly (a
+            norm layer that updates running statistics) the loop runs instead, with one warning.
         checkpoint_inner_steps: second order in the loop: recompute each inner step's forward and
             backward during the meta-backward (``torch.utils.checkpoint``) instead of keeping its
             activations. Same meta-gradient; memory grows about 3x more slowly with
@@ -78,6 +89,8 @@ class MAML(nn.Module):
         self.loss_fn = loss_fn
         self.task_parallel = task_parallel
         self.checkpoint_inner_steps = checkpoint_inner_steps
+        self._vmap_blocker: str | None = None  # why a vmap attempt had to fall back to the loop
+        self._warned_fallback = False
 
     def vectorises(self, device: torch.device) -> bool:
         """Whether training adapts the tasks of a meta-batch with ``vmap`` on ``device``."""
@@ -94,7 +107,39 @@ class MAML(nn.Module):
                     "use task_parallel='loop' or 'auto', or norm_mode='transductive'"
                 )
             return False
-        return self.task_parallel == "vmap" or device.type == "cuda"
+        if not (self.task_parallel == "vmap" or device.type == "cuda"):
+            return False
+        blocker = self._vmap_blocker or _running_statistics_blocker(self.model)
+        if blocker is not None:
+            self._warn_fallback(blocker)
+            return False
+        return True
+
+    def _warn_fallback(self, reason: str) -> None:
+        """Warn once per algorithm that its tasks run in the loop instead of under ``vmap``."""
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            message = f"task_parallel={self.task_parallel!r}: adapting tasks in a loop, not with vmap: {reason}"
+            warnings.warn(message, stacklevel=3)
+
+    def _inner_loop_module(self) -> tuple[str, nn.Module]:
+        """The module whose forward runs inside the inner gradient (``torch.func.grad``), with its name prefix."""
+        return "", self.model
+
+    def _check_inner_loop_norms(self) -> None:
+        """Refuse norm layers that would update running statistics inside ``torch.func.grad``."""
+        if torch.compiler.is_compiling():
+            return
+        prefix, module = self._inner_loop_module()
+        layers = running_statistic_updates(module)
+        if layers:
+            name, layer = layers[0]
+            raise ValueError(
+                f"layer {prefix + name!r} ({type(layer).__name__}) updates running statistics in training mode "
+                "(track_running_stats=True), which the functional inner loop cannot do; build it with "
+                "track_running_stats=False (batch statistics, as in the MAML paper) or use medmeta's networks "
+                "(norm_mode='running' keeps per-step running statistics)"
+            )
 
     def _forward(self, params: Params, x: Tensor) -> Tensor:
         """The backbone's output with ``params`` in place of (some of) its weights."""
@@ -128,6 +173,8 @@ class MAML(nn.Module):
         """
         _require_grad_mode()
         steps = self.inner_steps if steps is None else steps
+        if steps > 0:
+            self._check_inner_loop_norms()
         first_order = self.first_order if first_order is None else first_order
         if params is None:
             params = self.adaptable_parameters()
@@ -185,10 +232,15 @@ class MAML(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """The outer loss and the adapted models' query logits ``[T, N*Q, N]`` (kept in the graph)."""
         _check_task_batch(support_x, support_y, query_x, query_y)
+        losses = logits = None
         if self.vectorises(support_x.device):
-            with composite_norms(self.model):
-                losses, logits = vmap(self.task_loss_and_logits)(support_x, support_y, query_x, query_y)
-        else:
+            try:
+                with composite_norms(self.model):
+                    losses, logits = vmap(self.task_loss_and_logits)(support_x, support_y, query_x, query_y)
+            except NotVectorisable as error:  # raised where a buffer would change; the loop is exact
+                self._vmap_blocker = _describe(self.model, error)
+                self._warn_fallback(self._vmap_blocker)
+        if losses is None or logits is None:
             pairs = [self.task_loss_and_logits(*task) for task in zip(support_x, support_y, query_x, query_y)]
             losses, logits = torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])
         loss = losses.sum() if self.task_reduction == "sum" else losses.mean()
@@ -236,6 +288,26 @@ class MAML(nn.Module):
                 logits.append(self._query_forward(params, query_x[task], step + 1).detach())
             curves.append(torch.stack(logits))
         return torch.stack(curves, dim=1)
+
+
+def _running_statistics_blocker(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run under vmap now (a norm layer updating running statistics), or ``None``."""
+    layers = running_statistic_updates(model)
+    if not layers:
+        return None
+    (name, layer), more = layers[0], f" (and {len(layers) - 1} more)" if len(layers) > 1 else ""
+    return (
+        f"layer {name!r} ({type(layer).__name__}){more} updates running statistics in training mode "
+        "(track_running_stats=True), which cannot run under vmap"
+    )
+
+
+def _describe(model: nn.Module, error: NotVectorisable) -> str:
+    """The reason of ``error``, naming the layer whose buffer it concerns when ``model`` holds it."""
+    for name, module in model.named_modules():
+        if error.buffer is not None and any(b is error.buffer for b in module.buffers(recurse=False)):
+            return f"layer {name!r} ({type(module).__name__}): {error}"
+    return f"a module of {type(model).__name__}: {error}"
 
 
 def _require_grad_mode() -> None:

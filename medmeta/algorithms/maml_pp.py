@@ -165,6 +165,8 @@ class MAMLPlusPlus(MAML):
     ) -> list[Params]:
         """Weights after 0..``steps`` updates, each merged with its step's norm weights."""
         _require_grad_mode()
+        if steps > 0:
+            self._check_inner_loop_norms()
         support_grad = grad(self._step_support_loss)
         checkpointed = self.checkpoint_inner_steps and not first_order and torch.is_grad_enabled()
         states = [{**params, **self.step_norm_weights(0, detach=detach)}]

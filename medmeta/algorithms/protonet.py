@@ -33,7 +33,7 @@ class ProtoNet(nn.Module):
         model: backbone with a ``features`` submodule; its parameters are meta-learned.
         distance: ``"squared_euclidean"`` (the paper's) or ``"cosine"`` (``1 - cos``; use a
             temperature well below 1, e.g. 0.1, since its logits only span ``[-2/t, 0]``).
-        temperature: divides the negative distances; must be positive.
+        temperature: divides the negative distances; positive and finite (``--model.protonet_temperature``).
     """
 
     def __init__(
@@ -43,8 +43,8 @@ class ProtoNet(nn.Module):
             raise ValueError(f"ProtoNet needs a backbone with a `features` submodule; got {type(model).__name__}")
         if distance not in ("squared_euclidean", "cosine"):
             raise ValueError(f"distance must be 'squared_euclidean' or 'cosine', got {distance!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        if isinstance(temperature, bool) or not (0 < temperature < float("inf")):
+            raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
         super().__init__()
         self.model = model
         self.distance = distance

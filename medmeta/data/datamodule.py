@@ -15,7 +15,7 @@ import torch
 from monai.data import CacheDataset
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from medmeta.data.episode_manifest import EpisodeManifest, ManifestEpisodeSampler, data_hash, sample_id
+from medmeta.data.episode_manifest import EpisodeManifest, ManifestEpisodeSampler, data_hash, sample_ids
 from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler
 from medmeta.data.inventory import Inventory, take_inventory
 from medmeta.data.records import ImageRecord
@@ -23,6 +23,10 @@ from medmeta.data.transforms import KEY, augment_images, load_transforms
 from medmeta.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+# Bumped whenever reading or transforming changes pixel values (2: pictures converted through their PIL mode, grey
+# as ITU-R 601 luma), so a memory-mapped image cache written by an older medmeta is never reused.
+IMAGE_CACHE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -234,7 +238,7 @@ class EpisodicDataModule(L.LightningDataModule):
                 self.data_root, spatial_dims=self.spatial_dims, n_way=self.n_way, k_shot=self.k_shot,
                 q_query=self.q_query, split_ratios=self.split_ratios, splits=self.explicit_splits, seed=self.seed,
                 preflight=self.preflight, require_deidentified=self.require_deidentified,
-                skip_undecodable=self.skip_undecodable,
+                skip_undecodable=self.skip_undecodable, window=self.window, preset=self.preset,
             )  # fmt: skip
             log = logger.warning if self.inventory.problems else logger.info
             log("%s", self.inventory.summary_line())
@@ -280,7 +284,7 @@ class EpisodicDataModule(L.LightningDataModule):
     def _data_hash(self) -> str:
         assert self.inventory is not None
         records = self.inventory.records
-        return data_hash(records, [sample_id(r, self.data_root) for r in records])
+        return data_hash(records, sample_ids(records, self.data_root))
 
     def _replayed_test_episodes(self, records: Sequence[ImageRecord], classes: Sequence[str]) -> ManifestEpisodeSampler:
         """The sampler replaying ``episodes_file``, after checking its shape and the data set's hash."""
@@ -297,8 +301,8 @@ class EpisodicDataModule(L.LightningDataModule):
                 f"episode manifest {self.episodes_file} was frozen on a different data set (hash {manifest.data_hash}, "
                 f"this data set {current}): files were added, removed, relabelled or changed; replay refused"
             )
-        return ManifestEpisodeSampler(manifest, [sample_id(r, self.data_root) for r in records], classes,
-                                      source=self.episodes_file)  # fmt: skip
+        return ManifestEpisodeSampler(manifest, sample_ids(records, self.data_root), classes,
+                                      source=self.episodes_file, patients=[r.patient for r in records])  # fmt: skip
 
     def freeze_test_episodes(self, path: Path) -> Path | None:
         """Write the test episodes used (drawn or replayed) as a manifest to ``path``; ``None`` before setup."""
@@ -307,7 +311,7 @@ class EpisodicDataModule(L.LightningDataModule):
             return None
         if isinstance(dataset.sampler, ManifestEpisodeSampler):
             return dataset.sampler.manifest.write(path)
-        ids = [sample_id(r, self.data_root) for r in self._test_records]
+        ids = sample_ids(self._test_records, self.data_root)
         episodes = [dataset.sampler.episode(i) for i in range(len(dataset))]
         manifest = EpisodeManifest.freeze(episodes, ids, split="test", seed=self.seed, k_shot=self.k_shot,
                                           q_query=self.q_query, data_hash=self._data_hash())  # fmt: skip
@@ -344,7 +348,8 @@ class EpisodicDataModule(L.LightningDataModule):
     def _cache_key(self, records: Sequence[ImageRecord]) -> str:
         """Hash of what determines the cached tensor: the files (path, size, mtime) and the transforms."""
         digest = hashlib.sha256()
-        settings = (self.image_size, self.window, self.preset, self.spatial_dims, self.in_channels, self.spacing, self.roi_size)
+        settings = (IMAGE_CACHE_VERSION, self.image_size, self.window, self.preset, self.spatial_dims, self.in_channels,
+                    self.spacing, self.roi_size)  # fmt: skip
         digest.update(repr(settings).encode())
         for record in records:
             stat = record.path.stat()
@@ -364,7 +369,7 @@ class EpisodicDataModule(L.LightningDataModule):
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         return DataLoader(
             self._datasets[split], batch_size=batch_size, sampler=sampler, shuffle=False,
-            num_workers=self.num_workers, persistent_workers=False,
+            num_workers=self.num_workers, persistent_workers=False, generator=torch.Generator(),  # see train_dataloader
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
@@ -389,6 +394,9 @@ class EpisodicDataModule(L.LightningDataModule):
         return ResumableLoader(
             self._datasets["train"], batch_size=self.meta_batch_size // world, sampler=EpochEpisodeSampler(length, world, rank),
             shuffle=False, num_workers=self.num_workers, persistent_workers=False,
+            # a private generator: each new iterator draws its worker seed from it, not from the global RNG, whose
+            # restored state would otherwise shift on a mid-epoch resume (tests/test_reliability.py)
+            generator=torch.Generator(),
             position=(lambda: progress.current.processed) if progress else (lambda: 0),
             episodes_per_batch=self.meta_batch_size,
         )  # fmt: skip

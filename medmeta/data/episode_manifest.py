@@ -4,8 +4,9 @@ A manifest lists every episode's index, class names and the opaque ids of its su
 images, with the seed, the episode shape and a hash of the data set it was drawn from. Replaying
 it (``--episodes FILE``) gives the same tasks on any machine, so two methods or two papers are
 compared on identical episodes; a data set that changed since is detected from the hash and
-refused. Sample ids are hashes of each file's path inside the data folder: no file name, path or
-patient identifier is written.
+refused. Sample ids are hashes of each image's resolved file relative to the data set's own
+folder (the data folder, or the folder holding the CSV manifest or ``.npz``), plus the array
+item: no file name, path or patient identifier is written.
 """
 
 from __future__ import annotations
@@ -19,29 +20,100 @@ from pathlib import Path
 import numpy as np
 
 from medmeta.data.episodes import Episode
-from medmeta.data.records import ImageRecord
+from medmeta.data.records import ImageRecord, resolved
 from medmeta.errors import DataError
 
-FORMAT = "medmeta-episodes/1"
+FORMAT = "medmeta-episodes/2"
+_OLD_FORMATS = ("medmeta-episodes/1",)  # ids by path only: not unique across folders of a CSV manifest
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}  # (resolved path, size, mtime, ctime, inode) -> bytes hash
+
+
+def dataset_folder(source: Path) -> Path:
+    """The data set's own folder, links resolved: ``source`` itself, or the folder of a CSV manifest or ``.npz``."""
+    source = Path(source).expanduser()
+    return resolved(source if source.is_dir() else source.parent)
+
+
+def _sample_id(record: ImageRecord, folder: Path) -> str:
+    real = resolved(record.path)
+    try:
+        key = real.relative_to(folder).as_posix()
+    except ValueError:  # a manifest row or a link pointing outside the folder: its absolute resolved path
+        key = real.as_posix()
+    return hashlib.sha256(f"{key}|{record.item}".encode()).hexdigest()[:16]
 
 
 def sample_id(record: ImageRecord, root: Path) -> str:
-    """An opaque, machine-independent id of one image: a hash of its path inside ``root`` (and array item)."""
-    try:
-        relative = record.path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:  # a manifest (CSV) may point outside the root: the file name is what stays stable
-        relative = record.path.name
-    return hashlib.sha256(f"{relative}|{record.item}".encode()).hexdigest()[:16]
+    """An opaque id of one image: a hash of its resolved file relative to the folder of ``root`` (and array item).
+
+    The same file gives the same id however it is listed (relative or absolute manifest row, a
+    link); files of the same name in different folders get different ids. Inside the data set's
+    folder the id is machine-independent; a file outside it is keyed by its absolute path.
+    """
+    return _sample_id(record, dataset_folder(root))
+
+
+def sample_ids(records: Sequence[ImageRecord], root: Path) -> list[str]:
+    """The ids of ``records`` (see :func:`sample_id`).
+
+    Raises:
+        DataError: if two records get the same id (the same file listed twice), naming both.
+    """
+    folder = dataset_folder(root)
+    ids = [_sample_id(record, folder) for record in records]
+    first: dict[str, ImageRecord] = {}
+    for sid, record in zip(ids, records):
+        other = first.setdefault(sid, record)
+        if other is not record:
+            raise DataError(
+                f"{other.path} and {record.path} are the same image (image id {sid}) under {root}: "
+                "list each file once"
+            )
+    return ids
+
+
+def content_hash(path: Path) -> str:
+    """A hash of a file's bytes, or of a DICOM series folder's files (names and bytes).
+
+    Cached in memory by (resolved path, size, modification and change time, inode), so each file
+    is read once per process while it is unchanged.
+    """
+    real = resolved(path)
+    if not real.is_dir():
+        return _file_hash(real)
+    digest = hashlib.blake2b(digest_size=16)
+    children = sorted(p for p in real.iterdir() if p.is_file() and not p.name.startswith("."))
+    for child in (p for p in children if p.name.upper() != "DICOMDIR"):  # the files the series reader reads
+        digest.update(f"{child.name}|{_file_hash(resolved(child))}\n".encode())
+    return digest.hexdigest()
+
+
+def _file_hash(real: Path) -> str:
+    stat = real.stat()
+    key = (str(real), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    cached = _DIGESTS.get(key)
+    if cached is None:
+        digest = hashlib.blake2b(digest_size=16)
+        with real.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        cached = _DIGESTS[key] = digest.hexdigest()
+    return cached
 
 
 def data_hash(records: Sequence[ImageRecord], ids: Sequence[str]) -> str:
-    """Hash of the data set: every image's id, class and file size (not times: copies keep the hash)."""
+    """Hash of the data set: every image's id, class and bytes (not file times: copies keep the hash).
+
+    Raises:
+        DataError: if a file can no longer be read, naming it.
+    """
     digest = hashlib.sha256()
     for sid, record in sorted(zip(ids, records), key=lambda pair: pair[0]):
-        size = record.path.stat().st_size if record.path.is_file() else sum(
-            f.stat().st_size for f in record.path.rglob("*") if f.is_file()
-        )  # fmt: skip
-        digest.update(f"{sid}|{record.label}|{size}\n".encode())
+        try:
+            content = content_hash(record.path)
+        except OSError as error:
+            raise DataError(f"cannot read {record.path} to hash the data set: {type(error).__name__}") from error
+        digest.update(f"{sid}|{record.label}|{content}\n".encode())
     return digest.hexdigest()[:32]
 
 
@@ -88,6 +160,11 @@ class EpisodeManifest:
             body = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise DataError(f"cannot read episode manifest {path}: {type(error).__name__}: {error}") from error
+        if isinstance(body, dict) and body.get("format") in _OLD_FORMATS:
+            raise DataError(
+                f"{path} was written by an older medmeta ({body['format']}) whose image ids could name the wrong file; "
+                "freeze the test episodes again (run `medmeta test` without --episodes)"
+            )
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise DataError(f"{path} is not a medmeta episode manifest (expected format {FORMAT!r})")
         try:
@@ -106,7 +183,10 @@ class EpisodeManifest:
 class ManifestEpisodeSampler:
     """Replays a manifest's episodes against an image bank (same interface as ``EpisodeSampler``)."""
 
-    def __init__(self, manifest: EpisodeManifest, ids: Sequence[str], classes: Sequence[str], *, source: Path) -> None:
+    def __init__(
+        self, manifest: EpisodeManifest, ids: Sequence[str], classes: Sequence[str], *, source: Path,
+        patients: Sequence[str] | None = None,
+    ) -> None:  # fmt: skip
         self.manifest, self.seed, self.classes = manifest, manifest.seed, tuple(sorted(classes))
         self.n_way, self.k_shot, self.q_query = manifest.n_way, manifest.k_shot, manifest.q_query
         position = {sid: i for i, sid in enumerate(ids)}
@@ -130,6 +210,8 @@ class ManifestEpisodeSampler:
             )  # fmt: skip
             for e in manifest.episodes
         ]
+        if patients is not None:
+            _refuse_shared_patients(self._episodes, patients, source)
 
     def __len__(self) -> int:
         return len(self._episodes)
@@ -137,3 +219,15 @@ class ManifestEpisodeSampler:
     def episode(self, index: int) -> Episode:
         """The manifest's ``index``-th episode (position in the file)."""
         return self._episodes[index]
+
+
+def _refuse_shared_patients(episodes: Sequence[Episode], patients: Sequence[str], source: Path) -> None:
+    """Refuse a manifest with an episode whose support and query share a patient (frozen by an older medmeta)."""
+    for episode in episodes:
+        shared = {patients[i] for i in episode.support} & {patients[i] for i in episode.query}
+        if shared:
+            raise DataError(
+                f"episode manifest {source}: episode {episode.index} has {len(shared)} patient(s) in both its support "
+                "and its query set (frozen by an older medmeta that kept patients apart only within a class); "
+                "replay refused: freeze the test episodes again (run `medmeta test` without --episodes)"
+            )

@@ -19,6 +19,7 @@ from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler, split_cla
 from medmeta.data.manifest import read_manifest
 from medmeta.data.medmnist import load_medmnist, medmnist_records
 from medmeta.data.preflight import FileProblem, check_image, pixel_value_problem
+from medmeta.data.presets import DEFAULT_WINDOW, Intensity
 from medmeta.data.records import DICOM_SUFFIXES, ImageRecord, discover_records
 from medmeta.errors import DataError
 
@@ -80,12 +81,18 @@ def take_inventory(
     preflight: bool = True,
     require_deidentified: bool = False,
     skip_undecodable: bool = False,
+    window: Sequence[float] | None = DEFAULT_WINDOW,
+    preset: str | None = None,
 ) -> Inventory:
     """Discover, fully read (preflight) and split a folder, CSV manifest or MedMNIST ``.npz``.
 
     Args:
         skip_undecodable: list compressed DICOM files whose decoder is missing among the skipped
             files (``decoder-missing:<packages>``) instead of stopping with an error.
+        window: the intensity window training uses (``fit``'s ``--data.window``); ``None`` for
+            per-image min/max. Preflight skips an image that is constant after it
+            (``constant-after-window``).
+        preset: the intensity preset training uses (``--data.preset``), overriding ``window``.
 
     Raises:
         DataError: when the source cannot be read at all, a required decoder is missing (unless
@@ -93,6 +100,7 @@ def take_inventory(
             de-identified.
     """
     source = Path(source).expanduser()
+    intensity = Intensity(preset=preset, window=window)  # checked before any file is read
     arrays = None
     problems: list[FileProblem] = []
     if source.suffix.lower() == ".npz":
@@ -101,17 +109,17 @@ def take_inventory(
         records, problems = _check_arrays(records, arrays)
     else:
         if source.suffix.lower() == ".csv":
-            records = read_manifest(source)
+            records, skipped = read_manifest(source)
         else:
             records, skipped = discover_records(source, spatial_dims=spatial_dims)
-            problems = [FileProblem(s.path, s.reason, "skipped at discovery") for s in skipped]
+        problems = [FileProblem(s.path, s.reason, s.detail or "skipped at discovery") for s in skipped]
         if require_deidentified:
             _require_deidentified(records)
         if preflight:
-            records, found = _preflight(records, spatial_dims, skip_undecodable)
+            records, found = _preflight(records, spatial_dims, skip_undecodable, intensity)
             problems += found
     if not records:
-        raise DataError(f"no usable images under {source} ({len(problems)} file(s) skipped)")
+        raise DataError(_nothing_usable(source, problems, spatial_dims))
     class_splits = _class_splits(records, split_ratios=split_ratios, splits=splits, seed=seed)
     inventory = Inventory(source, records, problems, class_splits, arrays=arrays)
     for split in SPLITS:
@@ -120,11 +128,11 @@ def take_inventory(
 
 
 def _preflight(
-    records: list[ImageRecord], spatial_dims: int, skip_undecodable: bool
+    records: list[ImageRecord], spatial_dims: int, skip_undecodable: bool, intensity: Intensity
 ) -> tuple[list[ImageRecord], list[FileProblem]]:
     usable, problems = [], []
     for record in records:
-        problem = check_image(record.path, spatial_dims=spatial_dims)
+        problem = check_image(record.path, spatial_dims=spatial_dims, intensity=intensity)
         if problem is None:
             usable.append(record)
         elif problem.reason.startswith("decoder-missing") and not skip_undecodable:
@@ -185,3 +193,38 @@ def _feasibility(inventory: Inventory, split: str, n_way: int, k_shot: int, q_qu
     except DataError as error:
         return str(error)
     return None
+
+
+def data_folder(source: Path) -> Path:
+    """The folder a source's file paths are shown relative to: the folder itself, or a manifest's (or .npz's) folder."""
+    source = Path(source)
+    return source.parent if source.suffix.lower() in (".csv", ".npz") else source
+
+
+def shown_path(path: Path, source: Path) -> str:
+    """``path`` relative to the source's folder (``data_folder``) when it lies inside it, else as given."""
+    base = data_folder(source)
+    for candidate, root in ((Path(path), base), (Path(path).absolute(), base.absolute())):
+        try:
+            return str(candidate.relative_to(root))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def _nothing_usable(source: Path, problems: Sequence[FileProblem], spatial_dims: int, shown: int = 3) -> str:
+    """One line: why no image of ``source`` is usable (reason counts, the first files, a hint on wrong dims)."""
+    if not problems:
+        return f"no usable images under {source}: no image files found"
+    codes = Counter(p.code for p in problems)
+    counts = ", ".join(f"{code}: {n}" for code, n in codes.most_common())
+    examples = "; ".join(f"{shown_path(p.path, source)}: {p.reason} ({p.detail})" for p in problems[:shown])
+    more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+    line = f"no usable images under {source}: all {len(problems)} file(s) skipped ({counts}): {examples}{more}"
+    if codes["wrong-dims"] * 2 > len(problems):
+        other = 5 - spatial_dims
+        line += (
+            f". Most are wrong-dims: the files look {other}D but {spatial_dims}D was asked for; "
+            f"try --spatial-dims {other} (data check) or --data.spatial_dims {other} (fit)"
+        )
+    return line

@@ -18,6 +18,11 @@ Reason codes (``FileProblem.code``) and what they come from:
     NaN or Inf in the pixel values (after rescaling).
 ``constant``
     every pixel has the same value.
+``constant-after-window``
+    the raw values vary, but every pixel maps to one value (spread at most ``1e-6``) after the
+    intensity step training uses (the preset or window, :func:`window_problem`): e.g. a 16-bit
+    PNG under a CT window, all clipped to white. Checked only when ``check_image`` is given the
+    intensity setting (``medmeta data check`` and ``fit``/``test`` setup always give it).
 ``wrong-dims``
     a volume with more than one slice checked as 2D, or a 2D image checked as 3D. A NIfTI of
     shape ``X x Y x 1`` counts as 2D; an RGB image is 2D with channels.
@@ -28,6 +33,10 @@ Reason codes (``FileProblem.code``) and what they come from:
     everything else: random bytes under an image suffix, a ``.nii.gz`` that is not gzip at all
     (nothing was cut: the bytes are not what the name says) or a corrupt gzip stream, a NIfTI
     header nibabel rejects, undecodable pixel data, unsupported transfer syntaxes, any other error.
+
+PNG/JPEG are read as they show (:func:`medmeta.data.readers.read_picture`, the conversion
+training uses), not as they store: palette colours, not indices; CMYK as RGB; alpha composited
+on black; 16-bit values kept.
 
 ``check_image`` never raises for a bad file and never puts a DICOM tag value in ``detail``.
 """
@@ -43,16 +52,19 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+import torch
+from PIL import UnidentifiedImageError
 
-from medmeta.data.readers import DICOM_SUFFIXES, DecoderMissingError, DicomReadError, read_dicom
+from medmeta.data.presets import Intensity
+from medmeta.data.readers import DICOM_SUFFIXES, DecoderMissingError, DicomReadError, read_dicom, read_picture
 
 logger = logging.getLogger(__name__)
 
 REASON_CODES = (
-    "not-image", "empty", "truncated", "decoder-missing", "non-finite", "constant", "wrong-dims",
-    "inconsistent-series", "unreadable",
+    "not-image", "empty", "truncated", "decoder-missing", "non-finite", "constant", "constant-after-window",
+    "wrong-dims", "inconsistent-series", "unreadable",
 )
+MIN_WINDOWED_SPREAD = 1e-6  # max - min after the intensity step at or below this: one constant image
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _NIFTI_HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
@@ -77,7 +89,7 @@ class FileProblem:
 
     @property
     def code(self) -> str:
-        """The bare reason code, always one of ``REASON_CODES``."""
+        """The bare reason code: one of ``REASON_CODES``, or of ``records.DISCOVERY_CODES`` for discovery."""
         return self.reason.split(":", 1)[0]
 
 
@@ -89,12 +101,15 @@ class _Problem(Exception):
         self.reason, self.detail = reason, detail
 
 
-def check_image(path: Path, *, spatial_dims: int = 2) -> FileProblem | None:
+def check_image(path: Path, *, spatial_dims: int = 2, intensity: Intensity | None = None) -> FileProblem | None:
     """Fully read one image (file, or DICOM series folder when spatial_dims == 3) and say what is wrong, or None.
 
     Args:
         path: an image file, or a folder holding one DICOM series.
         spatial_dims: 2 or 3, the dimensionality the data set is used with.
+        intensity: the intensity setting the image is used with; when given, an image that is
+            constant after it is a problem (``constant-after-window``). ``None`` checks raw
+            values only.
 
     Returns:
         None if the image is usable, else a :class:`FileProblem` (never raises for a bad file).
@@ -105,6 +120,8 @@ def check_image(path: Path, *, spatial_dims: int = 2) -> FileProblem | None:
     try:
         array, n_spatial, slices = _read(path, spatial_dims)
         _check_pixels(array, n_spatial, slices, spatial_dims)
+        if intensity is not None:
+            _check_windowed(array, intensity)
     except _Problem as problem:
         return _found(FileProblem(path, problem.reason, problem.detail))
     except DicomReadError as err:
@@ -183,11 +200,9 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, int, int]:
 
 
 def _read_picture(path: Path) -> tuple[np.ndarray, int, int]:
-    """Decode a PNG/JPEG fully; 2D, with a trailing channel axis for colour."""
+    """Decode a PNG/JPEG fully, converted through its mode as training reads it; 2D, channels last."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            array = np.asarray(image)
+        array = read_picture(path)
     except UnidentifiedImageError as err:
         raise _Problem("unreadable", "not a PNG/JPEG image") from err
     except (OSError, SyntaxError) as err:
@@ -219,4 +234,35 @@ def pixel_value_problem(array: np.ndarray) -> tuple[str, str] | None:
         return "non-finite", f"{int(np.size(array) - finite.sum())} NaN/Inf pixel value(s)"
     if array.min() == array.max():
         return "constant", "every pixel has the same value"
+    return None
+
+
+def _check_windowed(array: np.ndarray, intensity: Intensity) -> None:
+    """Raise a ``constant-after-window`` _Problem if the intensity step makes the image one constant."""
+    windowed = intensity.transform("image")({"image": torch.as_tensor(np.asarray(array, dtype=np.float32)[None])})
+    detail = window_problem(windowed["image"])
+    if detail is not None:
+        low, high = float(np.min(array)), float(np.max(array))
+        raise _Problem("constant-after-window", f"{detail}: {intensity.describe()}, raw values {low:g} to {high:g}; "
+                                                "choose a preset or window that fits these images")
+
+
+def window_problem(image: torch.Tensor | np.ndarray) -> str | None:
+    """Say why an image after the intensity window/preset is unusable, else None.
+
+    Args:
+        image: pixel values after the intensity step (any shape), e.g. a transformed query image.
+
+    Returns:
+        A one-line detail (reason code ``constant-after-window``) when every value is non-finite
+        or ``max - min <= MIN_WINDOWED_SPREAD``: the image became one constant, such as a 16-bit
+        PNG clipped to white by a CT window. None when the image still varies.
+    """
+    values = torch.as_tensor(image).detach().float()
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return "no finite pixel value after the intensity window"
+    low, high = float(values.min()), float(values.max())
+    if high - low <= MIN_WINDOWED_SPREAD:
+        return f"constant after the intensity window (every pixel becomes {low:.3g})"
     return None

@@ -1,6 +1,7 @@
-"""DICOM reading that keeps geometry only: files, multi-frame files and series folders.
+"""Image reading: DICOM that keeps geometry only (files, multi-frame files, series folders), and
+PNG/JPEG converted through the image's own mode (what it shows, not what it stores).
 
-Every read is complete and strict: the header is parsed with pydicom's reading validation set to
+Every DICOM read is complete and strict: the header is parsed with pydicom's reading validation set to
 RAISE, the file is checked for elements cut short by the end of the file, and the pixel data is
 decoded, so a broken file fails here with a reason code (``err.reason``), never later as a
 partial image. No DICOM tag value other than geometry and pixel encoding is read, logged or put
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from monai.data import ImageReader
+from monai.data import ImageReader, PILReader
 from monai.data.utils import affine_to_spacing, orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys
+from PIL import Image
 from pydicom import config as pydicom_config
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -403,3 +405,67 @@ class MedmetaDicomReader(ImageReader):
             "spacing": affine_to_spacing(affine, r=n_spatial),
         }
         return array, meta
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_KEPT_MODES = ("L", "RGB", "I;16", "I", "F")
+
+
+def convert_picture(image: Image.Image) -> Image.Image:
+    """Convert a PNG/JPEG through its own mode to the pixels it shows (PIL's conversions throughout).
+
+    ``L``, ``RGB``, ``I;16`` (16-bit grey, values kept, not clipped to 8 bit), ``I`` and ``F``
+    are kept; other 16-bit layouts become native ``I;16``; ``1`` becomes ``L`` (0 or 255). A
+    palette image (``P``) shows its palette colours: ``RGB``, or ``L`` when every colour it shows
+    is grey. ``CMYK`` (PIL's JPEG decoder already undoes Adobe's inverted CMYK), ``YCbCr``,
+    ``LAB``, ``HSV`` and ``RGBX`` become ``RGB``. An alpha channel (``RGBA``, ``LA``, ``PA``, a
+    palette with a transparent entry) is composited on black: what the image shows on a black
+    background, so a fully transparent pixel is 0; grey images with alpha stay ``L``.
+
+    Args:
+        image: an opened PIL image.
+
+    Returns:
+        A loaded image in mode ``L``, ``RGB``, ``I;16``, ``I`` or ``F``.
+    """
+    mode = image.mode
+    if mode in _KEPT_MODES:
+        return image
+    if mode.startswith("I;16"):
+        return Image.fromarray(np.asarray(image).astype(np.uint16))
+    if mode == "1":
+        return image.convert("L")
+    grey = mode in ("LA", "La")
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA" if mode == "PA" or "transparency" in image.info else "RGB")
+    if image.mode in _ALPHA_MODES:
+        black = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(black, image.convert("RGBA"))
+    rgb = image.convert("RGB")
+    if mode in ("P", "PA"):
+        pixels = np.asarray(rgb)
+        grey = bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
+    return rgb.convert("L") if grey else rgb
+
+
+def read_picture(path: str | Path) -> np.ndarray:
+    """Read a PNG/JPEG fully, converted by :func:`convert_picture`, as ``[rows, cols]`` or ``[rows, cols, 3]``.
+
+    Raises:
+        PIL.UnidentifiedImageError: not an image PIL can identify.
+        OSError: the file cannot be opened or decoded (e.g. cut short).
+    """
+    with Image.open(path) as image:
+        image.load()
+        return np.asarray(convert_picture(image))
+
+
+class MedmetaPictureReader(PILReader):
+    """MONAI's ``PILReader`` with every image converted by :func:`convert_picture`.
+
+    Training (``load_transforms``) and preflight (:func:`read_picture`) thus read a PNG/JPEG to
+    the same pixels. Axes follow ``PILReader``: ``[cols, rows]`` plus a trailing channel axis.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(converter=convert_picture)

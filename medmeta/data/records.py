@@ -3,12 +3,18 @@
 Patient identifiers are read from DICOM headers only to keep support and query sets
 patient-disjoint; they are kept as salted hashes with a salt that lives in this process only,
 so no identifier can reach a log, a cache, a checkpoint or a report.
+
+An image is identified by its resolved file (engineering notes, trap 15): folder links are
+followed, but a file or folder reached twice is used once and reported (``duplicate``), and a
+folder linking to itself, an ancestor or the data folder is not descended (``symlink-loop``).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import os
 import secrets
 import struct
 from dataclasses import dataclass
@@ -24,6 +30,7 @@ from medmeta.errors import DataError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (*DICOM_SUFFIXES, *NIFTI_SUFFIXES, *PICTURE_SUFFIXES)
+DISCOVERY_CODES = ("duplicate", "symlink-loop")  # reason codes of discovery, besides the preflight's
 _SALT = secrets.token_bytes(16)
 
 
@@ -44,10 +51,19 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class SkippedFile:
-    """A file left out of the data set and the reason code."""
+    """A file left out of the data set, the reason code and (optionally) one line of detail."""
 
     path: Path
     reason: str
+    detail: str = ""
+
+
+def resolved(path: Path) -> Path:
+    """The file ``path`` names, links resolved (absolute and normalised when it cannot be resolved)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a link loop
+        return Path(os.path.abspath(path))
 
 
 def hash_patient(identifier: str) -> str:
@@ -83,13 +99,98 @@ def _series_patient(folder: Path, class_dir: Path) -> str:
     return hash_patient(f"path:{class_dir.name}/{relative.parts[0]}")
 
 
-def _series_folders(class_dir: Path) -> set[Path]:
+def _series_folders(files: list[Path]) -> set[Path]:
     """Folders holding two or more DICOM files: each is one series (one volume) in 3D."""
     counts: dict[Path, int] = {}
-    for path in class_dir.rglob("*"):
-        if path.is_file() and path.name.lower().endswith(DICOM_SUFFIXES):
+    for path in files:
+        if path.name.lower().endswith(DICOM_SUFFIXES):
             counts[path.parent] = counts.get(path.parent, 0) + 1
     return {folder for folder, n in counts.items() if n > 1}
+
+
+def _at_or_above(folder: Path, other: Path) -> bool:
+    return folder == other or folder in other.parents
+
+
+class _Walk:
+    """Files under the class folders, folder links followed, each real file and folder reached once.
+
+    ``seen`` maps a resolved file or folder to the first path it was reached by and its class; a
+    second path to it is reported (``duplicate``), or, under another class, is an error.
+    """
+
+    def __init__(self, root: Path, skipped: list[SkippedFile]) -> None:
+        self.root, self.root_real, self.skipped = root, resolved(root), skipped
+        self.seen: dict[Path, tuple[Path, str]] = {}
+        self.classes: set[Path] = set()
+
+    def class_folder(self, class_dir: Path) -> list[Path] | None:
+        """The files of one class folder; ``None`` (reported) if it is a loop or another class's folder."""
+        real = resolved(class_dir)
+        if _at_or_above(real, self.root_real):
+            self._skip(class_dir, "symlink-loop", "class folder links to the data folder or above it: not a class")
+            return None
+        if real in self.seen:
+            first, label = self.seen[real]
+            if real in self.classes:
+                self._skip(class_dir, "duplicate", f"same folder as class {label!r} ({first}): not a class")
+                return None
+            self._ambiguous(class_dir, class_dir.name, first, label, "folder")
+        self.seen[real] = (class_dir, class_dir.name)
+        self.classes.add(real)
+        files: list[Path] = []
+        self._folder(class_dir, real, class_dir.name, files)
+        return files
+
+    def _folder(self, folder: Path, real: Path, label: str, files: list[Path]) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            self._skip(folder, "unreadable", f"cannot list the folder ({type(error).__name__})")
+            return
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError as error:
+                loop = error.errno == errno.ELOOP
+                self._skip(path, "symlink-loop" if loop else "unreadable", f"cannot follow ({type(error).__name__})")
+                continue
+            target = resolved(path) if entry.is_symlink() else real / entry.name  # ``real`` is resolved already
+            if is_dir:
+                if _at_or_above(target, real) or _at_or_above(target, self.root_real):
+                    self._skip(path, "symlink-loop", "folder links to itself, a folder above it or the data folder")
+                elif target in self.seen:
+                    first, first_label = self.seen[target]
+                    if first_label != label:
+                        self._ambiguous(path, label, first, first_label, "folder")
+                    self._skip(path, "duplicate", f"same folder as {first}")
+                else:
+                    self.seen[target] = (path, label)
+                    self._folder(path, target, label, files)
+            elif is_file:
+                if _is_image(path):
+                    if target in self.seen:
+                        first, first_label = self.seen[target]
+                        if first_label != label:
+                            self._ambiguous(path, label, first, first_label, "file")
+                        self._skip(path, "duplicate", f"same file as {first}")
+                        continue
+                    self.seen[target] = (path, label)
+                files.append(path)
+            elif entry.is_symlink():
+                self._skip(path, "unreadable", "broken link: its target does not exist")
+
+    def _skip(self, path: Path, reason: str, detail: str) -> None:
+        logger.info("skipping %s: %s (%s)", path, reason, detail)
+        self.skipped.append(SkippedFile(path, reason, detail))
+
+    @staticmethod
+    def _ambiguous(path: Path, label: str, first: Path, first_label: str, kind: str) -> None:
+        raise DataError(
+            f"{path} (class {label!r}) is the same {kind} as {first} (class {first_label!r}): an image belongs to "
+            "one class; remove one of the two"
+        )
 
 
 def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[ImageRecord], list[SkippedFile]]:
@@ -98,21 +199,30 @@ def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[I
     In 3D (``spatial_dims=3``) a folder of DICOM files is one series, i.e. one volume; in 2D
     every file is an image.
 
+    Folder links are followed; every file or folder is used once, however many paths lead to it.
+
     Returns:
         The records and the files skipped with a reason code (``not-image``, ``empty``,
-        ``unreadable``). Pixel data is not read here: that is the preflight's job.
+        ``truncated``, ``unreadable``, ``duplicate``: a second path to a file or folder already
+        used; ``symlink-loop``: a folder linking to itself, a folder above it or the data folder).
+        Pixel data is not read here: that is the preflight's job.
 
     Raises:
-        DataError: if ``root`` is not a folder or holds no class folder with images.
+        DataError: if ``root`` is not a folder or holds no class folder with images, or if one
+            file or folder is reached from two classes.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
     records: list[ImageRecord] = []
     skipped: list[SkippedFile] = []
+    walk = _Walk(root, skipped)
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        series = _series_folders(class_dir) if spatial_dims == 3 else set()
-        candidates = sorted(series | {p for p in class_dir.rglob("*") if p.is_file() and p.parent not in series})
+        files = walk.class_folder(class_dir)
+        if files is None:
+            continue
+        series = _series_folders(files) if spatial_dims == 3 else set()
+        candidates = sorted(series | {p for p in files if p.parent not in series})
         for path in candidates:
             if path.is_dir():  # the patient of the first readable slice; the preflight judges the series
                 records.append(ImageRecord(path, class_dir.name, _series_patient(path, class_dir)))

@@ -17,17 +17,20 @@ from monai.transforms import (
     Spacingd,
 )
 
-from medmeta.data.presets import intensity_transform
-from medmeta.data.readers import MedmetaDicomReader
+from medmeta.data.presets import DEFAULT_WINDOW, intensity_transform
+from medmeta.data.readers import MedmetaDicomReader, MedmetaPictureReader
 
 KEY = "image"
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's RGB -> L: L = 0.299 R + 0.587 G + 0.114 B
 
 
 class ConformImaged(MapTransform):
     """Bring a channel-first image to ``in_channels`` channels and ``spatial_dims`` dimensions.
 
-    RGB becomes grayscale by the channel mean (grayscale becomes RGB by repetition), and a 2D
-    image stored with a trailing singleton axis (a NIfTI slice ``X×Y×1``) loses that axis.
+    RGB becomes grayscale as PIL's ``convert("L")`` does it, ``L = 0.299 R + 0.587 G + 0.114 B``
+    (ITU-R 601-2 luma, without PIL's rounding to integers); other channel counts by their mean.
+    Grayscale becomes RGB by repetition. A 2D image stored with a trailing singleton axis (a
+    NIfTI slice ``X×Y×1``) loses that axis.
     """
 
     def __init__(self, keys: str, *, in_channels: int, spatial_dims: int) -> None:
@@ -44,7 +47,10 @@ class ConformImaged(MapTransform):
                 image = image[..., 0]
             channels = image.shape[0]
             if channels != self.in_channels:
-                if self.in_channels == 1:
+                if self.in_channels == 1 and channels == 3:
+                    weights = torch.tensor(LUMA_WEIGHTS, dtype=image.dtype, device=image.device)
+                    image = (image * weights.view(3, *([1] * (image.dim() - 1)))).sum(dim=0, keepdim=True)
+                elif self.in_channels == 1:
                     image = image.mean(dim=0, keepdim=True)
                 elif channels == 1:
                     image = image.repeat(self.in_channels, *([1] * (image.dim() - 1)))
@@ -57,7 +63,7 @@ class ConformImaged(MapTransform):
 def load_transforms(
     *,
     image_size: int,
-    window: Sequence[float] | None = (-1100.0, 400.0),
+    window: Sequence[float] | None = DEFAULT_WINDOW,
     preset: str | None = None,
     spatial_dims: int = 2,
     in_channels: int = 1,
@@ -69,7 +75,8 @@ def load_transforms(
     """Read (or take an array), conform, normalise intensity and resize one image; no metadata survives.
 
     DICOM is read with a pydicom reader that keeps geometry only (no patient tags), NIfTI with
-    MONAI's nibabel reader, PNG/JPEG with its PIL reader; ``EnsureTyped(track_meta=False)`` drops
+    MONAI's nibabel reader, PNG/JPEG with MONAI's PIL reader converting each image through its
+    mode (``readers.convert_picture``, as preflight does); ``EnsureTyped(track_meta=False)`` drops
     whatever metadata remains, so cached tensors carry no header value at all.
 
     Args:
@@ -89,6 +96,7 @@ def load_transforms(
         steps.append(EnsureChannelFirstd(KEY, channel_dim=array_channel_dim))
     else:
         load = LoadImaged(KEY, image_only=True)  # picks a reader by suffix: nibabel, PIL, ...
+        load.register(MedmetaPictureReader())  # PNG/JPEG converted through their mode (palette, CMYK, alpha)
         load.register(MedmetaDicomReader())  # ... and ours, first, for DICOM files and series folders
         steps += [load, EnsureChannelFirstd(KEY)]
     steps.append(ConformImaged(KEY, in_channels=in_channels, spatial_dims=spatial_dims))

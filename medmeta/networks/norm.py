@@ -3,8 +3,19 @@
 Under :func:`composite_norms` (the task-vectorised inner loop) the layers here normalise with
 ``var_mean`` and elementwise ops, whose batching under ``torch.func.vmap`` is correct for
 second-order meta-gradients; torch's fused ``batch_norm``/``instance_norm`` kernels get them wrong
-under vmap (engineering notes, trap 1). Outside it they call the fused kernels, which are exact
-task by task and 1.5-1.8x faster in a second-order meta-step on CPU.
+under vmap (engineering notes, traps 1 and 13). Outside it they call the fused kernels, which are
+exact task by task and 1.5-1.8x faster in a second-order meta-step on CPU.
+
+A user's own model gets the same treatment: when it holds any module that medmeta does not know
+to be batching-correct (torch's ``BatchNorm*``/``InstanceNorm*``/``LayerNorm``, or any module type
+from outside ``torch.nn`` and medmeta, which might call the fused kernels itself),
+:func:`composite_norms` also routes every ``F.batch_norm``/``F.instance_norm``/``F.layer_norm``
+call made inside the block through :func:`batch_norm`/:func:`instance_norm`/:func:`layer_norm`,
+the same functions written from ``var_mean`` ops (torch's fused layer norm with a weight is wrong
+under vmap too). The
+model object, its weights, buffers and ``state_dict`` are untouched. A call that would update
+running statistics (a norm layer in training mode with ``track_running_stats=True``), or a direct
+call of a fused kernel, raises :class:`NotVectorisable`; the algorithms then use the loop.
 
 Two ways to normalise a *query* batch at evaluation:
 
@@ -22,11 +33,27 @@ Two ways to normalise a *query* batch at evaluation:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+_FUSED_NORM_KERNELS = (torch.batch_norm, torch.instance_norm, torch.native_batch_norm, torch.layer_norm, torch.native_layer_norm)
+
+
+class NotVectorisable(RuntimeError):
+    """Raised inside :func:`composite_norms` by a norm call that cannot run exactly under ``vmap``.
+
+    ``buffer`` is the running-statistics tensor the call would have updated (``None`` if none), so
+    that the caller can name the layer.
+    """
+
+    def __init__(self, message: str, buffer: Tensor | None = None) -> None:
+        super().__init__(message)
+        self.buffer = buffer
 
 
 class EpisodeBatchNorm(nn.Module):
@@ -141,15 +168,169 @@ def query_statistics(model: nn.Module, step: int) -> Iterator[None]:
             layer.query_step = None
 
 
+def _affine(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` with per-channel ``weight``/``bias`` (dim 1)."""
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out.to(x.dtype)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.batch_norm`` from ``var_mean`` and elementwise ops (exact second order under ``vmap``).
+
+    Same arguments and values; a call that would update running statistics (``training`` with
+    running buffers) raises :class:`NotVectorisable`, since a buffer cannot be updated task by task
+    inside ``vmap``.
+    """
+    if training and (running_mean is not None or running_var is not None):
+        raise NotVectorisable(
+            "batch norm in training mode with track_running_stats=True updates running statistics",
+            running_mean if running_mean is not None else running_var,
+        )
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm without running statistics needs training=True")
+    shape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
+    if training:
+        F._verify_batch_size(input.size())
+        var, mean = torch.var_mean(input, dim=[0, *range(2, input.dim())], correction=0, keepdim=True)
+    else:
+        mean, var = running_mean.view(shape), running_var.view(shape)  # type: ignore[union-attr]
+    return _affine(input, mean, var, weight, bias, eps)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.instance_norm`` from ``var_mean`` and elementwise ops (exact second order under ``vmap``).
+
+    Same arguments and values; a call that would update running statistics (``use_input_stats``
+    with running buffers) raises :class:`NotVectorisable`.
+    """
+    if use_input_stats and (running_mean is not None or running_var is not None):
+        raise NotVectorisable(
+            "instance norm in training mode with track_running_stats=True updates running statistics",
+            running_mean if running_mean is not None else running_var,
+        )
+    if not use_input_stats and (running_mean is None or running_var is None):
+        raise ValueError("instance_norm without running statistics needs use_input_stats=True")
+    if use_input_stats:
+        F._verify_spatial_size(input.size())
+        var, mean = torch.var_mean(input, dim=tuple(range(2, input.dim())), correction=0, keepdim=True)
+    else:
+        shape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
+        mean, var = running_mean.view(shape), running_var.view(shape)  # type: ignore[union-attr]
+    return _affine(input, mean, var, weight, bias, eps)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: list[int] | tuple[int, ...] | torch.Size,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.layer_norm`` from ``var_mean`` and elementwise ops (exact second order under ``vmap``).
+
+    torch's fused layer norm with an elementwise weight, the weight adapted per task, gave
+    meta-gradients 5e-2 to 4e-1 off under vmap in float64 (without a weight it was exact).
+    """
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    if tuple(input.shape[input.dim() - len(normalized_shape) :]) != tuple(normalized_shape):
+        raise ValueError(f"layer_norm: normalized_shape {tuple(normalized_shape)} does not end {tuple(input.shape)}")
+    dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
+    var, mean = torch.var_mean(input, dim=dims, correction=0, keepdim=True)
+    out = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out.to(input.dtype)
+
+
+_COMPOSITES: dict[Any, Any] = {F.batch_norm: batch_norm, F.instance_norm: instance_norm, F.layer_norm: layer_norm}
+
+
+class _CompositeNormCalls(TorchFunctionMode):
+    """Routes ``F.batch_norm``/``F.instance_norm``/``F.layer_norm`` through this module's composites."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        composite = _COMPOSITES.get(func)
+        if composite is not None:
+            return composite(*args, **kwargs)
+        if func in _FUSED_NORM_KERNELS:
+            raise NotVectorisable(f"a module calls torch.{func.__name__} directly")
+        return func(*args, **kwargs)
+
+
+def _known_batching_correct(module: nn.Module) -> bool:
+    """Whether ``module``'s own forward is known never to call a fused batch/instance-norm kernel.
+
+    medmeta's modules (whose norms follow ``composite``) and every ``torch.nn`` module except
+    batch, instance and layer norm (group norm's and RMS norm's kernels measured exact under
+    vmap). Any other type is unknown: it might call the kernels itself.
+    """
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.LayerNorm)):
+        return False
+    return type(module).__module__.startswith(("medmeta.", "torch.nn.modules."))
+
+
+def needs_composite_calls(model: nn.Module) -> bool:
+    """Whether ``model`` holds a module that :func:`composite_norms` must guard at call level."""
+    return not all(_known_batching_correct(m) for m in model.modules())
+
+
+def running_statistic_updates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The torch batch/instance-norm layers (name, layer) that would update running statistics now.
+
+    Those are layers in training mode with ``track_running_stats=True``: their forward mutates
+    buffers, which neither ``torch.func.grad`` nor ``vmap`` allow.
+    """
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
+
+
 @contextmanager
 def composite_norms(model: nn.Module) -> Iterator[None]:
-    """Inside the block, batch and instance norm use ``var_mean`` ops (correct under ``vmap``)."""
+    """Inside the block, batch and instance norm use ``var_mean`` ops (correct under ``vmap``).
+
+    medmeta's norm layers switch to their composite path; if ``model`` holds torch batch, instance
+    or layer norms or module types medmeta does not know, every ``F.batch_norm``/
+    ``F.instance_norm``/``F.layer_norm`` call in the block is also computed by this module's
+    composites (and a call that cannot be, such as a running-statistics update, raises
+    :class:`NotVectorisable`).
+    """
     layers = [m for m in model.modules() if isinstance(m, (EpisodeBatchNorm, EpisodeInstanceNorm))]
     previous = [layer.composite for layer in layers]
     for layer in layers:
         layer.composite = True
     try:
-        yield
+        with _CompositeNormCalls() if needs_composite_calls(model) else nullcontext():
+            yield
     finally:
         for layer, value in zip(layers, previous):
             layer.composite = value

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from medmeta.data.datamodule import EpisodicDataModule
-from medmeta.data.episode_manifest import EpisodeManifest
+from medmeta.data.episode_manifest import EpisodeManifest, data_hash
+from medmeta.data.records import ImageRecord
+from medmeta.data.synthetic import generate_synthetic_dataset
 from medmeta.errors import DataError
 from medmeta.module import FewShotModule
 
@@ -87,3 +89,101 @@ def test_malformed_or_mismatched_manifest_is_a_clear_error(tiny_dicom_root: Path
     data = EpisodicDataModule(str(tiny_dicom_root), episodes_file=str(manifest), **{**SETTINGS, "k_shot": 1})
     with pytest.raises(DataError, match="holds 3-way 2-shot 3-query episodes but the data config asks for 3-way 1-shot"):
         data.setup("test")
+
+
+def _dicom_export(tmp_path: Path) -> Path:
+    """A CSV manifest over DICOM files named ``IM0000.dcm``/``IM0001.dcm`` in every patient folder."""
+    source = generate_synthetic_dataset(tmp_path / "synth", n_classes=6, patients_per_class=4, images_per_patient=2,
+                                        image_size=32, seed=1)  # fmt: skip
+    export = tmp_path / "export"
+    rows = ["path,label,patient_id,split"]
+    for c, class_dir in enumerate(sorted(p for p in source.iterdir() if p.is_dir())):
+        for p in range(4):
+            for k in range(2):
+                target = export / f"c{c}p{p}" / f"IM{k:04d}.dcm"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(class_dir / f"patient{p:03d}_{k:02d}.dcm", target)
+                split = "train" if c < 2 else "val" if c < 4 else "test"
+                rows.append(f"c{c}p{p}/IM{k:04d}.dcm,{class_dir.name},c{c}p{p},{split}")
+    manifest = export / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+def _episode_files(data: EpisodicDataModule, index: int) -> tuple[list[Path], list[Path]]:
+    """The resolved support and query files of test episode ``index``."""
+    episode = data._datasets["test"].sampler.episode(index)
+    files = [data._test_records[i].path.resolve() for i in (*episode.support, *episode.query)]
+    return files[: len(episode.support)], files[len(episode.support):]
+
+
+def test_replay_over_a_csv_manifest_uses_exactly_the_frozen_files(tmp_path: Path) -> None:
+    manifest = _dicom_export(tmp_path)
+    settings = dict(n_way=2, k_shot=1, q_query=2, image_size=16, test_episodes=30, augment=False)
+    drawn = EpisodicDataModule(str(manifest), **settings)
+    drawn.setup("test")
+    frozen = drawn.freeze_test_episodes(tmp_path / "run" / "test_episodes.json")
+    ids = [i for e in json.loads(frozen.read_text())["episodes"] for i in (*e["support"], *e["query"])]
+    assert len(set(ids)) > 2  # not one id per file name
+    replayed = EpisodicDataModule(str(manifest), episodes_file=str(frozen), **settings)
+    replayed.setup("test")
+    for index in range(30):
+        support, query = _episode_files(replayed, index)
+        assert (support, query) == _episode_files(drawn, index), index
+        assert not set(support) & set(query)
+        labels = {f.parent.name[:2] for f in support} | {f.parent.name[:2] for f in query}
+        assert labels <= {"c4", "c5"}  # test classes only
+
+
+def test_same_size_pixel_change_is_refused_at_replay(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dicom_root, root)
+    settings = dict(SETTINGS, test_episodes=4)
+    drawn = EpisodicDataModule(str(root), **settings)
+    drawn.setup("test")
+    frozen = drawn.freeze_test_episodes(tmp_path / "run" / "test_episodes.json")
+    victim = sorted(root.rglob("*.dcm"))[5]
+    content = bytearray(victim.read_bytes())
+    content[-64:] = bytes(255 - b for b in content[-64:])  # pixel data, same size
+    victim.write_bytes(bytes(content))
+    replayed = EpisodicDataModule(str(root), episodes_file=str(frozen), **settings)
+    with pytest.raises(DataError, match=r"test_episodes.json was frozen on a different data set.*replay refused"):
+        replayed.setup("test")
+
+
+def test_series_folder_hash_covers_every_slice_s_bytes(tmp_path: Path) -> None:
+    series = tmp_path / "series"
+    series.mkdir()
+    for k in range(3):
+        (series / f"IM{k:04d}.dcm").write_bytes(bytes(range(k, k + 200)))
+    record = ImageRecord(series, "cyst", "patient")
+    before = data_hash([record], ["id"])
+    (series / "IM0001.dcm").write_bytes(bytes(range(9, 209)))
+    assert data_hash([record], ["id"]) != before
+
+
+def test_manifest_of_the_old_format_is_refused_with_a_reason(tmp_path: Path) -> None:
+    old = tmp_path / "test_episodes.json"
+    old.write_text(json.dumps({"format": "medmeta-episodes/1", "split": "test", "seed": 0, "n_way": 1, "k_shot": 1,
+                               "q_query": 1, "data_hash": "x", "episodes": []}))  # fmt: skip
+    with pytest.raises(DataError, match="older medmeta.*freeze the test episodes again"):
+        EpisodeManifest.read(old)
+
+
+def test_replay_refuses_an_episode_whose_support_and_query_share_a_patient(tmp_path: Path) -> None:
+    """A manifest frozen before episodes were patient-disjoint across classes is refused, naming the episode."""
+    from medmeta.data.episode_manifest import ManifestEpisodeSampler
+    from medmeta.data.episodes import Episode
+
+    ids = ["a0", "a1", "b0", "b1"]
+    patients = ["p1", "p2", "p2", "p3"]  # p2 has an image in class a and one in class b
+    frozen = Episode(index=7, classes=("a", "b"), support=torch.tensor([0, 2]).numpy(),
+                     support_labels=torch.tensor([0, 1]).numpy(), query=torch.tensor([1, 3]).numpy(),
+                     query_labels=torch.tensor([0, 1]).numpy())  # fmt: skip
+    manifest = EpisodeManifest.freeze([frozen], ids, split="test", seed=0, k_shot=1, q_query=1, data_hash="x")
+    sampler = ManifestEpisodeSampler(manifest, ids, ["a", "b"], source=tmp_path / "m.json")  # no patients: no check
+    assert sampler.episode(0).index == 7
+    with pytest.raises(DataError, match="episode 7 has 1 patient"):
+        ManifestEpisodeSampler(manifest, ids, ["a", "b"], source=tmp_path / "m.json", patients=patients)
+    fine = ["p1", "p2", "p3", "p4"]
+    assert len(ManifestEpisodeSampler(manifest, ids, ["a", "b"], source=tmp_path / "m.json", patients=fine)) == 1

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from medmeta.cli import data_check_main
 from medmeta.data.inventory import take_inventory
 from medmeta.errors import DataError
 from tests.data.test_preflight import _decoder_missing
@@ -35,3 +39,28 @@ def test_json_report_holds_counts_not_patient_keys(tiny_dicom_root: Path) -> Non
     assert report["ok"] and report["usable_images"] == 144
     assert all(v == {"images": 12, "patients": 4} for v in report["classes"].values())
     assert not any(r.patient in str(report) for r in inventory.records)
+
+
+def test_data_check_reports_duplicates_and_loops_and_counts_them_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "data"
+    for c, name in enumerate(("cyst", "nodule")):
+        for p in range(2):
+            path = root / name / f"p{p}" / "IM0000.png"
+            path.parent.mkdir(parents=True)
+            Image.fromarray(np.random.default_rng(10 * c + p).integers(0, 255, (16, 16), dtype=np.uint8)).save(path)
+    (root / "cyst" / "p1" / "IM0001.png").symlink_to(root / "cyst" / "p1" / "IM0000.png")
+    (root / "all").symlink_to(root, target_is_directory=True)
+    inventory = take_inventory(root, n_way=2, k_shot=1, q_query=1)
+    assert inventory.classes() == {"cyst": (2, 2), "nodule": (2, 2)}
+    assert "4 usable images in 2 classes" in inventory.summary_line()
+    assert "skipped 2 (duplicate: 1, symlink-loop: 1)" in inventory.summary_line()
+    data_check_main([str(root), "--n-way", "2", "--q-query", "1", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert sorted((Path(s["path"]).name, s["reason"]) for s in report["skipped"]) == [
+        ("IM0001.png", "duplicate"), ("all", "symlink-loop")
+    ]
+    data_check_main([str(root), "--n-way", "2", "--q-query", "1"])
+    table = capsys.readouterr().out
+    assert "duplicate" in table and "symlink-loop" in table

@@ -5,8 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from medmeta.data.episode_manifest import sample_id
 from medmeta.data.inventory import take_inventory
 from medmeta.data.manifest import read_manifest
 from medmeta.errors import DataError
@@ -24,7 +27,8 @@ def test_relative_paths_patients_and_splits(tmp_path: Path) -> None:
         "path,label,patient_id,study_id,split\nimgs/a.dcm,cyst,P1,S1,train\n/abs/b.dcm,cyst,P1,S2,train\n"
         "imgs/c.png,nodule,,S3,test\nimgs/d.png,nodule,,,test\n",
     )
-    records = read_manifest(manifest)
+    records, skipped = read_manifest(manifest)
+    assert not skipped
     assert records[0].path == tmp_path / "imgs" / "a.dcm" and records[1].path == Path("/abs/b.dcm")
     assert records[0].patient == records[1].patient  # same patient_id
     assert records[2].patient != records[3].patient
@@ -69,3 +73,52 @@ def test_manifest_can_mix_formats_and_reports_missing_files(tiny_dicom_root: Pat
     inventory = take_inventory(manifest, n_way=2, k_shot=1, q_query=1)
     assert [r.path.name for r in inventory.records] == ["a.dcm"]
     assert {p.path.name: p.reason for p in inventory.problems} == {"missing.dcm": "unreadable", "notes.txt": "not-image"}
+
+
+def _png(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_a_file_listed_twice_is_one_image_of_one_patient(tmp_path: Path) -> None:
+    folder = tmp_path / "site"
+    for k in range(3):
+        _png(folder / "imgs" / f"{k}.png", seed=k)
+    (folder / "imgs" / "link.png").symlink_to(folder / "imgs" / "2.png")
+    rows = ["imgs/0.png", f"{folder}/imgs/0.png", "imgs/1.png", "imgs/1.png", "./imgs/../imgs/2.png", "imgs/link.png"]
+    manifest = _write(folder / "m.csv", "path,label\n" + "".join(f"{row},cyst\n" for row in rows))
+    inventory = take_inventory(manifest, n_way=1, k_shot=1, q_query=1)
+    assert sorted(r.path.resolve() for r in inventory.records) == [(folder / "imgs" / f"{k}.png").resolve() for k in range(3)]
+    assert inventory.classes() == {"cyst": (3, 3)}  # three images, three patients (not six)
+    assert [(p.reason, p.detail) for p in inventory.problems] == [
+        ("duplicate", "manifest row 3: same file as row 2"), ("duplicate", "manifest row 5: same file as row 4"),
+        ("duplicate", "manifest row 7: same file as row 6"),
+    ]  # fmt: skip
+    assert "skipped 3 (duplicate: 3)" in inventory.summary_line()
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        ("imgs/a.png,nodule,P1", r"rows 2 and 3 list the same file .*a\.png under classes 'cyst' and 'nodule'"),
+        ("{folder}/imgs/a.png,cyst,P2", r"rows 2 and 3 list the same file .*a\.png under two different patient_id"),
+    ],
+)
+def test_one_file_under_two_classes_or_patients_is_an_error(tmp_path: Path, second: str, message: str) -> None:
+    _png(tmp_path / "imgs" / "a.png", seed=0)
+    text = "path,label,patient_id\nimgs/a.png,cyst,P1\n" + second.format(folder=tmp_path) + "\n"
+    with pytest.raises(DataError, match=message):
+        take_inventory(_write(tmp_path / "m.csv", text), n_way=1, k_shot=1, q_query=1)
+
+
+def test_ids_are_unique_per_file_and_the_same_for_relative_and_absolute_rows(tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    files = [_png(folder / patient / "IM0000.png", seed=i) for i, patient in enumerate(["p1", "p2", "p3"])]
+    relative = _write(folder / "rel.csv", "path,label\n" + "".join(f"p{i}/IM0000.png,x\n" for i in (1, 2, 3)))
+    absolute = _write(folder / "abs.csv", "path,label\n" + "".join(f"{f},x\n" for f in files))
+    linked = tmp_path / "linked"  # the same folder reached through a link
+    linked.symlink_to(folder, target_is_directory=True)
+    sources = (relative, absolute, linked / "rel.csv")
+    ids = [[sample_id(r, m) for r in take_inventory(m, n_way=1, k_shot=1, q_query=1).records] for m in sources]
+    assert len(set(ids[0])) == 3 and ids[0] == ids[1] == ids[2]

@@ -10,11 +10,13 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from PIL import Image
 from pydicom.pixels import get_decoder
 from pydicom.uid import RLELossless
 
-from medmeta.data.preflight import REASON_CODES, FileProblem, check_image
+from medmeta.data.preflight import REASON_CODES, FileProblem, check_image, window_problem
+from medmeta.data.presets import Intensity
 from tests.data.test_readers import SECRET, ct_dataset, write
 
 def ct(path: Path, stored: np.ndarray | None = None, *, z: float = 0.0, spacing=(0.5, 0.5),
@@ -46,6 +48,21 @@ def png(path: Path, data: np.ndarray) -> Path:
 
 def noise(shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 200, shape).astype(dtype)
+
+
+def png16(path: Path, low: int = 20000, high: int = 30000) -> Path:
+    """A 16-bit grey PNG (mode I;16) with values from low to high."""
+    Image.fromarray(np.linspace(low, high, 64).reshape(8, 8).astype(np.uint16)).save(path)
+    assert Image.open(path).mode == "I;16"
+    return path
+
+
+def one_colour_palette(path: Path) -> Path:
+    """A palette PNG whose indices vary but whose 256 palette entries are all the same grey."""
+    image = Image.fromarray(noise((8, 8)), "P")
+    image.putpalette([90, 90, 90] * 256)
+    image.save(path)
+    return path
 
 
 def raw(path: Path, data: bytes) -> Path:
@@ -111,6 +128,8 @@ BAD: list[tuple[str, Builder, int, str]] = [
      2, "non-finite"),
     ("nifti-inf", lambda t, m: nifti(t / "inf.nii", np.full((8, 8, 3), np.inf, np.float32)), 3, "non-finite"),
     ("png-constant", lambda t, m: png(t / "c.png", np.full((8, 8), 7, np.uint8)), 2, "constant"),
+    ("png-palette-one-colour", lambda t, m: one_colour_palette(t / "p.png"), 2, "constant"),  # indices vary
+    ("png-16bit-under-ct-window", lambda t, m: png16(t / "w.png"), 2, "constant-after-window"),
     ("dicom-constant", lambda t, m: ct(t / "c.dcm", np.full((16, 16), 1000, np.uint16)), 2, "constant"),
     ("nifti-3d-as-2d", lambda t, m: nifti(t / "v.nii", noise((8, 8, 4), np.float32)), 2, "wrong-dims"),
     ("multiframe-as-2d", lambda t, m: ct(t / "mf.dcm", noise((3, 16, 16), np.uint16), frames=3), 2, "wrong-dims"),
@@ -128,7 +147,7 @@ def test_bad_file_gets_its_reason_code(tmp_path: Path, monkeypatch: pytest.Monke
                                        caplog: pytest.LogCaptureFixture, build: Builder, dims: int, code: str) -> None:
     path = build(tmp_path, monkeypatch)
     with caplog.at_level(logging.DEBUG):
-        problem = check_image(path, spatial_dims=dims)
+        problem = check_image(path, spatial_dims=dims, intensity=Intensity())  # fit's default window
     assert isinstance(problem, FileProblem) and problem.path == path
     assert problem.code == code, problem
     assert problem.detail and "\n" not in problem.detail
@@ -163,3 +182,23 @@ GOOD: list[tuple[str, Callable[[Path], Path], int]] = [
 @pytest.mark.parametrize(("build", "dims"), [g[1:] for g in GOOD], ids=[g[0] for g in GOOD])
 def test_good_file_passes(tmp_path: Path, build: Callable[[Path], Path], dims: int) -> None:
     assert check_image(build(tmp_path), spatial_dims=dims) is None
+    assert check_image(build(tmp_path), spatial_dims=dims, intensity=Intensity()) is None
+
+
+def test_constant_after_window_depends_on_the_intensity_setting(tmp_path: Path) -> None:
+    path = png16(tmp_path / "w.png")
+    problem = check_image(path, intensity=Intensity(window=(-1100, 400)))
+    assert problem is not None and problem.code == "constant-after-window"
+    assert "(every pixel becomes 1)" in problem.detail and "[-1100, 400]" in problem.detail and "20000 to 30000" in problem.detail
+    brain = check_image(png16(tmp_path / "b.png", 100, 300), intensity=Intensity(preset="ct-brain"))  # [0, 80]
+    assert brain is not None and brain.code == "constant-after-window" and "ct-brain" in brain.detail
+    assert check_image(path) is None  # raw values only
+    for fitting in (Intensity(preset="xray"), Intensity(window=None), Intensity(window=(0, 65535))):
+        assert check_image(path, intensity=fitting) is None, fitting
+
+
+def test_window_problem() -> None:
+    assert window_problem(torch.ones(1, 8, 8)) == "constant after the intensity window (every pixel becomes 1)"
+    assert window_problem(np.zeros((8, 8), np.float32)) is not None
+    assert window_problem(torch.full((4, 4), float("nan"))) is not None
+    assert window_problem(torch.linspace(0, 1, 64).reshape(1, 8, 8)) is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medmeta.data.presets import PRESETS, intensity_transform, window_bounds
+from medmeta.data.presets import DEFAULT_WINDOW, PRESETS, Intensity, intensity_transform, parse_window, window_bounds
 
 
 def test_ct_windows_by_level_and_width() -> None:
@@ -30,3 +30,17 @@ def test_unknown_preset_lists_the_choices() -> None:
     assert len(PRESETS) == 10
     with pytest.raises(ValueError, match="unknown intensity preset 'ct-liver'.*ct-lung"):
         intensity_transform("image", preset="ct-liver", window=None)
+
+
+def test_intensity_setting_is_checked_and_described() -> None:
+    assert Intensity() == Intensity(window=[-1100, 400]) and Intensity().window == DEFAULT_WINDOW
+    assert Intensity().describe() == "window [-1100, 400]"
+    assert Intensity(preset="ct-brain").describe() == "preset ct-brain [0, 80]"
+    assert Intensity(window=None).describe() == "per-image min/max"
+    for bad in ({"preset": "ct-nose"}, {"window": (400, -1100)}, {"window": (1, 2, 3)}):
+        with pytest.raises(ValueError):
+            Intensity(**bad)
+    assert parse_window(["-1100", "400"]) == (-1100.0, 400.0) and parse_window(["none"]) is None
+    for bad in (["400", "-1100"], ["a", "b"], ["1"]):
+        with pytest.raises(ValueError, match="window"):
+            parse_window(bad)

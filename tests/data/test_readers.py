@@ -31,7 +31,10 @@ from medmeta.data.readers import (
     DicomSeriesError,
     DicomTruncatedError,
     MedmetaDicomReader,
+    MedmetaPictureReader,
+    convert_picture,
     read_dicom,
+    read_picture,
 )
 
 SECRET = "SECRET-PATIENT-4711"  # a tag value that must never reach metadata or messages
@@ -297,3 +300,24 @@ def test_verify_suffix(tmp_path: Path) -> None:
     assert reader.verify_suffix("a.dcm") and reader.verify_suffix(["a.DICOM", "b.ima"])
     assert reader.verify_suffix(tmp_path)
     assert not reader.verify_suffix("a.nii.gz") and not reader.verify_suffix(["a.dcm", "b.png"])
+
+
+def test_16bit_pictures_keep_their_values(tmp_path: Path) -> None:
+    values = np.linspace(300, 65000, 48).reshape(6, 8).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "a.png")
+    assert Image.open(tmp_path / "a.png").mode == "I;16"
+    np.testing.assert_array_equal(read_picture(tmp_path / "a.png"), values)  # not clipped or scaled to 8 bit
+    big_endian = Image.fromarray(values.astype(">u2"))
+    assert big_endian.mode == "I;16B" and convert_picture(big_endian).mode == "I;16"
+    np.testing.assert_array_equal(np.asarray(convert_picture(big_endian)), values)
+    loaded = _load(MedmetaPictureReader(), tmp_path / "a.png")
+    np.testing.assert_array_equal(loaded.numpy(), values.T)
+
+
+def test_picture_reader_gives_palette_colours_not_indices(tmp_path: Path) -> None:
+    colours = np.random.default_rng(0).integers(0, 255, (8, 12, 3)).astype(np.uint8)
+    Image.fromarray(colours).quantize(colors=8).save(tmp_path / "p.png")
+    shown = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    np.testing.assert_array_equal(read_picture(tmp_path / "p.png"), shown)
+    loaded = _load(MedmetaPictureReader(), tmp_path / "p.png")
+    np.testing.assert_array_equal(loaded.numpy(), shown.transpose(1, 0, 2))  # MONAI's axes: [cols, rows, channels]

@@ -10,8 +10,9 @@ import pydicom
 import pytest
 import torch
 from monai.data import MetaTensor
+from PIL import Image
 
-from medmeta.data.transforms import augment_images, load_transforms
+from medmeta.data.transforms import ConformImaged, augment_images, load_transforms
 
 
 def test_window_is_applied_to_hounsfield_units(tiny_dicom_root: Path) -> None:
@@ -65,3 +66,12 @@ def test_3d_volumes_are_oriented_to_ras_and_resampled(tmp_path: Path) -> None:
     for step in inner:
         data = step(data)
     assert tuple(data["image"].shape[1:]) == (8, 8, 7)  # 4 slices 2 mm apart become 7 at 1 mm
+
+
+def test_rgb_becomes_grey_as_pil_converts_to_l() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+    rgb[0, :3] = [[255, 0, 0], [0, 255, 0], [0, 0, 255]]  # pure colours: 76, 150, 29 in PIL's L, not 85 each
+    grey = ConformImaged("image", in_channels=1, spatial_dims=2)({"image": torch.as_tensor(rgb).permute(2, 0, 1)})
+    pil = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32)
+    assert grey["image"].shape == (1, 16, 16)
+    np.testing.assert_allclose(grey["image"][0].numpy(), pil, atol=0.51)  # PIL rounds to integers

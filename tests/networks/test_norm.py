@@ -6,11 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
+from medmeta.networks import Conv4
 from medmeta.networks.norm import (
     EpisodeBatchNorm,
     EpisodeInstanceNorm,
+    NotVectorisable,
     composite_norms,
+    needs_composite_calls,
     query_statistics,
+    running_statistic_updates,
     uses_running_statistics,
 )
 
@@ -101,3 +107,88 @@ def test_unfilled_slots_fall_back_to_the_nearest_filled_slot_lower_first() -> No
     assert not torch.allclose(outputs[1], outputs[3])
     for step, source in ((0, 1), (2, 1), (4, 3), (6, 3)):
         torch.testing.assert_close(outputs[step], outputs[source])
+
+
+TORCH_NORMS = {  # layer, input shape
+    "BatchNorm1d": (nn.BatchNorm1d, (6, 4, 5)),
+    "BatchNorm1d-flat": (nn.BatchNorm1d, (6, 4)),
+    "BatchNorm2d": (nn.BatchNorm2d, (6, 4, 5, 5)),
+    "BatchNorm3d": (nn.BatchNorm3d, (6, 4, 3, 3, 3)),
+    "InstanceNorm1d": (nn.InstanceNorm1d, (6, 4, 5)),
+    "InstanceNorm2d": (nn.InstanceNorm2d, (6, 4, 5, 5)),
+    "InstanceNorm3d": (nn.InstanceNorm3d, (6, 4, 3, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("affine, track", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("kind", list(TORCH_NORMS))
+def test_composite_calls_match_torch_batch_and_instance_norm_layers(kind: str, affine: bool, track: bool, training: bool) -> None:
+    """Under ``composite_norms`` torch's own layers give the same values and gradients, or refuse an update."""
+    torch.manual_seed(0)
+    cls, shape = TORCH_NORMS[kind]
+    layer = cls(4, affine=affine, track_running_stats=track, momentum=0.3, eps=1e-3).double().train(training)
+    assert needs_composite_calls(layer)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+        if track:
+            layer.running_mean.normal_(0.0, 0.5), layer.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    if training and track:  # the forward would update running statistics: impossible task by task under vmap
+        assert [name for name, _ in running_statistic_updates(layer)] == [""]
+        with pytest.raises(NotVectorisable, match="running statistics"), composite_norms(layer):
+            layer(x)
+        return
+    assert running_statistic_updates(layer) == []
+    buffers = {name: b.clone() for name, b in layer.named_buffers()}
+    with composite_norms(layer):
+        ours = layer(x)
+    ref = layer(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for name, b in layer.named_buffers():
+        torch.testing.assert_close(b, buffers[name], rtol=0, atol=0)
+    weights = torch.arange(ours.numel(), dtype=ours.dtype).view_as(ours)
+    inputs = [x, *layer.parameters()]
+    with composite_norms(layer):
+        grads = torch.autograd.grad((layer(x) * weights).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), inputs)
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 3, 5)], ids=["last-dim", "three-dims"])
+@pytest.mark.parametrize("affine, bias", [(True, True), (True, False), (False, False)])
+def test_composite_calls_match_torch_layer_norm(shape: tuple[int, ...], affine: bool, bias: bool) -> None:
+    torch.manual_seed(0)
+    layer = nn.LayerNorm(shape, eps=1e-3, elementwise_affine=affine, bias=bias).double()
+    assert needs_composite_calls(layer)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(0.5, 1.5)
+    x = torch.randn(6, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    inputs = [x, *layer.parameters()]
+    with composite_norms(layer):
+        ours = layer(x)
+        grads = torch.autograd.grad((ours**3).sum(), inputs)
+    ref = layer(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, torch.autograd.grad((ref**3).sum(), inputs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+class _FusedCaller(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, False)
+
+
+def test_composite_calls_guard_unknown_modules_and_spare_known_ones() -> None:
+    """Only models with torch batch/instance/layer norms or unknown module types pay for the call-level guard."""
+    assert not needs_composite_calls(Conv4(hidden_channels=4, image_size=8, norm="batch"))
+    assert not needs_composite_calls(nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten()))
+    assert needs_composite_calls(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)))
+    assert needs_composite_calls(nn.Sequential(nn.Linear(3, 3), _FusedCaller()))
+    caller = _FusedCaller()
+    with pytest.raises(NotVectorisable, match="batch_norm"), composite_norms(caller):
+        caller(torch.randn(4, 3))
+    caller(torch.randn(4, 3))  # outside the block: untouched

@@ -1,0 +1,99 @@
+"""Discovery in class folders: each real file and folder once; links, duplicates and loops reported."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medmeta.data.records import discover_records
+from medmeta.errors import DataError
+
+
+def _png(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (16, 16), dtype=np.uint8)).save(path)
+    return path
+
+
+def _folder(root: Path) -> Path:
+    """Classes ``a`` and ``b``, two patient sub-folders each, two PNGs per patient."""
+    for c, name in enumerate("ab"):
+        for p in range(2):
+            for k in range(2):
+                _png(root / name / f"p{p}" / f"IM{k:04d}.png", seed=100 * c + 10 * p + k)
+    return root
+
+
+def test_class_folder_linking_to_an_ancestor_is_a_reported_loop_not_a_class(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    (root / "everything").symlink_to(root, target_is_directory=True)  # the whole data set as one more "class"
+    (root / "above").symlink_to(tmp_path, target_is_directory=True)
+    (root / "a" / "p0" / "back").symlink_to(root / "a", target_is_directory=True)  # a loop inside a class
+    (root / "b" / "p1" / "up").symlink_to(root, target_is_directory=True)
+    (root / "b" / "p0" / "self").symlink_to(root / "b" / "p0" / "self")  # a link to itself
+    (root / "b" / "p0" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    records, skipped = discover_records(root)
+    assert sorted({r.label for r in records}) == ["a", "b"]
+    assert len(records) == 8 and len({r.path.resolve() for r in records}) == 8
+    assert sorted((s.path.relative_to(root).as_posix(), s.reason) for s in skipped) == [
+        ("a/p0/back", "symlink-loop"), ("above", "symlink-loop"), ("b/p0/gone.png", "unreadable"),
+        ("b/p0/self", "symlink-loop"), ("b/p1/up", "symlink-loop"), ("everything", "symlink-loop"),
+    ]  # fmt: skip
+    assert all(s.detail for s in skipped)
+
+
+def test_linked_files_and_folders_are_one_image_each(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    (root / "a" / "p0_again").symlink_to(root / "a" / "p0", target_is_directory=True)
+    (root / "a" / "p1" / "copy.png").symlink_to(root / "a" / "p1" / "IM0000.png")
+    outside = _png(tmp_path / "elsewhere" / "scan.png", seed=7)
+    (root / "b" / "p1" / "scan.png").symlink_to(outside)  # a link out of the data folder is followed
+    (root / "b" / "p1" / "scan-again.png").symlink_to(outside)
+    (root / "b" / "p2").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # the folder of that file
+    records, skipped = discover_records(root)
+    real = [r.path.resolve() for r in records]
+    assert len(real) == len(set(real)) == 9 and outside.resolve() in real
+    assert sorted((s.path.relative_to(root).as_posix(), s.reason) for s in skipped) == [
+        ("a/p0_again", "duplicate"), ("a/p1/copy.png", "duplicate"), ("b/p1/scan.png", "duplicate"),
+        ("b/p2/scan.png", "duplicate"),
+    ]  # fmt: skip
+    assert all("same" in s.detail for s in skipped)
+
+
+def test_class_folder_that_is_another_class_is_reported_not_a_second_class(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    (root / "c").symlink_to(root / "a", target_is_directory=True)
+    records, skipped = discover_records(root)
+    assert sorted({r.label for r in records}) == ["a", "b"] and len(records) == 8
+    assert [(s.path.name, s.reason) for s in skipped] == [("c", "duplicate")] and "'a'" in skipped[0].detail
+
+
+@pytest.mark.parametrize("link", ["file", "folder"])
+def test_one_image_under_two_classes_is_an_error_naming_both(tmp_path: Path, link: str) -> None:
+    root = _folder(tmp_path / "data")
+    if link == "file":
+        (root / "b" / "p1" / "borrowed.png").symlink_to(root / "a" / "p0" / "IM0001.png")
+        message = r"b/p1/borrowed\.png \(class 'b'\) is the same file as .*a/p0/IM0001\.png \(class 'a'\)"
+    else:
+        (root / "b" / "p9").symlink_to(root / "a" / "p0", target_is_directory=True)
+        message = r"b/p9 \(class 'b'\) is the same folder as .*a/p0 \(class 'a'\)"
+    with pytest.raises(DataError, match=message):
+        discover_records(root)
+
+
+def test_a_linked_series_folder_is_one_volume_in_3d(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for c, name in enumerate("ab"):
+        for p in range(2):
+            for k in range(2):
+                (root / name / f"s{p}").mkdir(parents=True, exist_ok=True)
+                (root / name / f"s{p}" / f"IM{k:04d}.dcm").write_bytes(b"\0" * 200)  # series found, not read
+    (root / "a" / "s0_link").symlink_to(root / "a" / "s0", target_is_directory=True)
+    records, skipped = discover_records(root, spatial_dims=3)
+    assert len(records) == 4 and all(r.path.is_dir() for r in records)
+    assert [(s.path.name, s.reason) for s in skipped] == [("s0_link", "duplicate")]
+    assert os.path.islink(skipped[0].path)
