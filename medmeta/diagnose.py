@@ -331,7 +331,8 @@ def _window_label(settings: dict[str, object]) -> str:
 
 def _refuse_constant_support(records: list[ImageRecord], images: Tensor, settings: dict[str, object]) -> None:
     """A labelled support case that is constant after the window would teach nothing: name it and stop."""
-    bad = [f"{r.path}: constant after the intensity {_window_label(settings)}" for r, c in zip(records, constant_images(images)) if c]
+    window = _window_label(settings)
+    bad = [f"{r.path}: constant after the intensity {window}" for r, c in zip(records, constant_images(images)) if c]
     if bad:
         raise DataError("support set has cases without contrast (fix or remove them):\n  " + "\n  ".join(bad))
 

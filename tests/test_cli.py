@@ -246,21 +246,24 @@ def test_data_check_with_nothing_usable_says_why(tmp_path: Path) -> None:
     assert "--spatial-dims 3" in line
 
 
-def test_evaluate_refuses_test_classes_the_model_meta_trained_on(trained_checkpoint: Path, tmp_path: Path) -> None:
+def test_evaluate_refuses_test_classes_the_model_meta_trained_on(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path
+) -> None:
     """Another data set sharing class names: a test class that was a meta-train or meta-val class is refused."""
-    from medmeta.checkpoints import SEEN_CLASSES_KEY, read_checkpoint
     from medmeta.data.episodes import split_classes
     from medmeta.data.synthetic import generate_synthetic_dataset
 
     other = generate_synthetic_dataset(tmp_path / "other", n_classes=16, patients_per_class=3, images_per_patient=2,
                                        image_size=16, seed=7)  # fmt: skip
-    checkpoint = read_checkpoint(trained_checkpoint)
-    seen = checkpoint[SEEN_CLASSES_KEY]
-    names = sorted(p.name for p in other.iterdir() if p.is_dir())
-    test = split_classes(names, ratios=(0.5, 0.25, 0.25), seed=0).test  # the trained model's data settings
-    overlap = sorted(set(test) & set(seen["train"] + seen["val"]))
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+
+    def split(root: Path) -> object:  # the trained model's data settings, on the data set under `root`
+        return split_classes([p.name for p in root.iterdir() if p.is_dir()], ratios=(0.5, 0.25, 0.25), seed=0)
+
+    trained = split(tiny_dicom_root)
+    overlap = sorted(set(split(other).test) & {*trained.train, *trained.val})
     assert overlap, "the second data set must share a test class with the first one's meta-train/val classes"
-    args = ["evaluate", str(trained_checkpoint), "--data-root", str(other), "--out", str(tmp_path / "eval")]
+    args = ["evaluate", "--ckpt", str(trained_checkpoint), "--data-root", str(other), "--out", str(tmp_path / "eval")]
     refused = _medmeta(*args, cwd=tmp_path)
     assert refused.returncode == 2 and "Traceback" not in refused.stdout + refused.stderr, refused.stdout + refused.stderr
     (line,) = [line for line in refused.stdout.splitlines() if "medmeta: error:" in line]
@@ -272,7 +275,7 @@ def test_evaluate_refuses_test_classes_the_model_meta_trained_on(trained_checkpo
     assert "test accuracy:" in allowed.stdout
     # a checkpoint written before the class names were recorded (and not in its run folder): a warning
     old = tmp_path / "old.ckpt"
-    torch.save({k: v for k, v in checkpoint.items() if k != SEEN_CLASSES_KEY}, old)
+    torch.save({k: v for k, v in checkpoint.items() if k != "medmeta_seen_classes"}, old)
     unknown = _medmeta("evaluate", str(old), "--data-root", str(other), "--out", str(tmp_path / "eval"), cwd=tmp_path)
     assert unknown.returncode == 0, unknown.stdout[-2000:] + unknown.stderr[-2000:]
     assert "warning:" in unknown.stdout and "cannot be checked" in unknown.stdout

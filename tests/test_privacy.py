@@ -98,9 +98,11 @@ def test_no_identifier_in_what_diagnose_and_evaluate_write(named_root: Path, nam
     support, queries, single = tmp_path / "in" / "support", tmp_path / "in" / "queries", tmp_path / "in" / "single"
     for class_dir in sorted(p for p in named_root.iterdir() if p.is_dir())[:2]:
         for patient_dir in sorted(class_dir.iterdir()):
-            shutil.copytree(patient_dir, (queries if patient_dir.name.endswith("patient003") else support) / class_dir.name / patient_dir.name)
-    (queries / f"{NAME_SENTINELS['folder']}-patient009").mkdir()
-    (queries / f"{NAME_SENTINELS['folder']}-patient009" / f"{NAME_SENTINELS['file']}-broken.dcm").write_bytes(b"DICM" + bytes(200))
+            into = queries if patient_dir.name.endswith("patient003") else support
+            shutil.copytree(patient_dir, into / class_dir.name / patient_dir.name)
+    broken = queries / f"{NAME_SENTINELS['folder']}-patient009" / f"{NAME_SENTINELS['file']}-broken.dcm"
+    broken.parent.mkdir()
+    broken.write_bytes(b"DICM" + bytes(200))
     single.mkdir()
     shutil.copy(next(queries.rglob("*.dcm")), single / f"{NAME_SENTINELS['file']}-single.dcm")
     inputs = [text for p in (tmp_path / "in").rglob("*") if p.is_file() for text in _contents(p)]
