@@ -132,7 +132,7 @@ def test_learns_episodes_whose_labels_only_the_support_set_gives(controller: str
     assert any(p.grad.abs().sum() > 0 for p in mann.model.features.parameters())
     first = loss.item()
     optimiser = torch.optim.Adam(mann.parameters(), lr=1e-2)
-    for _ in range(60):  # 40 steps reach every query from some initialisations only
+    for _ in range(80):  # 40-60 steps reach every query from some initialisations only
         optimiser.zero_grad()
         loss = mann.outer_loss(sx, sy, qx, qy)
         loss.backward()

@@ -1,14 +1,17 @@
-"""Each figure writes a non-blank PNG of plausible size."""
+"""Each figure writes a non-blank PNG of plausible size and plots the given numbers (read back from its Axes)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
+from medmeta.evaluation import figures
 from medmeta.evaluation.figures import (
     plot_accuracy_vs_shots,
     plot_adaptation_curve,
@@ -28,6 +31,71 @@ def assert_png(path: Path, written: Path, min_side: int = 300) -> None:
         assert min(image.size) >= min_side and max(image.size) < 6_000
         pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     assert pixels.var() > 0
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """The figures the plot functions save, kept instead of cleared after writing the PNG."""
+    kept: list[Figure] = []
+    save = figures._save
+
+    def save_and_keep(figure: Figure, path: Path, dpi: int = 120) -> Path:
+        kept.append(figure)
+        monkeypatch.setattr(figure, "clear", lambda *args, **kwargs: None)
+        return save(figure, path, dpi)
+
+    monkeypatch.setattr(figures, "_save", save_and_keep)
+    return kept
+
+
+def test_confusion_matrix_rows_are_true_classes(tmp_path: Path, drawn: list[Figure]) -> None:
+    counts = torch.tensor([[5, 1, 0], [2, 2, 4], [0, 0, 0]])  # asymmetric; class "c" never the true class
+    path = tmp_path / "confusion.png"
+    assert_png(path, plot_confusion_matrix(["a", "b", "c"], counts, path), min_side=200)
+    axes = drawn[0].axes[0]
+    expected = np.array([[5 / 6, 1 / 6, 0], [2 / 8, 2 / 8, 4 / 8], [0, 0, 0]])  # each row normalised by its true class
+    np.testing.assert_allclose(np.asarray(axes.images[0].get_array()), expected)
+    cells = {(round(t.get_position()[0]), round(t.get_position()[1])): t.get_text() for t in axes.texts}
+    assert cells == {(j, i): str(int(counts[i, j])) for i in range(3) for j in range(3)}  # x: predicted, y: true
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["a", "b", "c"] == [t.get_text() for t in axes.get_xticklabels()]
+    assert (axes.get_ylabel(), axes.get_xlabel()) == ("true class", "predicted class")
+
+
+def test_reliability_diagram_plots_the_bins(tmp_path: Path, drawn: list[Figure]) -> None:
+    """Seven predictions in 4 bins worked out by hand: [0.25, 0.5): 0.4 right, 0.45 wrong; [0.5, 0.75): 0.6, 0.7 right,
+    0.7 wrong; [0.75, 1]: 0.9 wrong, 1.0 right; [0, 0.25) empty."""
+    confidence = [0.4, 0.45, 0.6, 0.7, 0.7, 0.9, 1.0]
+    probs = torch.tensor([[c, (1 - c) / 2, (1 - c) / 2] for c in confidence], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 0, 2, 1, 0])
+    path = tmp_path / "reliability.png"
+    assert_png(path, plot_reliability_diagram(reliability_bins(probs[None], labels[None], n_bins=4), path, ece=0.123))
+    top, bottom = drawn[0].axes[:2]
+    accuracy, mean_confidence = [1 / 2, 2 / 3, 1 / 2], [0.425, 2 / 3, 0.95]
+    bars, gaps = top.containers[0], top.containers[1]
+    np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in bars], [0.375, 0.625, 0.875])
+    np.testing.assert_allclose([b.get_width() for b in bars], [0.25] * 3)
+    np.testing.assert_allclose([b.get_height() for b in bars], accuracy)
+    np.testing.assert_allclose([b.get_y() for b in gaps], accuracy)  # the gap starts at the accuracy ...
+    np.testing.assert_allclose([b.get_y() + b.get_height() for b in gaps], mean_confidence)  # ... and ends at the confidence
+    np.testing.assert_allclose([b.get_height() for b in bottom.containers[0]], [0, 2, 3, 2])
+    np.testing.assert_allclose([b.get_x() + b.get_width() / 2 for b in bottom.containers[0]], [0.125, 0.375, 0.625, 0.875])
+    assert top.get_title() == "Reliability diagram (ECE = 0.123)"
+
+
+def test_adaptation_curve_plots_the_mean_and_ci_per_step(tmp_path: Path, drawn: list[Figure]) -> None:
+    columns = [[0.2, 0.4, 0.0, 0.2], [0.4, 0.6, 0.5, 0.5], [0.6, 1.0, 0.8, 0.6]]  # accuracy after 0, 1, 2 steps
+    path = tmp_path / "adaptation.png"
+    assert_png(path, plot_adaptation_curve(torch.tensor(columns).T, path))
+    axes = drawn[0].axes[0]
+    mean = [0.2, 0.5, 0.75]
+    half_width = [1.96 * statistics.stdev(column) / 2 for column in columns]  # n = 4 episodes
+    np.testing.assert_allclose(axes.lines[0].get_xdata(), [0, 1, 2])
+    np.testing.assert_allclose(axes.lines[0].get_ydata(), mean)
+    band = axes.collections[0].get_paths()[0].vertices
+    for step in range(3):
+        ys = band[np.isclose(band[:, 0], step), 1]
+        np.testing.assert_allclose([ys.min(), ys.max()], [mean[step] - half_width[step], mean[step] + half_width[step]])
+    assert "4 episodes" in axes.lines[0].get_label()
 
 
 def test_confusion_matrix_12_classes(tmp_path: Path) -> None:
