@@ -259,6 +259,13 @@ class FewShotModule(L.LightningModule):
             self._test_pixel_acc.append((predicted == qy).float().mean(dim=1).cpu())
 
     def on_test_epoch_start(self) -> None:
+        self._seen_test = self._seen_test_classes()
+        if self._seen_test:
+            logger.warning(
+                "%d test class(es) were meta-training or validation classes of the checkpoint's model (%s): their "
+                "accuracy is not few-shot accuracy on new classes (recorded in metrics.json as seen_test_classes)",
+                len(self._seen_test), ", ".join(self._seen_test),
+            )  # fmt: skip
         self._test_probs, self._test_labels, self._test_class_ids, self._test_episode_ids = [], [], [], []
         self._test_curve, self._test_pixel_acc, self._curve_episodes, self._grid_example = [], [], 0, None
 
@@ -281,6 +288,8 @@ class FewShotModule(L.LightningModule):
             "normalisation": self._normalisation_label(),
             "eval_inner_steps": self.hparams.eval_inner_steps,
         }
+        if self._seen_test:
+            summary["seen_test_classes"] = self._seen_test
         for key in ("accuracy", "accuracy_ci95", "balanced_accuracy", "macro_auroc", "ece"):
             self.log(f"test/{key.replace('accuracy', 'acc')}", float(metrics[key]))
         if self._test_pixel_acc:
@@ -407,6 +416,14 @@ class FewShotModule(L.LightningModule):
 
         stored = checkpoint.get(SEEN_CLASSES_KEY)
         self._seen_classes = {k: list(v) for k, v in stored.items()} if isinstance(stored, dict) else None
+
+    def _seen_test_classes(self) -> list[str]:
+        """Test classes of the attached data that the loaded checkpoint's model meta-trained or validated on."""
+        seen = getattr(self, "_seen_classes", None) or {}
+        splits = getattr(getattr(self._trainer, "datamodule", None), "class_splits", None) if self._trainer else None
+        if not seen or splits is None:
+            return []
+        return sorted(set(splits.of("test")) & {name for names in seen.values() for name in names})
 
     def _check_n_way(self, batch: Batch) -> None:
         n_way = int(batch["support_y"].max()) + 1

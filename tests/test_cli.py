@@ -273,6 +273,8 @@ def test_evaluate_refuses_test_classes_the_model_meta_trained_on(
     assert allowed.returncode == 0, allowed.stdout[-2000:] + allowed.stderr[-2000:]
     assert "warning:" in allowed.stdout and all(name in allowed.stdout for name in overlap)
     assert "test accuracy:" in allowed.stdout
+    (metrics,) = (tmp_path / "eval").rglob("metrics.json")  # the outputs say so too, not only the console
+    assert json.loads(metrics.read_text())["seen_test_classes"] == overlap
     # a checkpoint written before the class names were recorded (and not in its run folder): a warning
     old = tmp_path / "old.ckpt"
     torch.save({k: v for k, v in checkpoint.items() if k != "medmeta_seen_classes"}, old)
