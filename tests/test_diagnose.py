@@ -20,7 +20,7 @@ from medmeta.data.datamodule import EpisodicDataModule, transform_images
 from medmeta.diagnose import _image_settings, adapted_algorithm, diagnose, load_checkpoint, read_queries, read_support
 from medmeta.errors import DataError
 from medmeta.module import FewShotModule
-from tests.test_report import _chromium
+from tests.test_report import _chromium, _chromium_exe
 
 # every algorithm diagnose accepts, in each batch-norm mode, and ProtoNet with both distances
 VARIANTS = [
@@ -68,9 +68,7 @@ def test_diagnose_writes_every_output(trained_checkpoint: Path, tiny_dicom_root:
 
 
 def test_report_renders_every_query_row_in_headless_chromium(trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path) -> None:
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    exe = _chromium_exe()
     support, queries = _cases(tiny_dicom_root, tmp_path, 2)
     result = diagnose(trained_checkpoint, support, [queries], tmp_path / "out")
     url = result.report.resolve().as_uri()

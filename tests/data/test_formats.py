@@ -200,3 +200,58 @@ def test_data_check_takes_a_window_as_fit_does(tmp_path: Path, capsys: pytest.Ca
         with pytest.raises(SystemExit) as exit_info:
             main([*check, *bad])
         assert exit_info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+# --- one CSV manifest mixing DICOM, NIfTI and PNG: every format loaded, pixel values intact ---
+
+def _mixed_manifest(folder: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A manifest of 3 classes x (one DICOM, one NIfTI, one PNG) 16x16 image, each of its own patient, and the image
+    each file must become in MONAI's ``[x, y]`` = ``[column, row]`` axes, in the 0..255 units of every source."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(7)
+    expected: dict[str, np.ndarray] = {}
+    rows = ["path,label,patient_id"]
+    for c, label in enumerate(["cyst", "nodule", "mass"]):
+        values = [rng.integers(0, 256, (16, 16)) for _ in range(3)]  # [row, col], all asymmetric
+        dicom, nifti, png = f"dcm/{label}.dcm", f"nii/{label}.nii.gz", f"png/{label}.png"
+        for name in (dicom, nifti, png):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta, ds.Modality = meta, "CT"
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Rows, ds.Columns, ds.PixelSpacing = 16, 16, [0.5, 0.5]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0  # stored 1024 + v is v HU
+        ds.PixelData = (values[0] + 1024).astype("<u2").tobytes()
+        ds.save_as(folder / dicom, enforce_file_format=True)
+        nib.save(nib.Nifti1Image(values[1].astype(np.int16), np.eye(4)), folder / nifti)  # stored as [x, y] already
+        Image.fromarray(values[2].astype(np.uint8), "L").save(folder / png)
+        expected |= {dicom: values[0].T, nifti: values[1], png: values[2].T}
+        rows += [f"{dicom},{label},d{c}", f"{nifti},{label},n{c}", f"{png},{label},p{c}"]
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return folder / "manifest.csv", expected
+
+
+def test_one_manifest_loads_dicom_nifti_and_png_with_their_pixel_values(tmp_path: Path) -> None:
+    from collections import Counter
+
+    from medmeta.data.inventory import take_inventory
+
+    manifest, expected = _mixed_manifest(tmp_path / "site")
+    inventory = take_inventory(manifest, n_way=3, k_shot=1, q_query=2, splits={"test": ["cyst", "nodule", "mass"]},
+                               window=(0.0, 255.0))  # fmt: skip
+    assert not inventory.problems
+    assert Counter("".join(r.path.suffixes) for r in inventory.records) == {".dcm": 3, ".nii.gz": 3, ".png": 3}
+    assert inventory.classes() == {label: (3, 3) for label in ("cyst", "nodule", "mass")}
+    images = transform_images(inventory.records, image_size=16, window=(0.0, 255.0), preset=None, spatial_dims=2,
+                              in_channels=1)  # fmt: skip
+    assert images.shape == (9, 1, 16, 16)
+    for record, image in zip(inventory.records, images, strict=True):
+        name = record.path.relative_to(manifest.parent).as_posix()
+        np.testing.assert_allclose(image[0].numpy(), expected[name] / 255.0, atol=1e-6, err_msg=name)
