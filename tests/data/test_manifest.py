@@ -65,7 +65,7 @@ def test_manifest_split_column_drives_the_meta_splits(tiny_dicom_root: Path, tmp
     assert inventory.ok and not inventory.problems
 
 
-def test_manifest_can_mix_formats_and_reports_missing_files(tiny_dicom_root: Path, tmp_path: Path) -> None:
+def test_manifest_reports_missing_and_non_image_files(tiny_dicom_root: Path, tmp_path: Path) -> None:
     first = sorted(tiny_dicom_root.rglob("*.dcm"))[0]
     shutil.copy(first, tmp_path / "a.dcm")
     manifest = _write(tmp_path / "m.csv", "path,label\na.dcm,x\nmissing.dcm,x\nnotes.txt,y\n")
