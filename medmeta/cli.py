@@ -196,7 +196,8 @@ def data_check_main(argv: list[str]) -> int:
     """``medmeta data check SOURCE``: read every file, report usable images and skipped files, check episodes."""
     from rich.table import Table
 
-    from medmeta.data.inventory import data_folder, shown_path, take_inventory
+    from medmeta.data.inventory import shown_path, take_inventory
+    from medmeta.data.records import data_folder
     from medmeta.data.presets import DEFAULT_WINDOW, PRESETS, parse_window
 
     parser = argparse.ArgumentParser(prog="medmeta data check", description=data_check_main.__doc__)

@@ -36,7 +36,8 @@ from medmeta.algorithms import MAML, MetaSGD, ProtoNet
 from medmeta.algorithms.meta_sgd import lr_key
 from medmeta.checkpoints import load_trained
 from medmeta.data.datamodule import transform_images
-from medmeta.data.preflight import check_image
+from medmeta.data.preflight import check_image, window_problem
+from medmeta.data.presets import DEFAULT_WINDOW, Intensity
 from medmeta.data.records import IMAGE_SUFFIXES, ImageRecord, discover_records
 from medmeta.errors import DataError
 from medmeta.explain import grad_cam, image_png, overlay_png
@@ -49,7 +50,6 @@ logger = logging.getLogger(__name__)
 MIN_CASES, MAX_CASES = 2, 20  # labelled support cases per diagnosis
 SUPPORTED = ("maml", "maml_pp", "meta_sgd", "anil", "protonet")
 LOO_WARNING_BELOW = 0.5  # leave-one-out accuracy under which the support set is flagged
-CONSTANT_SPAN = 1e-6  # an image whose windowed intensities span less than this is constant
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def load_checkpoint(ckpt: Path) -> tuple[FewShotModule, dict[str, object]]:
     module, settings = load_trained(ckpt)
     if module.hparams.algorithm not in SUPPORTED:
         raise DataError(f"diagnose supports {', '.join(SUPPORTED)}; checkpoint {ckpt} holds {module.hparams.algorithm!r}")
-    settings.setdefault("window", (-1100.0, 400.0))
+    settings.setdefault("window", DEFAULT_WINDOW)
     for key in ("image_size", "in_channels", "spatial_dims"):
         settings[key] = module.hparams[key]
     return module, settings
@@ -309,10 +309,9 @@ def _target_layer(model: nn.Module) -> str:
     return after[0] if after else names[convs[-1]][0]
 
 
-def constant_images(images: Tensor) -> Tensor:
-    """``[B]`` booleans: images whose intensities span less than ``CONSTANT_SPAN`` (after the window)."""
-    flat = images.detach().flatten(1)
-    return (flat.amax(1) - flat.amin(1)) < CONSTANT_SPAN
+def constant_images(images: Tensor) -> list[bool]:
+    """Per image (after the window): whether it became one constant (preflight's ``window_problem``)."""
+    return [window_problem(image) is not None for image in images]
 
 
 def _constant_warning(settings: dict[str, object], value: float) -> str:
@@ -323,10 +322,7 @@ def _constant_warning(settings: dict[str, object], value: float) -> str:
 
 
 def _window_label(settings: dict[str, object]) -> str:
-    if settings.get("preset"):
-        return f"preset {settings['preset']!r}"
-    window = settings.get("window")
-    return f"window {list(window)}" if window is not None else "scaling"
+    return Intensity(preset=settings.get("preset"), window=settings.get("window")).describe()
 
 
 def _refuse_constant_support(records: list[ImageRecord], images: Tensor, settings: dict[str, object]) -> None:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from medmeta.data.episode_manifest import EpisodeManifest, ManifestEpisodeSampler, data_hash, sample_ids
 from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler
 from medmeta.data.inventory import Inventory, take_inventory
+from medmeta.data.presets import DEFAULT_WINDOW
 from medmeta.data.records import ImageRecord
 from medmeta.data.transforms import KEY, augment_images, load_transforms
 from medmeta.errors import DataError
@@ -166,7 +167,7 @@ class EpisodicDataModule(L.LightningDataModule):
         image_size: int = 32,
         in_channels: int = 1,
         spatial_dims: int = 2,
-        window: tuple[float, float] | None = (-1100.0, 400.0),
+        window: tuple[float, float] | None = DEFAULT_WINDOW,
         preset: str | None = None,
         spacing: tuple[float, float, float] | None = None,
         roi_size: tuple[int, int, int] | None = None,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medmeta.data.episodes import Episode
-from medmeta.data.records import ImageRecord, resolved
+from medmeta.data.records import ImageRecord, data_folder, resolved
 from medmeta.errors import DataError
 
 FORMAT = "medmeta-episodes/2"
@@ -29,9 +29,8 @@ _DIGESTS: dict[tuple[str, int, int, int, int], str] = {}  # (resolved path, size
 
 
 def dataset_folder(source: Path) -> Path:
-    """The data set's own folder, links resolved: ``source`` itself, or the folder of a CSV manifest or ``.npz``."""
-    source = Path(source).expanduser()
-    return resolved(source if source.is_dir() else source.parent)
+    """The data set's own folder (:func:`~medmeta.data.records.data_folder`), links resolved."""
+    return resolved(data_folder(source))
 
 
 def _sample_id(record: ImageRecord, folder: Path) -> str:

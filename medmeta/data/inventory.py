@@ -20,7 +20,7 @@ from medmeta.data.manifest import read_manifest
 from medmeta.data.medmnist import load_medmnist, medmnist_records
 from medmeta.data.preflight import FileProblem, check_image, pixel_value_problem
 from medmeta.data.presets import DEFAULT_WINDOW, Intensity
-from medmeta.data.records import DICOM_SUFFIXES, ImageRecord, discover_records
+from medmeta.data.records import DICOM_SUFFIXES, ImageRecord, data_folder, discover_records
 from medmeta.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -193,12 +193,6 @@ def _feasibility(inventory: Inventory, split: str, n_way: int, k_shot: int, q_qu
     except DataError as error:
         return str(error)
     return None
-
-
-def data_folder(source: Path) -> Path:
-    """The folder a source's file paths are shown relative to: the folder itself, or a manifest's (or .npz's) folder."""
-    source = Path(source)
-    return source.parent if source.suffix.lower() in (".csv", ".npz") else source
 
 
 def shown_path(path: Path, source: Path) -> str:

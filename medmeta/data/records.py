@@ -66,6 +66,15 @@ def resolved(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
+def data_folder(source: str | Path) -> Path:
+    """A data set's own folder: ``source`` itself, or the folder of a CSV manifest or MedMNIST ``.npz``.
+
+    Sample ids and the paths ``data check`` shows are relative to it.
+    """
+    source = Path(source).expanduser()
+    return source.parent if source.suffix.lower() in (".csv", ".npz") else source
+
+
 def hash_patient(identifier: str) -> str:
     """A salted, process-local hash of a patient identifier."""
     return hashlib.blake2b(identifier.encode(), key=_SALT, digest_size=8).hexdigest()
