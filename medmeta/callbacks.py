@@ -1,4 +1,4 @@
-"""Callbacks every ``medmeta fit`` carries: checkpoint on pre-emption, a fresh ``last.ckpt``, RNG state in checkpoints."""
+"""Callbacks every ``medmeta fit`` carries: checkpoint on pre-emption, a fresh ``last.ckpt``, RNG state and seen classes in checkpoints."""
 
 from __future__ import annotations
 
@@ -97,3 +97,22 @@ class RandomStateCheckpoint(L.Callback):
 def _as_tuple(value: Any) -> Any:
     """Python's random state with its nested tuples back (a checkpoint may hold lists)."""
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class SeenClasses(L.Callback):
+    """Record in every checkpoint the class names (diagnosis labels only) its model was meta-trained and validated on.
+
+    ``medmeta evaluate`` refuses a test class among them and ``medmeta test`` warns. Names from an
+    earlier checkpoint the run resumed or started from (``module.seen_classes``) are kept too.
+    """
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        from medmeta.checkpoints import SEEN_CLASSES_KEY
+
+        seen = {split: set(names) for split, names in (getattr(pl_module, "seen_classes", None) or {}).items()}
+        splits = getattr(trainer.datamodule, "class_splits", None)
+        if splits is not None:
+            for split in ("train", "val"):
+                seen.setdefault(split, set()).update(splits.of(split))
+        if seen:
+            checkpoint[SEEN_CLASSES_KEY] = {split: sorted(names) for split, names in seen.items()}

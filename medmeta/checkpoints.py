@@ -16,7 +16,7 @@ import torch
 
 from medmeta.errors import DataError
 
-SHAPE_KEYS = ("algorithm", "backbone", "n_way", "in_channels", "spatial_dims", "hidden_channels", "norm", "image_size")
+SHAPE_KEYS = ("algorithm", "backbone", "n_way", "in_channels", "spatial_dims", "image_size")
 
 
 NOT_OURS = "not a medmeta/Lightning checkpoint"
@@ -112,15 +112,57 @@ def seen_classes(path: Path, checkpoint: Mapping[str, object]) -> dict[str, list
     return None
 
 
+def model_hparams(checkpoint: Mapping[str, object]) -> dict[str, object]:
+    """The model settings of a checkpoint in today's spelling (learner and backbone as class-path specs).
+
+    Checkpoints written before learners and backbones were plug-ins hold flat settings
+    (``algorithm: <short name>``, ``inner_lr``, ``hidden_channels`` ...); they are translated here, so
+    they load like new ones. Lightning's own bookkeeping keys are dropped.
+    """
+    from medmeta.algorithms import LEGACY_MODULE_SETTINGS, legacy_algorithm_spec
+    from medmeta.networks import LEGACY_MODULE_SETTINGS as LEGACY_BACKBONE_SETTINGS
+    from medmeta.networks import legacy_backbone_spec
+
+    saved = {k: v for k, v in dict(checkpoint["hyper_parameters"]).items() if k not in ("_instantiator", "_class_path")}
+    moved = set(LEGACY_MODULE_SETTINGS) | set(LEGACY_BACKBONE_SETTINGS)
+    if not isinstance(saved.get("backbone"), str) or not moved & set(saved):
+        return saved
+    try:
+        algorithm, backbone = legacy_algorithm_spec(saved), legacy_backbone_spec(saved)
+    except ValueError as error:
+        raise DataError(f"checkpoint settings from an older medmeta cannot be translated: {error}") from None
+    upgraded = {k: v for k, v in saved.items() if k not in moved}
+    upgraded.update(algorithm=algorithm, backbone=backbone)
+    return upgraded
+
+
 def check_checkpoint(path: Path, hparams: Mapping[str, object] | None = None) -> dict:
-    """Read ``path`` safely and, given this run's model ``hparams``, check it was trained for the same model shape."""
+    """Read ``path`` safely and, given this run's model ``hparams``, check it was trained for the same model shape.
+
+    The learner must be the same class and the backbone the same class with the same settings.
+    """
     checkpoint = read_checkpoint(path)
     if hparams is not None:
-        saved = checkpoint["hyper_parameters"]
-        differs = [f"{k}={saved[k]!r} (this run: {hparams[k]!r})" for k in SHAPE_KEYS if k in saved and saved[k] != hparams[k]]
+        saved = model_hparams(checkpoint)
+        differs = [f"{k}={_shown(saved[k])} (this run: {_shown(hparams[k])})" for k in SHAPE_KEYS
+                   if k in saved and k in hparams and _shape_of(k, saved[k]) != _shape_of(k, hparams[k])]  # fmt: skip
         if differs:
             raise DataError(f"checkpoint {path} was trained for a different model: {', '.join(differs)}")
     return checkpoint
+
+
+def _shape_of(key: str, value: object) -> object:
+    """What of a setting decides the model's weights: the learner's class (its settings may differ), all else as is."""
+    if key == "algorithm" and isinstance(value, Mapping):
+        return value.get("class_path")
+    return value
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, Mapping) and "class_path" in value:
+        settings = ", ".join(f"{k}={v!r}" for k, v in (value.get("init_args") or {}).items())
+        return f"{value['class_path']}({settings})"
+    return repr(value)
 
 
 def load_trained(path: Path) -> tuple[object, dict[str, object]]:
@@ -128,11 +170,11 @@ def load_trained(path: Path) -> tuple[object, dict[str, object]]:
     from medmeta.module import FewShotModule
 
     checkpoint = read_checkpoint(path)
-    saved = checkpoint["hyper_parameters"]
-    # MANN checkpoints written before `mann_label_timing` existed fed the labels one step late
-    legacy = {"mann_label_timing": "previous"} if saved.get("algorithm") == "mann" and "mann_label_timing" not in saved else {}
+    hparams = model_hparams(checkpoint)
     try:
-        module = FewShotModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **legacy)
+        module = FewShotModule(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+        module.on_load_checkpoint(checkpoint)
     except Exception as error:  # noqa: BLE001 - a state dict that does not fit its own hyperparameters
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "no further detail"
         raise DataError(

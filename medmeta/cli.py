@@ -3,6 +3,9 @@
 
 The CLI holds no logic of its own: it parses, links the data and model shapes, checks checkpoints
 (``medmeta.checkpoints``) before anything loads them, and reports.
+
+Why this module is longer than 300 lines: it is the entry point of eight subcommands; each one's
+parser and printed report is short, and all of them share the error handling in ``main``.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.markup import escape
 
+from medmeta.algorithms import DEFAULT_ALGORITHM
 from medmeta.callbacks import LastCheckpoint, PreemptionCheckpoint, RandomStateCheckpoint
-from medmeta.checkpoints import check_checkpoint, load_trained, read_checkpoint, seen_classes
+from medmeta.checkpoints import check_checkpoint, load_trained, model_hparams, read_checkpoint, seen_classes
 from medmeta.config_check import check_config_files
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.episodes import SPLITS
 from medmeta.errors import DataError
-from medmeta.module import FewShotModule, check_learning_rate
+from medmeta.module import FewShotModule, check_learner_rates, check_learning_rate
+from medmeta.plugins import class_path
 
 console = Console(stderr=False)
 
@@ -37,6 +42,8 @@ class MedMetaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in ("n_way", "in_channels", "image_size", "spatial_dims"):
             parser.link_arguments(f"data.{name}", f"model.{name}")
+        # the default learner as a class path, so `--model.algorithm.init_args.<setting>` alone works
+        parser.set_defaults({"model.algorithm": {"class_path": class_path(DEFAULT_ALGORITHM)}})
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="Test the best checkpoint on the frozen test episodes after fit."
         )
@@ -47,26 +54,33 @@ class MedMetaCLI(LightningCLI):
         parser.link_arguments("episodes", "data.episodes_file")
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads a checkpoint's hyperparameters while parsing: check the file before it does."""
+        """A checkpoint's model settings replace the config's, as in LightningCLI; read safely and in today's spelling.
+
+        The file is checked first, loaded with ``weights_only``, and the hyperparameters of a
+        checkpoint written before learners and backbones were plug-ins are translated.
+        """
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and path not in ("last", "best", "hpc"):  # the named ones are this run's own checkpoints
-            check_checkpoint(Path(path), None)
-        super()._parse_ckpt_path()
+        if not path or path in ("last", "best", "hpc") or not Path(path).is_file():  # the named ones are this run's own
+            return
+        hparams = model_hparams(check_checkpoint(Path(path), None))
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         """Refuse a zero, negative or non-finite learning rate by its setting's name, before any data is read."""
         config = self.config[self.config["subcommand"]]
         model, optimizer = config.get("model") or {}, config.get("optimizer")
-        rates = [(f"model.{name}", model.get(name)) for name in ("meta_lr", "inner_lr", "finetune_lr")]
-        if optimizer is not None and (optimizer.get("init_args") or {}).get("lr") is not None:
-            rates.append(("optimizer.lr", optimizer["init_args"]["lr"]))
-        for name, value in rates:
-            if value is not None:
-                try:
-                    check_learning_rate(name, value)
-                except ValueError as error:
-                    raise DataError(str(error)) from None
+        try:
+            if model.get("meta_lr") is not None:
+                check_learning_rate("model.meta_lr", model.get("meta_lr"))
+            if optimizer is not None and (optimizer.get("init_args") or {}).get("lr") is not None:
+                check_learning_rate("optimizer.lr", optimizer["init_args"]["lr"])
+            algorithm = model.get("algorithm")
+            if algorithm is not None and not isinstance(algorithm, str):
+                check_learner_rates(dict(algorithm.get("init_args") or {}))
+        except ValueError as error:
+            raise DataError(str(error)) from None
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a ``ValueError`` of their settings is a one-line message."""

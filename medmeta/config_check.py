@@ -38,8 +38,35 @@ def config_paths(argv: Sequence[str]) -> list[str]:
     return paths
 
 
+def legacy_spelling(name: str) -> str | None:
+    """Today's spelling of a model setting that moved into the learner's or the backbone's settings, else ``None``."""
+    from medmeta.algorithms import legacy_setting_name
+    from medmeta.networks import LEGACY_MODULE_SETTINGS as BACKBONE_SETTINGS
+
+    if name in BACKBONE_SETTINGS:
+        return f"model.backbone.init_args.{name}"
+    new = legacy_setting_name(name)
+    return f"model.algorithm.init_args.{new}" if new is not None else None
+
+
+def _refuse_legacy(where: str, name: str) -> None:
+    new = legacy_spelling(name)
+    if new is not None:
+        raise DataError(
+            f"{where}: 'model.{name}' is the spelling of medmeta before learners and backbones were plug-ins; write {new} "
+            "(with model.algorithm or model.backbone as class_path/init_args or a short name; see README)"
+        )
+
+
 def check_config_files(argv: Sequence[str]) -> None:
-    """Raise ``DataError`` naming the file for a missing config, invalid YAML or an unknown key."""
+    """Raise ``DataError`` naming the file for a missing config, invalid YAML or an unknown key.
+
+    A model setting in its old place (``model.inner_lr``, on the command line too) is refused with
+    its new spelling.
+    """
+    for word in argv:
+        if word.startswith("--model."):
+            _refuse_legacy("command line", word.removeprefix("--model.").split("=", 1)[0])
     for given in config_paths(argv):
         path = Path(given).expanduser()
         shown = path.resolve()
@@ -63,6 +90,8 @@ def check_config_files(argv: Sequence[str]) -> None:
             if key in SECTIONS and isinstance(value, dict):
                 allowed = [p for p in inspect.signature(SECTIONS[key]).parameters if p not in ("self", "args", "kwargs")]
                 for name in value:
+                    if key == "model":
+                        _refuse_legacy(f"config {shown}", str(name))
                     _check_key(shown, f"{key}.{name}", allowed)
 
 

@@ -11,10 +11,13 @@ path, so no patient identifier reaches the outputs or the log. Nothing is writte
 folders (the support folder, a query folder, or the folder of a query file).
 
 The probabilities come from the very function Grad-CAM differentiates (:func:`explainer`): the
-algorithm's own query forward after adaptation (MAML family, with the query batch norm of the
-checkpoint's ``norm_mode``), or its own prototype logits (ProtoNet, with its distance and
-temperature). A query image that is constant after the intensity window carries no information:
+learner's own :meth:`~medmeta.algorithms.MetaLearner.predictor` for the support set (for a
+gradient-based learner, its query forward after adaptation with the checkpoint's ``norm_mode``; for
+a prototype learner, its prototype logits). Any learner that offers a predictor can be diagnosed. A query image that is constant after the intensity window carries no information:
 it is still predicted, with a warning on its row, in ``predictions.csv``/``.json`` and in the report.
+
+Why this module is longer than 300 lines: it is one command's whole data flow (inputs, adaptation,
+explanation, outputs), and its privacy and refusal rules are easiest to check read together.
 """
 
 from __future__ import annotations
@@ -32,23 +35,21 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from medmeta.algorithms import MAML, MetaSGD, ProtoNet
-from medmeta.algorithms.meta_sgd import lr_key
+from medmeta.algorithms import MetaLearner, Predictor
 from medmeta.checkpoints import load_trained
-from medmeta.data.datamodule import transform_images
+from medmeta.data.loading import transform_images
 from medmeta.data.preflight import check_image, window_problem
 from medmeta.data.presets import DEFAULT_WINDOW, Intensity
-from medmeta.data.records import IMAGE_SUFFIXES, ImageRecord, discover_records
+from medmeta.data.formats import format_of
+from medmeta.data.records import ImageRecord, discover_records
 from medmeta.errors import DataError
 from medmeta.explain import grad_cam, image_png, overlay_png
 from medmeta.module import FewShotModule
-from medmeta.networks.norm import uses_running_statistics
 from medmeta.report import ReportRow, write_html_report
 
 logger = logging.getLogger(__name__)
 
 MIN_CASES, MAX_CASES = 2, 20  # labelled support cases per diagnosis
-SUPPORTED = ("maml", "maml_pp", "meta_sgd", "anil", "protonet")
 LOO_WARNING_BELOW = 0.5  # leave-one-out accuracy under which the support set is flagged
 
 
@@ -77,7 +78,6 @@ def diagnose(ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps
     query_x = transform_images(query_records, source="the query cases", **_image_settings(settings))
     support_y = torch.tensor([names.index(r.label) for r in support_records])
     algorithm = adapted_algorithm(module, len(names))
-    steps = module.hparams.eval_inner_steps if steps is None else steps
     explained = explainer(algorithm, support_x, support_y, steps)
     with torch.no_grad():  # the function Grad-CAM explains below is the one that predicts
         probs = explained(query_x).softmax(-1)
@@ -105,10 +105,10 @@ def diagnose(ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps
     _write_predictions(out, predictions, names)
     counts = {name: int((support_y == k).sum()) for k, name in enumerate(names)}
     header = {
-        "model": f"{Path(ckpt).name} ({module._algorithm_label()}, {module.hparams.backbone} backbone)",
+        "model": f"{Path(ckpt).name} ({algorithm.label()}, {type(algorithm.model).__name__} backbone)",
         "support set": ", ".join(f"{name}: {n}" for name, n in counts.items()),
         "query cases": str(len(query_records)),
-        "adaptation": f"{steps} inner steps" if not isinstance(algorithm, ProtoNet) else _prototype_label(algorithm),
+        "adaptation": algorithm.adaptation_text(steps),
         "normalisation": _normalisation(module),
         "saliency": "Grad-CAM (MONAI) of the function that gave the probabilities, for the predicted class",
     }
@@ -120,8 +120,11 @@ def diagnose(ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps
 def load_checkpoint(ckpt: Path) -> tuple[FewShotModule, dict[str, object]]:
     """The meta-trained module (weights only, CPU) and the image settings it was trained with."""
     module, settings = load_trained(ckpt)
-    if module.hparams.algorithm not in SUPPORTED:
-        raise DataError(f"diagnose supports {', '.join(SUPPORTED)}; checkpoint {ckpt} holds {module.hparams.algorithm!r}")
+    if type(module.algorithm).predictor is MetaLearner.predictor:
+        raise DataError(
+            f"diagnose cannot adapt and explain {module.algorithm.label()} (checkpoint {ckpt}): the learner offers no "
+            "predictor (MetaLearner.predictor)"
+        )
     settings.setdefault("window", DEFAULT_WINDOW)
     for key in ("image_size", "in_channels", "spatial_dims"):
         settings[key] = module.hparams[key]
@@ -151,7 +154,7 @@ def read_queries(paths: list[Path], spatial_dims: int) -> tuple[list[ImageRecord
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+            files += sorted(p for p in path.rglob("*") if p.is_file() and format_of(p) is not None)
         elif path.exists():
             files.append(path)
         else:
@@ -169,29 +172,20 @@ def read_queries(paths: list[Path], spatial_dims: int) -> tuple[list[ImageRecord
     return records, warnings
 
 
-def adapted_algorithm(module: FewShotModule, n_classes: int) -> nn.Module:
-    """The module's algorithm, with a new zero-initialised head when ``n_classes`` differs from training.
+def adapted_algorithm(module: FewShotModule, n_classes: int) -> MetaLearner:
+    """A copy of the module's learner, resized (``MetaLearner.resize_head``) when ``n_classes`` differs from training.
 
-    A zero head scores every class alike before adaptation, so no class is favoured by the order
-    of the folders; the inner loop then fits it (and the body, for MAML) to the support set.
+    The default resize gives a zero-initialised head, which scores every class alike before
+    adaptation, so no class is favoured by the order of the folders.
     """
     algorithm = copy.deepcopy(module.algorithm)
-    if isinstance(algorithm, ProtoNet) or n_classes == module.hparams.n_way:
-        return algorithm
-    head = algorithm.model.head
-    new = nn.Linear(head.in_features, n_classes)
-    nn.init.zeros_(new.weight)
-    nn.init.zeros_(new.bias)
-    algorithm.model.head = new
-    if isinstance(algorithm, MetaSGD):  # per-element learned rates: the head's become their mean
-        for name, p in new.named_parameters():
-            key = lr_key(f"head.{name}")
-            algorithm.inner_lrs[key] = nn.Parameter(torch.full_like(p, float(algorithm.inner_lrs[key].detach().mean())))
+    if n_classes != module.hparams.n_way:
+        algorithm.resize_head(n_classes)
     return algorithm
 
 
 def leave_one_out_warnings(
-    algorithm: nn.Module, support_x: Tensor, support_y: Tensor, names: list[str], steps: int, query_x: Tensor
+    algorithm: MetaLearner, support_x: Tensor, support_y: Tensor, names: list[str], steps: int | None, query_x: Tensor
 ) -> list[str]:  # fmt: skip
     """Adapt on all support cases but one and predict it, for each; warn when the support set does not separate.
 
@@ -223,17 +217,22 @@ class _Explained(nn.Module):
     """The function that predicts the query cases, as a module of the query images (for Grad-CAM).
 
     Grad-CAM's target is ``tap``, an identity through which the query rows of the backbone's
-    last spatial activation (``target``: after its last convolution) pass exactly once per forward.
-    A forward that also runs support images through the backbone (ProtoNet) thus never mixes
-    their activations or gradients into the query maps. ``forward`` refuses to return logits when
-    the algorithm did not call ``target`` as expected, rather than explain the wrong activations.
+    last spatial activation (``target``: after its last convolution) pass exactly once per forward:
+    the last rows of the predictor's last backbone call. A forward that also runs support images
+    through the backbone (a prototype learner) thus never mixes their activations or gradients into the query
+    maps. ``forward`` refuses to return logits when the target did not run as the predictor said,
+    rather than explain the wrong activations.
     """
 
     TARGET = "tap"
 
-    def __init__(self, model: nn.Module, target: str) -> None:
+    def __init__(self, model: nn.Module, predictor: Predictor, target: str) -> None:
         super().__init__()
-        self.model, self.tap, self.target = model, nn.Identity(), target
+        self.model, self.tap, self.target, self.predictor = model, nn.Identity(), target, predictor
+
+    def forward(self, x: Tensor) -> Tensor:
+        with self._tapped(x.shape[0], calls=self.predictor.backbone_calls):
+            return self.predictor.forward(x)
 
     @contextmanager
     def _tapped(self, batch: int, calls: int) -> Iterator[None]:
@@ -255,48 +254,17 @@ class _Explained(nn.Module):
             raise RuntimeError(f"Grad-CAM target {self.target!r} ran {len(seen)} times ({seen} rows), expected {calls}")
 
 
-class _Adapted(_Explained):
-    """Query logits of a MAML-family algorithm with its adapted weights (its own query forward)."""
-
-    def __init__(self, algorithm: MAML, params: dict[str, Tensor], steps: int, target: str) -> None:
-        super().__init__(algorithm.model, target)
-        self.params, self.steps, self._query_forward = params, steps, algorithm._query_forward
-
-    def forward(self, x: Tensor) -> Tensor:
-        with self._tapped(x.shape[0], calls=1):
-            return self._query_forward(self.params, x, self.steps)
-
-
-class _Prototypes(_Explained):
-    """ProtoNet's query logits for one task (its own ``task_logits``: distance, temperature, batch norm)."""
-
-    def __init__(self, algorithm: ProtoNet, support_x: Tensor, support_y: Tensor, target: str) -> None:
-        super().__init__(algorithm.model, target)
-        self.support_x, self.support_y, self._task_logits = support_x, support_y, algorithm.task_logits
-        # running statistics: support and query go through the backbone separately, the query last
-        self.calls = 2 if uses_running_statistics(algorithm.model) else 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        with self._tapped(x.shape[0], calls=self.calls):
-            return self._task_logits(self.support_x, self.support_y, x)
-
-
-def explainer(algorithm: nn.Module, support_x: Tensor, support_y: Tensor, steps: int) -> _Explained:
+def explainer(algorithm: MetaLearner, support_x: Tensor, support_y: Tensor, steps: int | None) -> _Explained:
     """The adapted model's query logits as a module of the query images, in eval mode.
 
-    Its output is the algorithm's ``adapt_and_predict`` on the same support and query batch (the
+    Its output is the learner's ``adapt_and_predict`` on the same support and query batch (the
     same adaptation, query forward, batch-norm mode, distance and temperature); ``diagnose``
     predicts with it and Grad-CAM differentiates it at the module named ``_Explained.TARGET``.
     """
-    target = _target_layer(algorithm.model)
-    if isinstance(algorithm, ProtoNet):
-        return _Prototypes(algorithm, support_x, support_y, target).eval()
-    if not isinstance(algorithm, MAML):
-        raise DataError(f"diagnose cannot explain {type(algorithm).__name__}; it supports {', '.join(SUPPORTED)}")
-    theta = {name: p.detach() for name, p in algorithm.adaptable_parameters().items()}
-    with torch.enable_grad():
-        adapted = algorithm.adapt(support_x, support_y, steps=steps, first_order=True, params=theta)
-    return _Adapted(algorithm, {name: p.detach() for name, p in adapted.items()}, steps, target).eval()
+    predictor = algorithm.predictor(support_x, support_y, steps=steps)
+    if predictor is None:
+        raise DataError(f"diagnose cannot explain {algorithm.label()}: the learner offers no predictor")
+    return _Explained(algorithm.model, predictor, _target_layer(algorithm.model)).eval()
 
 
 def _target_layer(model: nn.Module) -> str:
@@ -333,10 +301,6 @@ def _refuse_constant_support(records: list[ImageRecord], images: Tensor, setting
         raise DataError("support set has cases without contrast (fix or remove them):\n  " + "\n  ".join(bad))
 
 
-def _prototype_label(algorithm: ProtoNet) -> str:
-    return f"class prototypes ({algorithm.distance.replace('_', ' ')} distance, temperature {algorithm.temperature:g})"
-
-
 def _image_settings(settings: dict[str, object]) -> dict[str, object]:
     window = settings.get("window")
     return {
@@ -347,7 +311,7 @@ def _image_settings(settings: dict[str, object]) -> dict[str, object]:
 
 
 def _normalisation(module: FewShotModule) -> str:
-    label = module._normalisation_label()
+    label = module.normalisation_label()
     if "transductive" in label:
         label += "; here the query cases are normalised together as one batch"
     return label

@@ -82,7 +82,7 @@ def grad_cam(model: nn.Module, images: Tensor, class_idx: Tensor, target_layer: 
         images: ``[B, C, H, W]`` or ``[B, C, D, H, W]``.
         class_idx: ``[B]`` integer class per image (e.g. the predicted class).
         target_layer: name of a submodule in ``model.named_modules()`` (e.g. ``"features.14"``, the
-            ReLU of Conv4's last block).
+            ReLU after the last convolution of a four-block backbone).
     """
     if images.dim() not in (4, 5):
         raise ValueError(f"images must be [B, C, H, W] or [B, C, D, H, W], got {tuple(images.shape)}")

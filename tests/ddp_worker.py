@@ -40,7 +40,10 @@ def fixed_tasks() -> list[dict[str, torch.Tensor]]:
 def fresh_module(n_way: int = N_WAY) -> FewShotModule:
     """The same initial weights in every process and in the single-process reference."""
     torch.manual_seed(0)
-    return FewShotModule(n_way=n_way, image_size=SIDE, hidden_channels=4, inner_lr=0.1, inner_steps=2)
+    return FewShotModule(
+        algorithm={"class_path": "maml", "init_args": {"inner_lr": 0.1, "inner_steps": 2}},
+        backbone={"class_path": "conv4", "init_args": {"hidden_channels": 4}}, n_way=n_way, image_size=SIDE,
+    )  # fmt: skip
 
 
 class Record(L.Callback):

@@ -178,7 +178,7 @@ def _bad_yaml(root: Path) -> Path:
 def _garbled_yaml(root: Path) -> Path:
     """A config whose YAML does not parse (an unclosed list on line 2)."""
     path = root.parent / "garbled.yaml"
-    path.write_text("model:\n  hidden_channels: [8\ndata:\n  n_way: 2\n")
+    path.write_text("model:\n  meta_lr: [0.1\ndata:\n  n_way: 2\n")
     return path
 
 

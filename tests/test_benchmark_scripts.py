@@ -29,8 +29,14 @@ def test_compare_script_at_small_size(tmp_path: Path) -> None:
     rows = rows["results"] if isinstance(rows, dict) else rows
     assert {row["algorithm"] for row in rows} == {"protonet", "maml"}
     assert all(row["options"] == {"distance": "cosine", "inner_steps": 1} for row in rows)
+    settings = {row["algorithm"]: row["settings"] for row in rows}  # each learner took the settings it has
+    assert settings["protonet"] == {"distance": "cosine", "temperature": 1.0}
+    assert settings["maml"]["inner_steps"] == 1 and settings["maml"]["inner_lr"] == 0.05 and "distance" not in settings["maml"]
     bad = _run(str(REPO / "benchmarks" / "compare.py"), "--set", "distance", "--out", str(out), cwd=tmp_path, timeout=60)
     assert bad.returncode == 2 and "--set expects KEY=VALUE, got 'distance'" in bad.stderr
+    old = _run(str(REPO / "benchmarks" / "compare.py"), "--set", "mann_controller=lstm", "--out", str(out), cwd=tmp_path,
+               timeout=60)  # fmt: skip
+    assert old.returncode == 2 and "mann_controller (now 'controller')" in old.stderr
     assert (out / "compare.png").stat().st_size > 5000 and (out / "compare.md").is_file()
 
 

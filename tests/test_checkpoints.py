@@ -5,6 +5,7 @@ Crafted pickles and model-shape mismatches through the CLI are in ``test_reliabi
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -14,15 +15,73 @@ import pytest
 import torch
 
 from medmeta import FewShotModule
-from medmeta.checkpoints import load_trained, read_checkpoint
+from medmeta.checkpoints import load_trained, model_hparams, read_checkpoint
 from medmeta.errors import DataError
+from tests.conftest import module_for
+
+# FewShotModule's flat hyperparameters before learners and backbones were plug-ins, with their defaults then:
+# what every checkpoint written by medmeta before that change holds.
+OLD_HPARAMS: dict[str, object] = dict(
+    algorithm="maml", n_way=5, in_channels=1, image_size=32, spatial_dims=2, backbone="conv4", hidden_channels=64,
+    norm="batch", norm_mode="transductive", inner_lr=0.4, inner_steps=5, eval_inner_steps=10, first_order=False,
+    task_reduction="mean", task_parallel="auto", checkpoint_inner_steps=False, cuda_graph=False,
+    distance="squared_euclidean", protonet_temperature=1.0, pretrain_classes=64, finetune_steps=100, finetune_lr=0.01,
+    finetune_scope="head", multi_step_loss=True, multi_step_loss_epochs=10, per_step_norm_weights=True,
+    learn_inner_lrs=True, first_order_epochs=0, mann_controller="feedforward", mann_memory_slots=32,
+    mann_key_strength=10.0, mann_label_timing="current", cosine_annealing=False, meta_lr=1e-3, pixel_baseline=True,
+    nonfinite="stop",
+)  # fmt: skip
 
 
-def _checkpoint(path: Path, module: FewShotModule, drop: tuple[str, ...] = ()) -> Path:
-    hparams = {k: v for k, v in module.hparams.items() if k not in drop}
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams,
+def _checkpoint(path: Path, module: FewShotModule, hparams: dict[str, object] | None = None) -> Path:
+    """``module``'s weights saved as a checkpoint, with its own hyperparameters or ``hparams`` in their place."""
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams if hparams is None else hparams),
                 "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
     return path
+
+
+def _old(drop: tuple[str, ...] = (), **settings: object) -> dict[str, object]:
+    """Old flat hyperparameters: the old defaults with ``settings``, less the keys in ``drop`` (older still)."""
+    return {k: v for k, v in {**OLD_HPARAMS, **settings}.items() if k not in drop}
+
+
+def _same_weights(a: FewShotModule, b: FewShotModule) -> None:
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for name, value in a.state_dict().items():
+        assert torch.equal(b.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "maml_pp", "meta_sgd", "anil", "finetune"])
+def test_a_checkpoint_with_the_old_flat_hyperparameters_loads(tmp_path: Path, algorithm: str) -> None:
+    """``algorithm: maml, inner_lr: ..., hidden_channels: ...``: the same weights and the same learner and backbone."""
+    torch.manual_seed(0)
+    steps = {"inner_lr": 0.1, "inner_steps": 2, "eval_inner_steps": 3} if algorithm != "finetune" else {"finetune_steps": 7}
+    module = module_for(algorithm, n_way=3, image_size=8, hidden_channels=4, norm="group", pixel_baseline=False, **steps)
+    old = _old(algorithm=algorithm, n_way=3, image_size=8, hidden_channels=4, norm="group", pixel_baseline=False,
+               **{"inner_lr": 0.4, "inner_steps": 5, "eval_inner_steps": 10, **steps})  # fmt: skip
+    loaded, _ = load_trained(_checkpoint(tmp_path / "old.ckpt", module, old))
+    _same_weights(module, loaded)
+    assert loaded.hparams["algorithm"] == module.hparams["algorithm"]
+    assert loaded.hparams["backbone"] == module.hparams["backbone"]
+    assert dict(loaded.hparams) == dict(module.hparams)
+    if algorithm != "finetune":
+        assert loaded.algorithm.eval_inner_steps == 3 and loaded.algorithm.inner_lr == 0.1
+
+
+def test_old_hyperparameters_translate_to_plain_specs() -> None:
+    """What ``model_hparams`` makes of an old MAML checkpoint: class-path specs, Lightning's keys dropped."""
+    old = _old(inner_steps=1, eval_inner_steps=2, first_order=True, hidden_channels=8, _instantiator="x")
+    hparams = model_hparams({"hyper_parameters": old})
+    assert hparams["algorithm"] == {
+        "class_path": "medmeta.algorithms.maml.MAML",
+        "init_args": {"inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 2, "first_order": True,
+                      "task_reduction": "mean", "task_parallel": "auto", "checkpoint_inner_steps": False},
+    }  # fmt: skip
+    assert hparams["backbone"] == {
+        "class_path": "medmeta.networks.conv4.Conv4", "init_args": {"hidden_channels": 8, "norm": "batch"}
+    }
+    assert set(hparams) == set(inspect.signature(FewShotModule).parameters)
+    assert model_hparams({"hyper_parameters": hparams}) == hparams  # today's checkpoints pass unchanged
 
 
 @pytest.mark.parametrize(("drop", "expected"), [((), "current"), (("mann_label_timing",), "previous")])
@@ -30,11 +89,13 @@ def test_a_mann_checkpoint_keeps_the_label_timing_it_was_trained_with(
     tmp_path: Path, drop: tuple[str, ...], expected: str
 ) -> None:
     """Checkpoints from before ``mann_label_timing`` existed were trained with one-step-late labels."""
-    module = FewShotModule(algorithm="mann", n_way=3, image_size=8, hidden_channels=4, pixel_baseline=False)
-    loaded, _ = load_trained(_checkpoint(tmp_path / "mann.ckpt", module, drop))
+    module = module_for("mann", n_way=3, image_size=8, hidden_channels=4, pixel_baseline=False)
+    old = _old(drop, algorithm="mann", n_way=3, image_size=8, hidden_channels=4, pixel_baseline=False)
+    loaded, _ = load_trained(_checkpoint(tmp_path / "mann.ckpt", module, old))
     assert loaded.algorithm.label_timing == expected
-    for name, value in module.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], value), name
+    _same_weights(module, loaded)
+    new, _ = load_trained(_checkpoint(tmp_path / "new.ckpt", module))
+    assert new.algorithm.label_timing == "current"  # today's checkpoints name theirs
 
 
 def _not_checkpoints(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
@@ -57,7 +118,7 @@ def _not_checkpoints(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
 
 @pytest.mark.parametrize("name", ["random-bytes", "text", "truncated", "truncated-at-the-end", "empty"])
 def test_a_file_that_is_not_a_complete_checkpoint_is_one_clear_line(tmp_path: Path, name: str) -> None:
-    module = FewShotModule(n_way=3, image_size=8, hidden_channels=4, pixel_baseline=False)
+    module = module_for(n_way=3, image_size=8, hidden_channels=4, pixel_baseline=False)
     path, words = _not_checkpoints(tmp_path, _checkpoint(tmp_path / "good.ckpt", module))[name]
     with pytest.raises(DataError) as caught:
         read_checkpoint(path)
@@ -87,8 +148,36 @@ def test_fit_records_the_classes_the_model_has_seen(trained_checkpoint: Path, tm
 
 @pytest.mark.parametrize(("drop", "expected"), [((), 0.1), (("protonet_temperature",), 1.0)])
 def test_a_protonet_checkpoint_keeps_its_temperature(tmp_path: Path, drop: tuple[str, ...], expected: float) -> None:
-    """Checkpoints from before ``protonet_temperature`` existed were trained with temperature 1."""
-    module = FewShotModule(algorithm="protonet", distance="cosine", protonet_temperature=0.1, n_way=3, image_size=8,
-                           hidden_channels=4, pixel_baseline=False)  # fmt: skip
-    loaded, _ = load_trained(_checkpoint(tmp_path / "protonet.ckpt", module, drop))
+    """Old checkpoints held ``protonet_temperature`` (now ProtoNet's ``temperature``); older ones trained with 1."""
+    module = module_for("protonet", distance="cosine", temperature=0.1, n_way=3, image_size=8, hidden_channels=4,
+                        pixel_baseline=False)  # fmt: skip
+    old = _old(drop, algorithm="protonet", distance="cosine", protonet_temperature=0.1, n_way=3, image_size=8,
+               hidden_channels=4, pixel_baseline=False)  # fmt: skip
+    loaded, _ = load_trained(_checkpoint(tmp_path / "protonet.ckpt", module, old))
     assert loaded.algorithm.temperature == expected and loaded.algorithm.distance == "cosine"
+    new, _ = load_trained(_checkpoint(tmp_path / "new.ckpt", module))
+    assert new.algorithm.temperature == 0.1
+
+
+def test_medmeta_test_runs_a_checkpoint_with_the_old_flat_hyperparameters(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """``medmeta test --ckpt_path OLD.ckpt``: the old settings are translated and replace the command line's."""
+    from tests.test_cli import _medmeta_here, _tiny_fit_args
+
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    new = checkpoint["hyper_parameters"]  # conftest's trained model: 3-way, hidden_channels 8, eval_inner_steps 3
+    checkpoint["hyper_parameters"] = _old(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=3,
+                                          pixel_baseline=False)  # fmt: skip
+    assert model_hparams(checkpoint)["algorithm"] == new["algorithm"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    args = _tiny_fit_args(tiny_dicom_root, tmp_path / "run")
+    args[0] = "test"
+    status, printed = _medmeta_here(*args, "--ckpt_path", str(tmp_path / "old.ckpt"), cwd=tmp_path, capsys=capsys,
+                                    monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 0, printed[-3000:]
+    assert "test accuracy:" in printed
+    (metrics,) = (tmp_path / "run").rglob("metrics.json")
+    summary = json.loads(metrics.read_text())
+    assert summary["algorithm"] == "maml-second-order" and summary["eval_inner_steps"] == 3  # the checkpoint's, not 2

@@ -46,7 +46,8 @@ def _tiny_fit_args(root: Path, out: Path) -> list[str]:
         "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
         "--data.image_size", "16", "--data.val_episodes", "4", "--data.test_episodes", "6",
         "--data.n_way", "3", "--data.q_query", "2", "--data.split_ratios", "[0.5, 0.25, 0.25]",
-        "--model.hidden_channels", "8", "--model.inner_steps", "1", "--model.eval_inner_steps", "2",
+        "--model.backbone.init_args.hidden_channels", "8",  # the config names the backbone (class_path: conv4)
+        "--model.algorithm.init_args.inner_steps", "1", "--model.algorithm.init_args.eval_inner_steps", "2",
     ]  # fmt: skip
 
 
@@ -158,11 +159,14 @@ def test_3d_config_runs_end_to_end(tmp_path: Path) -> None:
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(out),
         "--trainer.logger.init_args.save_dir", str(out), "--data.image_size", "8", "--data.roi_size", "[12, 12, 12]",
         "--data.n_way", "2", "--data.q_query", "2", "--data.split_ratios", "[0.5, 0.25, 0.25]",
-        "--data.val_episodes", "2", "--data.test_episodes", "4", "--model.hidden_channels", "4",
+        "--data.val_episodes", "2", "--data.test_episodes", "4", "--model.backbone.init_args.hidden_channels", "4",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "(95% CI, 4 frozen test episodes)" in result.stdout
+
+
+INNER_STEPS = ["--model.algorithm.init_args.inner_steps", "1", "--model.algorithm.init_args.eval_inner_steps", "2"]
 
 
 @pytest.mark.parametrize("algorithm", ["maml", "maml_pp", "meta_sgd", "anil", "protonet", "mann", "finetune"])
@@ -174,8 +178,8 @@ def test_each_algorithm_config_combines_with_the_data_config(tiny_dicom_root: Pa
         "--data.train_batches_per_epoch", "2", "--trainer.default_root_dir", str(out),
         "--trainer.logger.init_args.save_dir", str(out), "--data.image_size", "16", "--data.val_episodes", "2",
         "--data.test_episodes", "4", "--data.n_way", "3", "--data.q_query", "2", "--data.split_ratios",
-        "[0.5, 0.25, 0.25]", "--model.hidden_channels", "4", "--model.inner_steps", "1", "--model.eval_inner_steps", "2",
-        cwd=tmp_path,
+        "[0.5, 0.25, 0.25]", "--model.backbone.init_args.hidden_channels", "4",
+        *(INNER_STEPS if algorithm in ("maml", "maml_pp", "meta_sgd", "anil") else []), cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads(next(out.rglob("metrics.json")).read_text())
@@ -193,7 +197,7 @@ def test_help_lists_every_subcommand_with_a_description(tmp_path: Path) -> None:
     ("extra", "setting"),
     [
         (["--model.meta_lr", "-0.001"], "model.meta_lr"),
-        (["--model.inner_lr", "0"], "model.inner_lr"),
+        (["--model.algorithm.init_args.inner_lr", "0"], "model.algorithm.init_args.inner_lr"),
         (["--optimizer", "SGD", "--optimizer.lr", "-0.1"], "optimizer.lr"),
     ],
 )

@@ -26,13 +26,13 @@ def test_every_shipped_config_passes(config: Path) -> None:
     [
         ("modle:\n  n_way: 3\n", ["unknown key 'modle'", "did you mean 'model'"]),
         ("trainer:\n  max_step: 3\n", ["unknown key 'trainer.max_step'", "did you mean 'max_steps'"]),
-        ("model:\n  inner_lr: [0.1\n", ["not valid YAML at line 3", "expected ',' or ']'"]),
+        ("model:\n  meta_lr: [0.1\n", ["not valid YAML at line 3", "expected ',' or ']'"]),
         ("- model\n- data\n", ["expected keys such as 'model:'", "got a list"]),
     ],
 )
 def test_a_bad_config_is_named_with_the_reason(tmp_path: Path, text: str, words: list[str]) -> None:
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
-    good.write_text("model:\n  hidden_channels: 8\n")
+    good.write_text("model:\n  backbone:\n    class_path: conv4\n    init_args:\n      hidden_channels: 8\n")
     bad.write_text(text)
     with pytest.raises(DataError) as caught:
         check_config_files(["fit", "--config", str(good), "--config", str(bad)])
@@ -47,3 +47,43 @@ def test_missing_and_empty_configs(tmp_path: Path) -> None:
         check_config_files(["fit", f"--config={tmp_path / 'absent.yaml'}"])
     (tmp_path / "empty.yaml").write_text("")
     check_config_files(["fit", "--config", str(tmp_path / "empty.yaml")])
+
+
+@pytest.mark.parametrize(
+    ("text", "new"),
+    [
+        ("model:\n  inner_lr: 0.1\n", "model.algorithm.init_args.inner_lr"),
+        ("model:\n  hidden_channels: 8\n", "model.backbone.init_args.hidden_channels"),
+        ("model:\n  protonet_temperature: 0.1\n", "model.algorithm.init_args.temperature"),
+        ("model:\n  mann_memory_slots: 16\n", "model.algorithm.init_args.memory_slots"),
+    ],
+)
+def test_a_setting_in_its_old_place_in_a_config_names_the_new_spelling(tmp_path: Path, text: str, new: str) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text(text)
+    with pytest.raises(DataError) as caught:
+        check_config_files(["fit", "--config", str(old)])
+    message = str(caught.value)
+    assert message.startswith(f"config {old.resolve()}: ") and new in message, message
+
+
+@pytest.mark.parametrize(
+    ("words", "new"),
+    [
+        (["--model.hidden_channels", "8"], "model.backbone.init_args.hidden_channels"),
+        (["--model.inner_lr=0.1"], "model.algorithm.init_args.inner_lr"),
+    ],
+)
+def test_a_setting_in_its_old_place_on_the_command_line_names_the_new_spelling(
+    tmp_path: Path, words: list[str], new: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """Through ``medmeta fit`` itself: one line naming the new spelling, before any data is read."""
+    from tests.test_cli import QUICKSTART, _medmeta_here
+
+    with pytest.raises(DataError, match=new.replace(".", r"\.")):
+        check_config_files(["fit", *words])
+    status, printed = _medmeta_here("fit", "--config", str(QUICKSTART), "--data.root", str(tmp_path / "data"), *words,
+                                    cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 2, printed[-2000:]
+    (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
+    assert f"'model.{words[0].removeprefix('--model.').split('=')[0]}'" in line and new in line, line

@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 import medmeta.diagnose
-from medmeta.data.datamodule import EpisodicDataModule, transform_images
+from medmeta.data.datamodule import EpisodicDataModule
+from medmeta.data.loading import transform_images
 from medmeta.diagnose import _image_settings, adapted_algorithm, diagnose, load_checkpoint, read_queries, read_support
 from medmeta.errors import DataError
-from medmeta.module import FewShotModule
+from tests.conftest import module_for
 from tests.test_report import _chromium, _chromium_exe
 
 # every algorithm diagnose accepts, in each batch-norm mode, and ProtoNet with both distances
@@ -144,11 +145,12 @@ def checkpoint_for(tiny_dicom_root: Path, tmp_path_factory: pytest.TempPathFacto
         if key not in cache:
             torch.manual_seed(0)
             out = tmp_path_factory.mktemp(f"fit-{algorithm}-{norm_mode}-{distance}")
-            module = FewShotModule(
-                algorithm=algorithm, norm_mode=norm_mode, distance=distance, n_way=3, image_size=16, hidden_channels=8,
-                inner_steps=1, eval_inner_steps=2, pixel_baseline=False,
-                **({"protonet_temperature": 0.1} if distance == "cosine" else {}),
-            )  # fmt: skip
+            if algorithm == "protonet":
+                settings = {"distance": distance, **({"temperature": 0.1} if distance == "cosine" else {})}
+            else:
+                settings = {"inner_steps": 1, "eval_inner_steps": 2}
+            module = module_for(algorithm, norm_mode=norm_mode, n_way=3, image_size=16, hidden_channels=8,
+                                pixel_baseline=False, **settings)  # fmt: skip
             trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                 enable_model_summary=False, limit_val_batches=0, inference_mode=False,
                                 default_root_dir=out)  # fmt: skip
@@ -193,9 +195,7 @@ def test_grad_cam_explains_the_logits_that_were_predicted(
     query_x = transform_images(query_records, source="queries", **_image_settings(settings))
     support_y = torch.tensor([names.index(r.label) for r in support_records])
     with torch.enable_grad():
-        predicted = adapted_algorithm(module, len(names)).adapt_and_predict(
-            support_x[None], support_y[None], query_x[None], steps=module.hparams.eval_inner_steps
-        )[0]  # fmt: skip
+        predicted = adapted_algorithm(module, len(names)).adapt_and_predict(support_x[None], support_y[None], query_x[None])[0]
     assert differentiated, "Grad-CAM ran no forward"
     for logits in differentiated:
         torch.testing.assert_close(logits, predicted, atol=1e-6, rtol=0.0)

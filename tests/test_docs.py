@@ -6,7 +6,8 @@ is classified by its program (``classify``):
 
 * ``medmeta fit|validate|test|predict ...``: parsed with ``--print_config`` appended (the whole
   LightningCLI configuration, unknown options and values of the wrong type fail); the printed
-  configuration is then checked for an unknown ``data.preset`` or ``model.backbone`` and for a
+  configuration is then checked for an unknown ``data.preset``, a ``model.backbone`` that does not
+  resolve (``medmeta.networks.resolve_backbone``: unknown name, class path or setting) and for a
   ``data.meta_batch_size`` that does not split across ``trainer.devices × trainer.num_nodes``.
 * ``medmeta synth`` and ``medmeta data check`` on a folder a ``synth`` of the same page wrote:
   run for real at 16 pixels, with ``/tmp/...`` paths moved under a temporary folder (one per page,
@@ -21,6 +22,12 @@ is classified by its program (``classify``):
   test tree and the script.
 
 All parses and runs happen in ONE subprocess (``_RUNNER``) to pay medmeta's import once.
+
+A page may define files of its own in code blocks whose first line (a docstring or a comment) starts
+with the file's name and a colon, e.g. ``my_learners.py:`` or ``my_backbone.yaml:`` (``doc_files``).
+They are written to one folder, which is on the runner's ``PYTHONPATH``, and a command argument
+equal to such a file name is that file, so the commands of ``docs/extending.md`` parse with its own
+learner, backbone and metric classes.
 
 An unclassified command fails with a message. To support a new kind of command, add a branch to
 ``classify`` (and, if a test runs it end to end, an entry to ``COVERED_BY``). A doc command that
@@ -42,7 +49,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOC_PAGES = ("data.md", "algorithms.md", "evaluation.md", "performance.md", "privacy.md")
+DOC_PAGES = ("data.md", "algorithms.md", "evaluation.md", "performance.md", "privacy.md", "extending.md")
 DOCS = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SMALL_SIZE = "16"  # pixels per side for `medmeta synth` runs
@@ -50,14 +57,17 @@ SMALL_SIZE = "16"  # pixels per side for `medmeta synth` runs
 # command prefix -> the tests that run such a command end to end
 COVERED_BY: dict[str, tuple[str, ...]] = {
     "medmeta fit": ("tests/test_cli.py::test_fit_then_test_end_to_end",
-                    "tests/test_cli.py::test_each_algorithm_config_combines_with_the_data_config"),
-    "medmeta test": ("tests/test_cli.py::test_fit_then_test_end_to_end",),
+                    "tests/test_cli.py::test_each_algorithm_config_combines_with_the_data_config",
+                    "tests/test_extending.py::test_own_learner_trains_tests_and_diagnoses_through_the_cli"),
+    "medmeta test": ("tests/test_cli.py::test_fit_then_test_end_to_end",
+                     "tests/test_extending.py::test_own_learner_trains_tests_and_diagnoses_through_the_cli"),
     "medmeta synth": ("tests/test_cli.py::test_synth_writes_dicom_classes",),
     "medmeta data check": ("tests/test_cli.py::test_data_check_reports_feasibility_and_exit_codes",),
     "medmeta evaluate": ("tests/test_diagnose.py::test_evaluate_command_draws_then_replays_the_same_episodes",
                          "tests/test_reliability.py::test_full_pipeline_on_a_read_only_data_folder"),
     "medmeta diagnose": ("tests/test_diagnose.py::test_diagnose_writes_every_output",
-                         "tests/test_reliability.py::test_full_pipeline_on_a_read_only_data_folder"),
+                         "tests/test_reliability.py::test_full_pipeline_on_a_read_only_data_folder",
+                         "tests/test_extending.py::test_own_learner_trains_tests_and_diagnoses_through_the_cli"),
     "python benchmarks/maml_speed.py --quick": ("tests/test_maml_speed_benchmark.py::test_quick_run_reports_every_implementation",),
     "srun": ("tests/test_ddp.py::test_ddp_meta_gradient_equals_the_single_process_one",),
     # slow tests (pytest -m slow): the minutes-long benchmark scripts end to end
@@ -78,6 +88,8 @@ TYPOS: tuple[tuple[str, str], ...] = (
     ("medmeta diagnose --ckpt x.ckpt --support s", "arguments do not parse"),
     ("python benchmarks/maml_speed.py --quik", "arguments do not parse"),
     ("medmeta fit --config configs/quickstart.yaml --data.preset ct-lungs", "unknown preset"),
+    ("medmeta fit --config configs/quickstart.yaml --model.backbone resnet13", "unknown backbone 'resnet13'"),
+    ("medmeta fit --config configs/quickstart.yaml --model.inner_lr 0.1", "model.algorithm.init_args.inner_lr"),
     ("medmeta fit --config configs/quickstart.yaml --trainer.devices 3", "not a multiple of the 3 processes"),
     ("srun --nodes 2 --ntasks-per-node 2 medmeta fit --config configs/quickstart.yaml --trainer.devices 2", "srun starts 4 tasks"),
     ('pip install -e ".[benchmarks]"', "no extra 'benchmarks'"),
@@ -169,6 +181,30 @@ def extract_commands(text: str, doc: str) -> list[Command]:
 
 def doc_commands() -> list[Command]:
     return [c for path in DOCS for c in extract_commands(path.read_text(), path.relative_to(REPO).as_posix())]
+
+
+FILE_BLOCK = re.compile(r'^(?:"""|#)\s*([\w-]+\.(?:py|ya?ml)):')
+
+
+def doc_files(text: str) -> dict[str, str]:
+    """The files a page defines: ```python/```yaml blocks whose first line names the file, by name."""
+    files: dict[str, str] = {}
+    for fence, body in re.findall(r"^```(python|yaml)\n(.*?)^```$", text, flags=re.M | re.S):
+        named = FILE_BLOCK.match(body)
+        if named:
+            files[named.group(1)] = body
+    return files
+
+
+def write_doc_files(folder: Path) -> dict[str, str]:
+    """Every page's own files written to ``folder``: file name -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for path in DOCS:
+        for name, body in doc_files(path.read_text()).items():
+            (folder / name).write_text(body)
+            written[name] = str(folder / name)
+    return written
 
 
 # ---------------------------------------------------------------------------------------------- classification
@@ -341,11 +377,13 @@ def _move_paths(command: Command, plan: Plan, folder: Path, written: dict[tuple[
     plan.run = argv
 
 
-def jobs_of(plans: dict[str, Plan]) -> list[dict]:
-    jobs = []
+def jobs_of(plans: dict[str, Plan], files: dict[str, str] | None = None) -> list[dict]:
+    """The runner's jobs; an argument of a Lightning command naming a page's own file becomes its path."""
+    jobs, files = [], files or {}
     for key, plan in plans.items():
         if plan.lightning is not None:
-            jobs.append({"id": key, "kind": "lightning", "argv": [*plan.lightning, "--print_config"]})
+            argv = [files.get(token, token) for token in plan.lightning]
+            jobs.append({"id": key, "kind": "lightning", "argv": [*argv, "--print_config"]})
         elif plan.run is not None:
             jobs.append({"id": key, "kind": "run", "argv": plan.run})
         elif plan.parse is not None:
@@ -370,8 +408,8 @@ def problems_of(command: Command, plan: Plan, results: dict) -> list[str]:
         config = result["config"]
         if config.get("preset") is not None and config["preset"] not in results["_presets"]:
             problems.append(f"unknown preset {config['preset']!r} (presets: {results['_presets']})")
-        if config.get("backbone") not in results["_backbones"]:
-            problems.append(f"unknown backbone {config.get('backbone')!r}")
+        if config.get("backbone_problem"):
+            problems.append(config["backbone_problem"])
         devices, nodes = config.get("devices"), config.get("num_nodes") or 1
         devices = len(devices) if isinstance(devices, list) else devices
         devices = int(devices) if isinstance(devices, str) and devices.isdigit() else devices  # "4" means 4 devices
@@ -403,7 +441,7 @@ import argparse, contextlib, io, json, logging, runpy, sys, yaml
 logging.basicConfig(level=logging.WARNING, stream=sys.__stderr__)
 from medmeta.cli import main
 from medmeta.data.presets import PRESETS
-from medmeta.networks import BACKBONES
+from medmeta.networks import resolve_backbone
 
 class Parsed(Exception):
     pass
@@ -413,7 +451,7 @@ def parse_only(self, args=None, namespace=None):
     parse_args(self, args, namespace)
     raise Parsed
 
-results = {"_presets": list(PRESETS), "_backbones": sorted(BACKBONES)}
+results = {"_presets": list(PRESETS)}
 for job in json.loads(open(sys.argv[1]).read()):
     out, err, argv = io.StringIO(), io.StringIO(), sys.argv
     if job["kind"].startswith("parse"):
@@ -439,8 +477,13 @@ for job in json.loads(open(sys.argv[1]).read()):
         config = yaml.safe_load(out.getvalue()) or {}
         config = config.get(job["argv"][0], config)
         data, model, trainer = config.get("data") or {}, config.get("model") or {}, config.get("trainer") or {}
+        try:
+            resolve_backbone(model.get("backbone", "conv4"))
+            backbone_problem = None
+        except ValueError as error:
+            backbone_problem = str(error)
         result["config"] = {"preset": data.get("preset"), "meta_batch_size": data.get("meta_batch_size"),
-                            "backbone": model.get("backbone"), "devices": trainer.get("devices"),
+                            "backbone_problem": backbone_problem, "devices": trainer.get("devices"),
                             "num_nodes": trainer.get("num_nodes")}
         result["stdout"] = ""
     results[job["id"]] = result
@@ -448,12 +491,13 @@ print(json.dumps(results))
 """
 
 
-def run_jobs(jobs: list[dict], folder: Path) -> dict:
-    """Run every job in one subprocess (one medmeta import) from the repository root."""
+def run_jobs(jobs: list[dict], folder: Path, files_folder: Path | None = None) -> dict:
+    """Run every job in one subprocess (one medmeta import) from the repository root (pages' own files importable)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "jobs.json").write_text(json.dumps(jobs))
+    path = os.pathsep.join([str(REPO), *([str(files_folder)] if files_folder else [])])
     env = {**os.environ, "MEDMETA_CACHE": str(folder / "cache"), "COLUMNS": "250", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}  # fmt: skip
+           "PYTHONPATH": path}  # fmt: skip
     done = subprocess.run([sys.executable, "-c", _RUNNER, str(folder / "jobs.json")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -471,8 +515,9 @@ WRONG_OUTPUT = Command("typo-output", 0, shlex.split("medmeta synth --out /tmp/f
 @pytest.fixture(scope="module")
 def checked(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Plan], dict]:
     folder = tmp_path_factory.mktemp("docs")
+    files = write_doc_files(folder / "page_files")
     plans = plan_commands(COMMANDS, folder) | plan_commands([*TYPO_COMMANDS, WRONG_OUTPUT], folder)
-    return plans, run_jobs(jobs_of(plans), folder)
+    return plans, run_jobs(jobs_of(plans, files), folder, folder / "page_files")
 
 
 def _known_broken(command: Command) -> str | None:

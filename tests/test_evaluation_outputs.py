@@ -12,14 +12,14 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
 from medmeta.data.datamodule import EpisodicDataModule
-from medmeta.module import FewShotModule
+from tests.conftest import module_for
 
 FIGURES = ("confusion_matrix.png", "reliability_diagram.png", "adaptation_curve.png", "episode_grid.png")
 
 
 def test_test_run_writes_metrics_csv_figures_and_logs(tiny_dicom_root: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = FewShotModule(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=3)
+    module = module_for(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=3)
     data = EpisodicDataModule(str(tiny_dicom_root), n_way=3, k_shot=2, q_query=3, eval_batch_size=4, image_size=16,
                               test_episodes=8, split_ratios=(0.5, 0.25, 0.25))  # fmt: skip
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from medmeta.evaluation.metrics import mean_and_ci95
 from medmeta.module import FewShotModule
+from tests.conftest import module_for
 
 
 def _batch(tasks: int = 2, n_way: int = 3, side: int = 8) -> dict[str, torch.Tensor]:
@@ -26,7 +27,7 @@ def _batch(tasks: int = 2, n_way: int = 3, side: int = 8) -> dict[str, torch.Ten
 
 
 def _module() -> FewShotModule:
-    return FewShotModule(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, eval_inner_steps=2)
+    return module_for(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, eval_inner_steps=2)
 
 
 def test_mean_and_ci95_by_hand() -> None:
@@ -64,10 +65,10 @@ def test_evaluation_under_inference_mode_is_a_clear_error(tmp_path: Path) -> Non
 @pytest.mark.parametrize("algorithm", ["maml", "protonet"])
 def test_backbones_are_chosen_by_name_and_train(backbone: str, algorithm: str) -> None:
     torch.manual_seed(0)
-    module = FewShotModule(algorithm=algorithm, backbone=backbone, n_way=3, image_size=16, hidden_channels=4,
-                           inner_steps=1, eval_inner_steps=1)  # fmt: skip
+    steps = {"inner_steps": 1, "eval_inner_steps": 1} if algorithm == "maml" else {}
+    module = module_for(algorithm, backbone, n_way=3, image_size=16, hidden_channels=4, **steps)
     batch = _batch(side=16)
-    loss = module.algorithm.outer_loss(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
+    loss, _ = module.algorithm.meta_loss(batch)
     loss.backward()
     assert torch.isfinite(loss)
     assert module.model.__class__.__name__.lower() == backbone
@@ -75,8 +76,8 @@ def test_backbones_are_chosen_by_name_and_train(backbone: str, algorithm: str) -
 
 def test_maml_pp_sees_the_epoch_and_cosine_annealing_lowers_the_outer_rate(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = FewShotModule(algorithm="maml_pp", n_way=3, image_size=8, hidden_channels=4, inner_steps=2,
-                           eval_inner_steps=2, cosine_annealing=True, meta_lr=0.01)  # fmt: skip
+    module = module_for("maml_pp", n_way=3, image_size=8, hidden_channels=4, inner_steps=2, eval_inner_steps=2,
+                        cosine_annealing=True, meta_lr=0.01)  # fmt: skip
     loader = DataLoader([{k: v[t] for k, v in _batch().items()} for t in range(2)], batch_size=1)
     trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         inference_mode=False, default_root_dir=tmp_path)  # fmt: skip

@@ -14,7 +14,7 @@ from PIL import Image
 
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.synthetic import generate_synthetic_dataset
-from medmeta.module import FewShotModule
+from tests.conftest import module_for
 from tests.test_cli import _medmeta, _tiny_fit_args
 
 SENTINELS = {
@@ -83,7 +83,7 @@ def named_checkpoint(named_root: Path, tmp_path_factory: pytest.TempPathFactory)
     """A 3-way MAML meta-trained for 2 steps on ``named_root`` (which ``evaluate`` then reads again)."""
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("phi-fit")
-    module = FewShotModule(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=2, pixel_baseline=False)
+    module = module_for(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=2, pixel_baseline=False)
     data = EpisodicDataModule(str(named_root), n_way=3, k_shot=1, q_query=2, meta_batch_size=2, image_size=16,
                               val_episodes=2, test_episodes=3, split_ratios=(0.5, 0.25, 0.25))  # fmt: skip
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,

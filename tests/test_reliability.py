@@ -26,6 +26,7 @@ from medmeta.data import datamodule as datamodule_module
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.errors import DataError
 from medmeta.module import FewShotModule
+from tests.conftest import module_for
 from tests.test_cli import _medmeta, _tiny_fit_args
 
 DATA: dict = dict(
@@ -65,7 +66,7 @@ def _fit(
     root: Path, out: Path, max_steps: int, ckpt_path: str | None = None, *, noise: bool = False, rng_state: bool = True
 ) -> tuple[FewShotModule, EpisodeLog]:
     L.seed_everything(0)
-    module = FewShotModule(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=1, pixel_baseline=False)
+    module = module_for(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=1, pixel_baseline=False)
     log = EpisodeLog()
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=1, save_top_k=0)
     callbacks = [checkpoints, *([RandomStateCheckpoint()] if rng_state else []), *([GlobalRandomNoise()] if noise else []), log]
@@ -111,7 +112,7 @@ def test_last_checkpoint_is_refreshed_after_every_validation(tiny_dicom_root: Pa
                 seen.append((trainer.global_step, torch.load(last, weights_only=True)["global_step"]))
 
     L.seed_everything(0)
-    module = FewShotModule(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=1, pixel_baseline=False)
+    module = module_for(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=1, pixel_baseline=False)
     checkpoints = ModelCheckpoint(dirpath=last.parent, monitor="step", mode="min", save_top_k=1, save_last=True)
     trainer = L.Trainer(max_steps=7, val_check_interval=2, check_val_every_n_epoch=None, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -178,7 +179,7 @@ def _batches(nan_step: int | None = None, steps: int = 3) -> DataLoader:
 
 def test_nonfinite_skip_mode_skips_only_the_bad_update_and_counts_it(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = FewShotModule(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, nonfinite="skip", pixel_baseline=False)
+    module = module_for(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, nonfinite="skip", pixel_baseline=False)
     snapshots = []
 
     class Snapshot(L.Callback):
@@ -196,7 +197,7 @@ def test_nonfinite_skip_mode_skips_only_the_bad_update_and_counts_it(tmp_path: P
 
 def test_nonfinite_meta_gradient_stops_with_the_episodes(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = FewShotModule(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, pixel_baseline=False)
+    module = module_for(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, pixel_baseline=False)
     module.model.head.weight.register_hook(lambda grad: grad * float("inf"))  # finite loss, non-finite meta-gradient
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = L.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
@@ -288,8 +289,9 @@ def test_untrusted_checkpoints_are_refused_with_clear_errors(tiny_dicom_root: Pa
         result = _medmeta(tool, "--ckpt", str(evil), *extra, "--out", str(tmp_path / tool), cwd=tmp_path)
         assert result.returncode == 2 and "cannot load checkpoint" in result.stdout and "Traceback" not in result.stderr
     assert not marker.exists()
-    with pytest.raises(DataError, match=r"different model: backbone='conv4' \(this run: 'resnet12'\)"):
-        check_checkpoint(good, FewShotModule(n_way=3, image_size=16, hidden_channels=8, backbone="resnet12").hparams)
+    with pytest.raises(DataError, match=r"different model: backbone=medmeta\.networks\.conv4\.Conv4\(hidden_channels=8, "
+                       r"norm='batch'\) \(this run: medmeta\.networks\.resnet\.ResNet12\(hidden_channels=8"):
+        check_checkpoint(good, module_for(backbone="resnet12", n_way=3, image_size=16, hidden_channels=8).hparams)
 
 
 def test_full_pipeline_on_a_read_only_data_folder(tiny_dicom_root: Path, tmp_path: Path) -> None:

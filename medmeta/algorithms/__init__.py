@@ -1,76 +1,78 @@
-"""Meta-learning algorithms: functional, parameters in, loss or logits out.
+"""Meta-learners: one :class:`MetaLearner` subclass per file, and this registry of the shipped ones.
 
-Every algorithm is an ``nn.Module`` holding the backbone as ``self.model`` and offering
-``outer_loss_and_logits`` (training) and ``adapt_and_predict`` (evaluation) on batches of tasks.
+The registry is the only place besides each learner's own file that names a learner: it gives the
+shipped learners their short names on the command line (``--model.algorithm maml``) and reads the
+hyperparameters of checkpoints written before learners were plug-ins. Any other subclass of
+:class:`MetaLearner` is used by its class path (``--model.algorithm.class_path my_package.MyLearner``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
 from medmeta.algorithms.anil import ANIL
-from medmeta.algorithms.finetune import FineTune, FinetuneScope
-from medmeta.algorithms.maml import MAML, TaskParallel
+from medmeta.algorithms.base import EpisodeBatch, MetaLearner, Predictor
+from medmeta.algorithms.finetune import FineTune
+from medmeta.algorithms.maml import MAML
 from medmeta.algorithms.maml_pp import MAMLPlusPlus
 from medmeta.algorithms.mann import MANN
 from medmeta.algorithms.meta_sgd import MetaSGD
 from medmeta.algorithms.pixel_nn import pixel_nearest_neighbour
 from medmeta.algorithms.protonet import ProtoNet
+from medmeta.plugins import resolve, spec_of
 
-AlgorithmName = Literal["maml", "maml_pp", "meta_sgd", "anil", "protonet", "mann", "finetune"]
-GRADIENT_BASED = {"maml": MAML, "meta_sgd": MetaSGD, "anil": ANIL}
+SHIPPED: tuple[type[MetaLearner], ...] = (MAML, MAMLPlusPlus, MetaSGD, ANIL, ProtoNet, MANN, FineTune)
+SHORT_NAMES: dict[str, type[MetaLearner]] = {cls.name: cls for cls in SHIPPED}
+DEFAULT_ALGORITHM: type[MetaLearner] = MAML  # second-order MAML, the learner medmeta is built around
 
-
-def build_algorithm(
-    name: AlgorithmName,
-    model: nn.Module,
-    *,
-    n_way: int,
-    inner_lr: float = 0.4,
-    inner_steps: int = 5,
-    eval_inner_steps: int | None = None,
-    first_order: bool = False,
-    task_reduction: Literal["mean", "sum"] = "mean",
-    task_parallel: TaskParallel = "auto",
-    checkpoint_inner_steps: bool = False,
-    distance: Literal["squared_euclidean", "cosine"] = "squared_euclidean",
-    temperature: float = 1.0,
-    pretrain_classes: int = 64,
-    finetune_steps: int = 100,
-    finetune_lr: float = 0.01,
-    finetune_scope: FinetuneScope = "head",
-    maml_pp: dict[str, object] | None = None,
-    mann: dict[str, object] | None = None,
-) -> nn.Module:
-    """The algorithm ``name`` around ``model``, with the settings that algorithm uses.
-
-    ``maml_pp`` holds MAML++'s switches (see ``MAMLPlusPlus``) when ``name`` is ``"maml_pp"``;
-    ``mann`` the MANN's settings (see ``MANN``) when ``name`` is ``"mann"``.
-    """
-    if name in GRADIENT_BASED:
-        return GRADIENT_BASED[name](
-            model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
-            first_order=first_order, task_reduction=task_reduction, task_parallel=task_parallel,
-            checkpoint_inner_steps=checkpoint_inner_steps,
-        )  # fmt: skip
-    if name == "maml_pp":
-        return MAMLPlusPlus(
-            model, inner_lr=inner_lr, inner_steps=inner_steps, eval_inner_steps=eval_inner_steps,
-            first_order=first_order, task_reduction=task_reduction, task_parallel=task_parallel,
-            checkpoint_inner_steps=checkpoint_inner_steps, **(maml_pp or {}),
-        )  # fmt: skip
-    if name == "protonet":
-        return ProtoNet(model, distance=distance, temperature=temperature)
-    if name == "mann":
-        return MANN(model, n_way=n_way, **(mann or {}))
-    if name == "finetune":
-        return FineTune(
-            model, pretrain_classes=pretrain_classes, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
-            finetune_scope=finetune_scope,
-        )  # fmt: skip
-    raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted([*GRADIENT_BASED, 'maml_pp', 'protonet', 'mann', 'finetune'])}")
+# Settings of the Lightning module before learners were plug-ins; each now belongs to a learner.
+LEGACY_MODULE_SETTINGS = (
+    "inner_lr", "inner_steps", "eval_inner_steps", "first_order", "task_reduction", "task_parallel",
+    "checkpoint_inner_steps", "distance", "protonet_temperature", "pretrain_classes", "finetune_steps", "finetune_lr",
+    "finetune_scope", "multi_step_loss", "multi_step_loss_epochs", "per_step_norm_weights", "learn_inner_lrs",
+    "first_order_epochs", "mann_controller", "mann_memory_slots", "mann_key_strength", "mann_label_timing",
+)  # fmt: skip
 
 
-__all__ = ["ANIL", "FineTune", "MAML", "MAMLPlusPlus", "MANN", "MetaSGD", "ProtoNet", "build_algorithm", "pixel_nearest_neighbour"]
+def resolve_algorithm(spec: object) -> tuple[type[MetaLearner], dict[str, Any]]:
+    """The learner class of ``spec`` (short name, class path, class, mapping or partial) and its complete settings."""
+    return resolve(spec, kind="algorithm", short_names=SHORT_NAMES, base=MetaLearner, parameters=lambda cls: cls.settings())
+
+
+def algorithm_spec(spec: object) -> dict[str, Any]:
+    """``spec`` as the plain ``{"class_path", "init_args"}`` mapping (complete settings) that checkpoints store."""
+    return spec_of(*resolve_algorithm(spec))
+
+
+def build_algorithm(spec: object, model: nn.Module, n_way: int) -> MetaLearner:
+    """The learner of ``spec`` around the backbone ``model`` for ``n_way``-class episodes."""
+    cls, settings = resolve_algorithm(spec)
+    return cls(model, n_way, **settings)
+
+
+def legacy_algorithm_spec(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The algorithm spec of a checkpoint's flat hyperparameters from before plug-ins (``algorithm: maml`` ...)."""
+    cls, _ = resolve_algorithm(saved["algorithm"])
+    return algorithm_spec({"class_path": cls.__module__ + "." + cls.__qualname__, "init_args": cls.settings_from_legacy(saved)})
+
+
+def legacy_setting_name(key: str) -> str | None:
+    """Today's name (within the learner's ``init_args``) of an old module setting, or ``None`` if it is not one."""
+    if key not in LEGACY_MODULE_SETTINGS:
+        return None
+    marker = object()
+    for cls in SHIPPED:
+        for name, value in cls.settings_from_legacy({key: marker}).items():
+            if value is marker:
+                return name
+    return key
+
+
+__all__ = [
+    "ANIL", "EpisodeBatch", "FineTune", "MAML", "MAMLPlusPlus", "MANN", "MetaLearner", "MetaSGD", "Predictor", "ProtoNet",
+    "DEFAULT_ALGORITHM", "SHORT_NAMES", "algorithm_spec", "build_algorithm", "legacy_algorithm_spec", "legacy_setting_name",
+    "pixel_nearest_neighbour", "resolve_algorithm",
+]  # fmt: skip

@@ -19,13 +19,15 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from medmeta.algorithms.base import MetaLearner
+
 CAPTURED_SHAPES = 4  # graphs kept per algorithm (one per distinct episode shape); more falls back to eager
 
 
 class _OuterLoss(nn.Module):
     """``algorithm.outer_loss_and_logits`` as a module whose parameters are the algorithm's."""
 
-    def __init__(self, algorithm: nn.Module) -> None:
+    def __init__(self, algorithm: MetaLearner) -> None:
         super().__init__()
         self.algorithm = algorithm
 
@@ -34,27 +36,28 @@ class _OuterLoss(nn.Module):
 
 
 class GraphedOuterLoss:
-    """``outer_loss_and_logits`` of ``algorithm`` (MAML, Meta-SGD or ANIL), captured as CUDA graphs.
+    """``outer_loss_and_logits`` of ``algorithm`` (a learner whose ``cuda_graph_safe()`` is true), captured as CUDA graphs.
 
     Call it like ``algorithm.outer_loss_and_logits``; ``loss.backward()`` replays the recorded
     meta-backward and leaves the meta-gradient in the parameters' ``.grad`` as usual. Episode
     tensors must keep their shapes between steps (a new shape records a new graph, up to
-    ``CAPTURED_SHAPES``). Settings that change between steps (MAML++'s annealed loss weights and
-    first-order epochs) would be frozen into the graph, so MAML++ is refused.
+    ``CAPTURED_SHAPES``). Settings that change between steps (annealed loss weights, a switch of
+    order) would be frozen into the graph, so a learner that has them says so (``cuda_graph_safe``)
+    and is refused.
     """
 
-    def __init__(self, algorithm: nn.Module) -> None:
-        if getattr(algorithm, "first_order_epochs", 0) or hasattr(algorithm, "multi_step_loss_weights"):
-            raise ValueError("cuda_graph supports MAML, Meta-SGD and ANIL; MAML++'s annealed settings would be frozen in the graph")
+    def __init__(self, algorithm: MetaLearner) -> None:
+        if not algorithm.cuda_graph_safe():
+            raise ValueError(f"cuda_graph is for learners that can record a fixed meta-step; {algorithm.label()} cannot")
         self.algorithm = algorithm
         self._graphs: dict[tuple, nn.Module] = {}
         self._warned = False
 
     def usable(self, support_x: Tensor) -> bool:
-        """Whether this call can run as a graph (CUDA, gradients on, second order, training)."""
+        """Whether this call can run as a graph (CUDA, gradients on, training)."""
         return (
             support_x.is_cuda and torch.is_grad_enabled() and self.algorithm.training
-            and not getattr(self.algorithm, "first_order", False)
+            and self.algorithm.cuda_graph_safe()
         )  # fmt: skip
 
     def __call__(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> tuple[Tensor, Tensor]:

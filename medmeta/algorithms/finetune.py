@@ -17,17 +17,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from medmeta.algorithms.maml import _check_task_batch
+from medmeta.algorithms.base import EpisodeBatch, MetaLearner, check_task_batch
 from medmeta.networks.norm import query_statistics
 
 FinetuneScope = Literal["head", "last_block"]
 
 
-class FineTune(nn.Module):
+class FineTune(MetaLearner):
     """Pre-train on all meta-train classes; adapt with a new linear head on frozen features.
 
     Args:
         model: backbone with ``features`` and ``feature_dim``.
+        n_way: classes per episode (unused: the new head has the support set's classes).
         pretrain_classes: size of the pre-training head; at least the number of meta-train classes.
         finetune_steps: optimisation steps of the new head on each support set.
         finetune_lr: learning rate of those steps (Adam).
@@ -35,27 +36,35 @@ class FineTune(nn.Module):
             new head and the backbone's last block, ``model.last_block_prefixes()``).
     """
 
-    uses_class_ids = True
+    name = "finetune"
 
-    def __init__(self, model: nn.Module, *, pretrain_classes: int = 64, finetune_steps: int = 100,
-                 finetune_lr: float = 0.01, finetune_scope: FinetuneScope = "head") -> None:  # fmt: skip
-        super().__init__()
+    def __init__(self, model: nn.Module, n_way: int | None = None, *, pretrain_classes: int = 64,
+                 finetune_steps: int = 100, finetune_lr: float = 0.01, finetune_scope: FinetuneScope = "head") -> None:  # fmt: skip
         if not hasattr(model, "features") or not hasattr(model, "feature_dim"):
             raise ValueError("the fine-tune baseline needs a backbone with `features` and `feature_dim`")
         if finetune_scope not in ("head", "last_block"):
             raise ValueError(f"finetune_scope must be 'head' or 'last_block', got {finetune_scope!r}")
         if finetune_scope == "last_block" and not hasattr(model, "last_block_prefixes"):
             raise ValueError(f"finetune_scope='last_block' needs a backbone with `last_block_prefixes`; got {type(model).__name__}")
-        self.model = model
+        super().__init__(model, n_way)
         self.pretrain_head = nn.Linear(model.feature_dim, pretrain_classes)
         self.finetune_steps, self.finetune_lr, self.finetune_scope = finetune_steps, finetune_lr, finetune_scope
 
-    def outer_loss_and_logits(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, *,
-        support_class: Tensor, query_class: Tensor,
+    def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+        """Pre-training on the batch's images by their meta-train class ids (``support_class``, ``query_class``)."""
+        if "support_class" not in batch or "query_class" not in batch:
+            raise ValueError("the fine-tune baseline pre-trains on class ids: the batch needs support_class and query_class")
+        return self.pretraining_loss_and_logits(
+            batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"], batch["support_class"],
+            batch["query_class"],
+        )  # fmt: skip
+
+    def pretraining_loss_and_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, support_class: Tensor,
+        query_class: Tensor,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """Cross-entropy over the meta-train classes of every image, and the query logits restricted to each episode's N classes."""
-        _check_task_batch(support_x, support_y, query_x, query_y)
+        check_task_batch(support_x, support_y, query_x, query_y)
         if int(max(support_class.max(), query_class.max())) >= self.pretrain_head.out_features:
             raise ValueError(
                 f"a meta-train class id exceeds pretrain_classes={self.pretrain_head.out_features}; "
@@ -72,6 +81,13 @@ class FineTune(nn.Module):
         episode_classes = support_class.new_zeros(tasks, n_way).scatter_(1, support_y, support_class)  # label -> class id
         index = episode_classes.unsqueeze(1).expand(tasks, n_query, n_way)
         return loss, torch.gather(query_logits, 2, index)
+
+    def report_settings(self) -> dict[str, object]:
+        return {"finetune_steps": self.finetune_steps, "finetune_scope": self.finetune_scope}
+
+    def adaptation_text(self, steps: int | None = None) -> str:
+        scope = "a new linear head" if self.finetune_scope == "head" else "a new linear head and the last block"
+        return f"{scope} fitted with {self.finetune_steps if steps is None else steps} Adam steps"
 
     def adapt_and_predict(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None

@@ -1,15 +1,27 @@
-"""Model-agnostic meta-learning (Finn et al., 2017), second order by default.
+"""Model-agnostic meta-learning (Finn et al., 2017), second order by default: the MAML family's one inner loop.
 
 Functional: the inner loop never clones or mutates the model. Adapted weights are a dict of
 tensors fed to ``torch.func.functional_call``; inner gradients come from ``torch.func.grad``, and
 the outer loss keeps the graph through every inner step, so ``outer_loss(...).backward()`` puts
 the exact second-order meta-gradient into ``model.parameters()``.
+
+:meth:`MAML.trajectory` is the only inner loop: training, evaluation and the adaptation curve
+all walk it. Its variants (each in its own file) override hooks: the step's update and rate
+(:meth:`MAML.inner_update`: learned rates), the weights the inner loop adapts
+(:meth:`MAML.adaptable_parameters`: the head only), the support input (:meth:`MAML.support_input`:
+features computed once), extra per-step parameters (:meth:`MAML.step_parameters`: per-step norm
+weights), the query loss weight of each step (:meth:`MAML.step_loss_weights`) and the order
+(:meth:`MAML.uses_first_order`).
+
+Why this module is longer than 300 lines: it is the MAML family's one inner loop (the trajectory
+and its hooks, training in a loop or under vmap, evaluation), kept in one place so that every variant
+reads as a few overrides in its own short file.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -18,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.checkpoint import checkpoint
 
+from medmeta.algorithms.base import MetaLearner, Predictor, check_task_batch
 from medmeta.networks.norm import (
     NotVectorisable,
     composite_norms,
@@ -31,21 +44,18 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 TaskParallel = Literal["auto", "loop", "vmap"]
 
 
-class MAML(nn.Module):
+class MAML(MetaLearner):
     """Second-order MAML over a meta-batch of tasks with a leading task dimension ``T``.
-
-    An ``nn.Module`` holding the backbone as ``self.model``, so that subclasses can add
-    meta-learned tensors (learning rates) that an optimiser over ``self.parameters()`` updates.
 
     Args:
         model: the network; its parameters are the meta-learned initialisation θ.
+        n_way: classes per episode (unused: the backbone's head has them).
         inner_lr: inner-loop SGD step size α.
         inner_steps: inner SGD steps on the support set during meta-training.
         eval_inner_steps: inner steps when adapting for evaluation (default: ``inner_steps``).
         first_order: drop second-order terms (FOMAML) when ``True``.
         task_reduction: ``"mean"`` or ``"sum"`` of the query losses over the tasks; ``"sum"`` with
             plain SGD at rate β is the update θ ← θ − β∇θ Σᵢ L_Tᵢ(f_θᵢ') of the paper.
-        loss_fn: loss on (predictions, targets); cross-entropy by default.
         task_parallel: how the ``T`` tasks of a meta-batch are adapted in training: ``"loop"``
             (one after the other), ``"vmap"`` (all at once with ``torch.func.vmap``) or
             ``"auto"`` (``vmap`` on GPUs, the loop on CPUs, where it measured faster; always the
@@ -58,18 +68,22 @@ class MAML(nn.Module):
             backward during the meta-backward (``torch.utils.checkpoint``) instead of keeping its
             activations. Same meta-gradient; memory grows about 3x more slowly with
             ``inner_steps`` for about 1.5x the compute (BENCHMARKS.md).
+
+    The loss is ``self.loss_fn`` (cross-entropy; assign another function of (logits, targets) to change it).
     """
+
+    name = "maml"
 
     def __init__(
         self,
         model: nn.Module,
+        n_way: int | None = None,
         *,
         inner_lr: float = 0.4,
         inner_steps: int = 5,
         eval_inner_steps: int | None = None,
         first_order: bool = False,
         task_reduction: Literal["mean", "sum"] = "mean",
-        loss_fn: LossFn = F.cross_entropy,
         task_parallel: TaskParallel = "auto",
         checkpoint_inner_steps: bool = False,
     ) -> None:
@@ -79,18 +93,235 @@ class MAML(nn.Module):
             raise ValueError("inner_steps and eval_inner_steps must be >= 0")
         if task_reduction not in ("mean", "sum"):
             raise ValueError(f"task_reduction must be 'mean' or 'sum', got {task_reduction!r}")
-        super().__init__()
-        self.model = model
+        super().__init__(model, n_way)
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.first_order = first_order
         self.task_reduction = task_reduction
-        self.loss_fn = loss_fn
+        self.loss_fn: LossFn = F.cross_entropy
         self.task_parallel = task_parallel
         self.checkpoint_inner_steps = checkpoint_inner_steps
         self._vmap_blocker: str | None = None  # why a vmap attempt had to fall back to the loop
         self._warned_fallback = False
+
+    # --- what reports say -----------------------------------------------------------------------
+
+    def label(self) -> str:
+        """``<name>-first-order`` or ``<name>-second-order``."""
+        return f"{super().label()}-{'first' if self.first_order else 'second'}-order"
+
+    def report_settings(self) -> dict[str, object]:
+        return {"eval_inner_steps": self.eval_inner_steps}
+
+    def adaptation_text(self, steps: int | None = None) -> str:
+        return f"{self.eval_inner_steps if steps is None else steps} inner steps"
+
+    def running_stat_slots(self) -> int:
+        """One slot per query step: the query forward after ``k`` updates uses slot ``k``."""
+        return self.inner_steps + 1
+
+    def cuda_graph_safe(self) -> bool:
+        """Second order only: the recorded meta-step is the second-order one."""
+        return not self.first_order
+
+    # --- hooks of the inner loop ------------------------------------------------------------------
+
+    def adaptable_parameters(self) -> Params:
+        """The weights the inner loop adapts (all of the backbone's)."""
+        return dict(self.model.named_parameters())
+
+    def support_input(self, support_x: Tensor) -> Tensor:
+        """What the inner loss sees of the support images (a head-only variant: their features, computed once)."""
+        return support_x
+
+    def step_parameters(self, step: int, *, detach: bool = False) -> Params:
+        """Extra parameters of the forward with the weights after ``step`` updates (none; MAML++: norm weights)."""
+        return {}
+
+    def inner_update(self, params: Params, grads: Params, step: int) -> Params:
+        """Inner step ``step``: θ ← θ − α ∇θ L_support (subclasses learn α)."""
+        return {name: p - self.inner_lr * grads[name] for name, p in params.items()}
+
+    def step_loss_weights(self) -> list[float]:
+        """Weights of the query losses after steps 1..S (or the one of step 0 when S = 0): the last only."""
+        return [0.0] * (self.inner_steps - 1) + [1.0]
+
+    def uses_first_order(self) -> bool:
+        """Whether training drops the second-order terms now."""
+        return self.first_order
+
+    # --- the inner loop -----------------------------------------------------------------------------
+
+    def trajectory(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        steps: int,
+        first_order: bool,
+        params: Params,
+        detach: bool = False,
+    ) -> Iterator[tuple[int, Params]]:
+        """``(k, θ_k)`` for k = 0..``steps``: the weights after ``k`` inner updates on one task's support set.
+
+        Each ``θ_k`` includes that step's :meth:`step_parameters`, so ``self._forward(θ_k, x)`` is
+        the model after ``k`` updates. With ``first_order=False`` the weights stay differentiable
+        functions of θ (second order); with ``True`` the inner gradients are constants. ``detach``
+        (evaluation) cuts every step from the graph.
+        """
+        _require_grad_mode()
+        if steps > 0:
+            self._check_inner_loop_norms()
+        support_x = self.support_input(support_x)
+        checkpointed = self.checkpoint_inner_steps and not first_order and torch.is_grad_enabled()
+        support_grad = grad(self._step_support_loss)
+        yield 0, {**params, **self.step_parameters(0, detach=detach)}
+        for step in range(steps):
+            if checkpointed:
+                params = self._checkpointed_step(params, step, support_x, support_y)
+            else:
+                grads = support_grad(params, self.step_parameters(step, detach=detach), support_x, support_y)
+                if first_order:
+                    grads = {name: g.detach() for name, g in grads.items()}
+                params = self.inner_update(params, grads, step)
+            if detach:
+                params = {name: p.detach() for name, p in params.items()}
+            yield step + 1, {**params, **self.step_parameters(step + 1, detach=detach)}
+
+    def adapt(
+        self,
+        support_x: Tensor,
+        support_y: Tensor,
+        *,
+        steps: int | None = None,
+        first_order: bool | None = None,
+        params: Params | None = None,
+    ) -> Params:
+        """Adapted weights θ' for one task after ``steps`` inner steps (the last of :meth:`trajectory`)."""
+        steps = self.inner_steps if steps is None else steps
+        first_order = self.uses_first_order() if first_order is None else first_order
+        params = self.adaptable_parameters() if params is None else params
+        for _, state in self.trajectory(support_x, support_y, steps=steps, first_order=first_order, params=params):
+            pass
+        return state
+
+    def _checkpointed_step(self, params: Params, step: int, support_x: Tensor, support_y: Tensor) -> Params:
+        """One second-order inner step whose graph is recomputed in the meta-backward instead of stored.
+
+        ``torch.utils.checkpoint`` around an ``autograd.grad(create_graph=True)`` step: ``torch.func.grad``
+        cannot run under checkpointing's saved-tensor hooks. Learned rates read inside get their gradients.
+        """
+        names = list(params)
+
+        def one_step(x: Tensor, y: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+            current = dict(zip(names, tensors))
+            loss = self._step_support_loss(current, self.step_parameters(step), x, y)
+            grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
+            grads_by_name = {n: torch.zeros_like(t) if g is None else g for n, t, g in zip(names, tensors, grads)}
+            return tuple(self.inner_update(current, grads_by_name, step).values())
+
+        return dict(zip(names, checkpoint(one_step, support_x, support_y, *params.values(), use_reentrant=False)))
+
+    def _step_support_loss(self, params: Params, extra: Params, x: Tensor, y: Tensor) -> Tensor:
+        """The support loss descended by an inner step: ``params`` differentiated, ``extra`` (step parameters) not."""
+        return self._support_loss({**params, **extra}, x, y)
+
+    def _support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        return self.loss_fn(self._forward(params, x), y)
+
+    def _forward(self, params: Params, x: Tensor) -> Tensor:
+        """The backbone's output with ``params`` in place of (some of) its weights."""
+        return functional_call(self.model, params, (x,), strict=False)
+
+    def _query_forward(self, params: Params, x: Tensor, step: int) -> Tensor:
+        """The output on query images with the weights after ``step`` inner updates.
+
+        Batch norm with per-step running statistics uses (at evaluation) or updates (in training)
+        slot ``step``; transductive batch norm uses the query batch's statistics.
+        """
+        with query_statistics(self.model, step):
+            return self._forward(params, x)
+
+    # --- training -------------------------------------------------------------------------------------
+
+
+    def outer_loss_and_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The outer loss and the adapted models' query logits ``[T, N*Q, N]`` (kept in the graph)."""
+        check_task_batch(support_x, support_y, query_x, query_y)
+        losses = logits = None
+        if self.vectorises(support_x.device):
+            try:
+                with composite_norms(self.model):
+                    losses, logits = vmap(self.task_loss_and_logits)(support_x, support_y, query_x, query_y)
+            except NotVectorisable as error:  # raised where a buffer would change; the loop is exact
+                self._vmap_blocker = _describe(self.model, error)
+                self._warn_fallback(self._vmap_blocker)
+        if losses is None or logits is None:
+            pairs = [self.task_loss_and_logits(*task) for task in zip(support_x, support_y, query_x, query_y)]
+            losses, logits = torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])
+        loss = losses.sum() if self.task_reduction == "sum" else losses.mean()
+        return loss, logits
+
+    def task_loss_and_logits(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One task's query loss (weighted over steps by :meth:`step_loss_weights`) and its last step's query logits."""
+        weights = self.step_loss_weights()
+        first = self.inner_steps + 1 - len(weights)  # the step the first weight belongs to
+        task_loss = logits = None
+        states = self.trajectory(
+            support_x, support_y, steps=self.inner_steps, first_order=self.uses_first_order(),
+            params=self.adaptable_parameters(),
+        )  # fmt: skip
+        for k, state in states:
+            weight = weights[k - first] if k >= first else 0.0
+            if weight == 0.0 and k != self.inner_steps:
+                continue
+            logits = self._query_forward(state, query_x, k)
+            loss = self.loss_fn(logits, query_y)
+            term = loss if weight == 1.0 else weight * loss
+            task_loss = term if task_loss is None else task_loss + term
+        return task_loss, logits
+
+    # --- evaluation -----------------------------------------------------------------------------------
+
+    def adapt_and_predict(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
+    ) -> Tensor:
+        """Query logits ``[T, N*Q, N]`` after ``eval_inner_steps`` steps on each task (works under ``no_grad``; detached)."""
+        return self.adapt_and_predict_every_step(support_x, support_y, query_x, steps=steps, every_step=False)[-1]
+
+    def adapt_and_predict_every_step(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None, every_step: bool = True
+    ) -> Tensor:
+        """Detached query logits after 0, 1, ..., ``steps`` inner steps: ``[steps + 1, T, N*Q, N]``.
+
+        The last entry equals :meth:`adapt_and_predict`; the others give the adaptation curve
+        (``every_step=False`` computes the last only).
+        """
+        steps = self.eval_inner_steps if steps is None else steps
+        theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
+        curves = []
+        for task in range(support_x.shape[0]):
+            states = self.trajectory(support_x[task], support_y[task], steps=steps, first_order=True, params=theta, detach=True)
+            curves.append(torch.stack([
+                self._query_forward(state, query_x[task], k).detach() for k, state in states if every_step or k == steps
+            ]))  # fmt: skip
+        return torch.stack(curves, dim=1)
+
+    def predictor(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> Predictor:
+        """The query forward with the weights adapted to this support set (``eval_inner_steps`` by default)."""
+        steps = self.eval_inner_steps if steps is None else steps
+        theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
+        with torch.enable_grad():
+            adapted = self.adapt(support_x, support_y, steps=steps, first_order=True, params=theta)
+        adapted = {name: p.detach() for name, p in adapted.items()}
+        return Predictor(lambda x: self._query_forward(adapted, x, steps))
+
+    # --- how tasks run --------------------------------------------------------------------------------
 
     def vectorises(self, device: torch.device) -> bool:
         """Whether training adapts the tasks of a meta-batch with ``vmap`` on ``device``."""
@@ -141,154 +372,6 @@ class MAML(nn.Module):
                 "(norm_mode='running' keeps per-step running statistics)"
             )
 
-    def _forward(self, params: Params, x: Tensor) -> Tensor:
-        """The backbone's output with ``params`` in place of (some of) its weights."""
-        return functional_call(self.model, params, (x,), strict=False)
-
-    def _query_forward(self, params: Params, x: Tensor, step: int) -> Tensor:
-        """The output on query images with the weights after ``step`` inner updates.
-
-        Batch norm with per-step running statistics uses (at evaluation) or updates (in training)
-        slot ``step``; transductive batch norm uses the query batch's statistics.
-        """
-        with query_statistics(self.model, step):
-            return self._forward(params, x)
-
-    def _support_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(self._forward(params, x), y)
-
-    def adapt(
-        self,
-        support_x: Tensor,
-        support_y: Tensor,
-        *,
-        steps: int | None = None,
-        first_order: bool | None = None,
-        params: Params | None = None,
-    ) -> Params:
-        """Adapted weights θ' for one task after ``steps`` SGD steps on its support set.
-
-        With ``first_order=False`` the returned tensors stay differentiable functions of θ
-        (second order); with ``True`` the inner gradients are treated as constants.
-        """
-        _require_grad_mode()
-        steps = self.inner_steps if steps is None else steps
-        if steps > 0:
-            self._check_inner_loop_norms()
-        first_order = self.first_order if first_order is None else first_order
-        if params is None:
-            params = self.adaptable_parameters()
-        if self.checkpoint_inner_steps and not first_order and torch.is_grad_enabled():
-            return self._adapt_checkpointed(support_x, support_y, steps, params)
-        support_grad = grad(self._support_loss)
-        for step in range(steps):
-            grads = support_grad(params, support_x, support_y)
-            if first_order:
-                grads = {name: g.detach() for name, g in grads.items()}
-            params = self.inner_update(params, grads, step)
-        return params
-
-    def _adapt_checkpointed(self, support_x: Tensor, support_y: Tensor, steps: int, params: Params) -> Params:
-        """Second-order inner steps, each recomputed in the meta-backward instead of stored."""
-        for step in range(steps):
-            params = self._checkpointed_step(params, step, support_x, support_y)
-        return params
-
-    def _checkpointed_step(self, params: Params, step: int, support_x: Tensor, support_y: Tensor) -> Params:
-        """One second-order inner step whose graph is recomputed in the meta-backward instead of stored.
-
-        ``torch.utils.checkpoint`` around an ``autograd.grad(create_graph=True)`` step: ``torch.func.grad``
-        cannot run under checkpointing's saved-tensor hooks. Learned rates read inside get their gradients.
-        """
-        names = list(params)
-
-        def one_step(x: Tensor, y: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
-            current = dict(zip(names, tensors))
-            loss = self._step_loss(current, step, x, y)
-            grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
-            grads_by_name = {n: torch.zeros_like(t) if g is None else g for n, t, g in zip(names, tensors, grads)}
-            return tuple(self.inner_update(current, grads_by_name, step).values())
-
-        return dict(zip(names, checkpoint(one_step, support_x, support_y, *params.values(), use_reentrant=False)))
-
-    def _step_loss(self, params: Params, step: int, x: Tensor, y: Tensor) -> Tensor:
-        """The support loss that inner step ``step`` descends (MAML++ adds that step's norm weights)."""
-        return self._support_loss(params, x, y)
-
-    def inner_update(self, params: Params, grads: Params, step: int) -> Params:
-        """One inner SGD step θ ← θ − α ∇θ L_support (subclasses learn α or restrict θ)."""
-        return {name: p - self.inner_lr * grads[name] for name, p in params.items()}
-
-    def adaptable_parameters(self) -> Params:
-        """The weights the inner loop adapts (all of the backbone's)."""
-        return dict(self.model.named_parameters())
-
-    def outer_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
-        """Query loss of the adapted models, reduced over the ``T`` tasks; differentiable in θ."""
-        return self.outer_loss_and_logits(support_x, support_y, query_x, query_y)[0]
-
-    def outer_loss_and_logits(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """The outer loss and the adapted models' query logits ``[T, N*Q, N]`` (kept in the graph)."""
-        _check_task_batch(support_x, support_y, query_x, query_y)
-        losses = logits = None
-        if self.vectorises(support_x.device):
-            try:
-                with composite_norms(self.model):
-                    losses, logits = vmap(self.task_loss_and_logits)(support_x, support_y, query_x, query_y)
-            except NotVectorisable as error:  # raised where a buffer would change; the loop is exact
-                self._vmap_blocker = _describe(self.model, error)
-                self._warn_fallback(self._vmap_blocker)
-        if losses is None or logits is None:
-            pairs = [self.task_loss_and_logits(*task) for task in zip(support_x, support_y, query_x, query_y)]
-            losses, logits = torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])
-        loss = losses.sum() if self.task_reduction == "sum" else losses.mean()
-        return loss, logits
-
-    def task_loss_and_logits(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Query loss and logits of one task after adapting to its support set (no task dimension)."""
-        adapted = self.adapt(support_x, support_y)
-        logits = self._query_forward(adapted, query_x, self.inner_steps)
-        return self.loss_fn(logits, query_y), logits
-
-    def adapt_and_predict(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
-    ) -> Tensor:
-        """Query logits ``[T, N*Q, N]`` after adapting to each task (``eval_inner_steps`` steps).
-
-        Works under ``torch.no_grad`` (the inner gradients are computed functionally); the result
-        is detached from θ.
-        """
-        steps = self.eval_inner_steps if steps is None else steps
-        theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
-        logits = []
-        for task in range(support_x.shape[0]):
-            adapted = self.adapt(support_x[task], support_y[task], steps=steps, first_order=True, params=theta)
-            logits.append(self._query_forward(adapted, query_x[task], steps).detach())
-        return torch.stack(logits)
-
-    def adapt_and_predict_every_step(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
-    ) -> Tensor:
-        """Detached query logits after 0, 1, ..., ``steps`` inner steps: ``[steps + 1, T, N*Q, N]``.
-
-        The last entry equals :meth:`adapt_and_predict`; the others give the adaptation curve.
-        """
-        steps = self.eval_inner_steps if steps is None else steps
-        theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
-        curves = []
-        for task in range(support_x.shape[0]):
-            params, logits = theta, [self._query_forward(theta, query_x[task], 0).detach()]
-            for step in range(steps):  # one plain step at a time: the inner rate does not depend on the step here
-                params = self.adapt(support_x[task], support_y[task], steps=1, first_order=True, params=params)
-                params = {name: p.detach() for name, p in params.items()}
-                logits.append(self._query_forward(params, query_x[task], step + 1).detach())
-            curves.append(torch.stack(logits))
-        return torch.stack(curves, dim=1)
-
 
 def _running_statistics_blocker(model: nn.Module) -> str | None:
     """Why ``model`` cannot run under vmap now (a norm layer updating running statistics), or ``None``."""
@@ -318,14 +401,3 @@ def _require_grad_mode() -> None:
             "MAML adaptation needs gradients but is running under torch.inference_mode; "
             "set `trainer.inference_mode: false` in the config (Trainer(inference_mode=False))."
         )
-
-
-def _check_task_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> None:
-    if support_x.dim() < 3 or support_y.dim() < 2 or query_y.dim() < 2:
-        raise ValueError(
-            "expected a leading task dimension: support_x [T, N*K, C, ...], support_y [T, N*K], "
-            f"query_x [T, N*Q, C, ...], query_y [T, N*Q]; got {tuple(support_x.shape)}, "
-            f"{tuple(support_y.shape)}, {tuple(query_x.shape)}, {tuple(query_y.shape)}"
-        )
-    if not (support_x.shape[0] == support_y.shape[0] == query_x.shape[0] == query_y.shape[0]):
-        raise ValueError("support and query tensors must share the task dimension T")

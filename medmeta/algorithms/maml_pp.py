@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad
 
-from medmeta.algorithms.maml import MAML, Params, _require_grad_mode
+from medmeta.algorithms.maml import MAML, Params
 from medmeta.algorithms.meta_sgd import lr_key
 from medmeta.networks.norm import EpisodeBatchNorm, EpisodeInstanceNorm
 
@@ -38,9 +37,9 @@ class MAMLPlusPlus(MAML):
     """MAML with multi-step loss, per-step norm weights, per-step learned rates and FO→SO annealing.
 
     Args:
-        model, inner_lr, inner_steps: as in :class:`MAML`.
-        maml_options: ``eval_inner_steps``, ``first_order`` (always first order when ``True``),
-            ``task_reduction``, ``loss_fn``, ``task_parallel``, as in :class:`MAML`.
+        model, n_way: as in :class:`MAML`.
+        maml_options: ``inner_lr``, ``inner_steps``, ``eval_inner_steps``, ``first_order`` (always first order when ``True``),
+            ``task_reduction``, ``task_parallel``, ``checkpoint_inner_steps``, as in :class:`MAML`.
         multi_step_loss: outer loss is a weighted sum of the query losses after every inner step.
         multi_step_loss_epochs: epochs over which the weights anneal onto the last step.
         per_step_norm_weights: a copy of every norm layer's weight and bias per inner step.
@@ -48,12 +47,13 @@ class MAMLPlusPlus(MAML):
         first_order_epochs: first order while ``epoch < first_order_epochs``, then second order.
     """
 
+    name = "maml_pp"
+
     def __init__(
         self,
         model: nn.Module,
+        n_way: int | None = None,
         *,
-        inner_lr: float = 0.4,
-        inner_steps: int = 5,
         multi_step_loss: bool = True,
         multi_step_loss_epochs: int = 10,
         per_step_norm_weights: bool = True,
@@ -61,7 +61,7 @@ class MAMLPlusPlus(MAML):
         first_order_epochs: int = 0,
         **maml_options: Any,
     ) -> None:
-        super().__init__(model, inner_lr=inner_lr, inner_steps=inner_steps, **maml_options)
+        super().__init__(model, n_way, **maml_options)
         if multi_step_loss_epochs < 0 or first_order_epochs < 0:
             raise ValueError("multi_step_loss_epochs and first_order_epochs must be >= 0")
         self.multi_step_loss = multi_step_loss
@@ -80,15 +80,15 @@ class MAMLPlusPlus(MAML):
             ]
         self.norm_weights = nn.ParameterDict(
             {
-                lr_key(name): nn.Parameter(p.detach().unsqueeze(0).repeat(inner_steps, *[1] * p.dim()))
+                lr_key(name): nn.Parameter(p.detach().unsqueeze(0).repeat(self.inner_steps, *[1] * p.dim()))
                 for name, p in model.named_parameters()
                 if name in self.norm_names
             }
         )
-        slots = max(inner_steps, 1)
+        slots = max(self.inner_steps, 1)
         self.inner_lrs = nn.ParameterDict(
             {
-                lr_key(name): nn.Parameter(torch.full((slots,), float(inner_lr), dtype=p.dtype, device=p.device))
+                lr_key(name): nn.Parameter(torch.full((slots,), float(self.inner_lr), dtype=p.dtype, device=p.device))
                 for name, p in self.adaptable_parameters().items()
             }
             if learn_inner_lrs
@@ -135,7 +135,15 @@ class MAMLPlusPlus(MAML):
         """The backbone's weights, less the norm weights when these are per step."""
         return {name: p for name, p in self.model.named_parameters() if name not in self.norm_names}
 
-    def step_norm_weights(self, k: int, *, detach: bool = False) -> Params:
+    def step_loss_weights(self) -> list[float]:
+        """The multi-step loss weights of the current epoch (``[1.0]`` without inner steps)."""
+        return self.multi_step_loss_weights().tolist() or [1.0]
+
+    def cuda_graph_safe(self) -> bool:
+        """No: the annealed loss weights and first-order epochs change between steps; a graph would freeze them."""
+        return False
+
+    def step_parameters(self, k: int, *, detach: bool = False) -> Params:
         """Norm weights for the forward with ``θ_k`` (empty: the model's own are used)."""
         if k == 0 or self.inner_steps == 0:
             return {}
@@ -149,104 +157,3 @@ class MAMLPlusPlus(MAML):
             return super().inner_update(params, grads, step)
         idx = min(step, max(self.inner_steps, 1) - 1)
         return {name: p - self.inner_lrs[lr_key(name)][idx] * grads[name] for name, p in params.items()}
-
-    def _step_support_loss(self, params: Params, norms: Params, x: Tensor, y: Tensor) -> Tensor:
-        return self.loss_fn(self._forward({**params, **norms}, x), y)
-
-    def trajectory(
-        self,
-        support_x: Tensor,
-        support_y: Tensor,
-        *,
-        steps: int,
-        first_order: bool,
-        params: Params,
-        detach: bool = False,
-    ) -> list[Params]:
-        """Weights after 0..``steps`` updates, each merged with its step's norm weights."""
-        _require_grad_mode()
-        if steps > 0:
-            self._check_inner_loop_norms()
-        support_grad = grad(self._step_support_loss)
-        checkpointed = self.checkpoint_inner_steps and not first_order and torch.is_grad_enabled()
-        states = [{**params, **self.step_norm_weights(0, detach=detach)}]
-        for step in range(steps):
-            if checkpointed:
-                params = self._checkpointed_step(params, step, support_x, support_y)
-            else:
-                grads = support_grad(params, self.step_norm_weights(step, detach=detach), support_x, support_y)
-                if first_order:
-                    grads = {name: g.detach() for name, g in grads.items()}
-                params = self.inner_update(params, grads, step)
-            states.append({**params, **self.step_norm_weights(step + 1, detach=detach)})
-        return states
-
-    def _step_loss(self, params: Params, step: int, x: Tensor, y: Tensor) -> Tensor:
-        """The support loss with step ``step``'s norm weights (read inside a checkpointed step, so they get gradients)."""
-        return self._step_support_loss(params, self.step_norm_weights(step), x, y)
-
-    def adapt(
-        self,
-        support_x: Tensor,
-        support_y: Tensor,
-        *,
-        steps: int | None = None,
-        first_order: bool | None = None,
-        params: Params | None = None,
-    ) -> Params:
-        """Adapted weights after ``steps`` updates, including that step's norm weights.
-
-        ``self._forward(adapt(...), x)`` is therefore the adapted model's output.
-        """
-        steps = self.inner_steps if steps is None else steps
-        first_order = self.uses_first_order() if first_order is None else first_order
-        params = self.adaptable_parameters() if params is None else params
-        return self.trajectory(support_x, support_y, steps=steps, first_order=first_order, params=params)[-1]
-
-    def task_loss_and_logits(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """One task's multi-step-weighted query loss and its final step's query logits.
-
-        The meta-batch's outer loss (``MAML.outer_loss_and_logits``) reduces these over tasks.
-        """
-        weights = self.multi_step_loss_weights().tolist() or [1.0]
-        states = self.trajectory(
-            support_x, support_y, steps=self.inner_steps, first_order=self.uses_first_order(),
-            params=self.adaptable_parameters(),
-        )  # fmt: skip
-        task_loss = None
-        for k, weight in enumerate(weights, start=len(states) - len(weights)):
-            if weight == 0.0 and k != len(states) - 1:
-                continue
-            step_logits = self._query_forward(states[k], query_x, k)
-            term = weight * self.loss_fn(step_logits, query_y)
-            task_loss = term if task_loss is None else task_loss + term
-        return task_loss, step_logits
-
-    def adapt_and_predict(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
-    ) -> Tensor:
-        """Detached query logits ``[T, N*Q, N]`` after ``eval_inner_steps`` steps (works under no_grad)."""
-        steps = self.eval_inner_steps if steps is None else steps
-        theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
-        logits = []
-        for task in range(support_x.shape[0]):
-            final = self.trajectory(
-                support_x[task], support_y[task], steps=steps, first_order=True, params=theta, detach=True
-            )[-1]
-            logits.append(self._query_forward(final, query_x[task], steps).detach())
-        return torch.stack(logits)
-
-    def adapt_and_predict_every_step(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
-    ) -> Tensor:
-        """Detached query logits after 0..``steps`` inner steps ``[steps + 1, T, N*Q, N]`` (per-step rates and norms)."""
-        steps = self.eval_inner_steps if steps is None else steps
-        theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
-        curves = []
-        for task in range(support_x.shape[0]):
-            states = self.trajectory(support_x[task], support_y[task], steps=steps, first_order=True, params=theta,
-                                     detach=True)  # fmt: skip
-            curves.append(torch.stack([self._query_forward(state, query_x[task], k).detach() for k, state in enumerate(states)]))
-        return torch.stack(curves, dim=1)

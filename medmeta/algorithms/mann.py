@@ -26,19 +26,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medmeta.algorithms.maml import _check_task_batch
+from medmeta.algorithms.base import MetaLearner, check_task_batch
 from medmeta.networks.norm import query_statistics, uses_running_statistics
 
 logger = logging.getLogger(__name__)
 
 
-class MANN(nn.Module):
+class MANN(MetaLearner):
     """MANN with an LRUA memory over a meta-batch of tasks with a leading task dimension ``T``.
 
     Args:
@@ -64,11 +65,14 @@ class MANN(nn.Module):
         label_timing: ``"current"`` or ``"previous"``: when a support label is fed (see above).
     """
 
+    name = "mann"
+    transductive_batches = "each task's support and query images together"
+
     def __init__(
         self,
         model: nn.Module,
-        *,
         n_way: int,
+        *,
         controller_size: int = 128,
         memory_slots: int = 32,
         memory_width: int = 40,
@@ -88,8 +92,7 @@ class MANN(nn.Module):
             raise ValueError("support_loss needs label_timing='previous': a support step sees its own label")
         if not 1 <= read_heads <= memory_slots:
             raise ValueError("need 1 <= read_heads <= memory_slots")
-        super().__init__()
-        self.model = model
+        super().__init__(model, n_way)
         self.n_way, self.slots, self.width, self.heads = n_way, memory_slots, memory_width, read_heads
         self.gamma, self.controller_kind, self.controller_size = gamma, controller, controller_size
         self.shuffle_seed, self.key_strength, self.support_loss = shuffle_seed, key_strength, support_loss
@@ -192,7 +195,7 @@ class MANN(nn.Module):
         queries, so neither the queries' order (sorted by class in a batch) nor their number can
         carry label information.
         """
-        _check_task_batch(support_x, support_y, query_x, support_y[:, :1])  # no query labels here
+        check_task_batch(support_x, support_y, query_x, support_y[:, :1])  # no query labels here
         order = self._order(support_x, support_y)
         s_feat, q_feat = self._encode(support_x, query_x)
         s_feat = torch.gather(s_feat, 1, order.unsqueeze(-1).expand_as(s_feat))
@@ -216,7 +219,7 @@ class MANN(nn.Module):
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Mean query cross-entropy (plus support terms if ``support_loss``) and query logits ``[T, N*Q, N]``."""
-        _check_task_batch(support_x, support_y, query_x, query_y)
+        check_task_batch(support_x, support_y, query_x, query_y)
         q_logits, s_logits, s_y = self._sequence_logits(support_x, support_y, query_x)
         losses = F.cross_entropy(q_logits.flatten(0, 1), query_y.flatten(), reduction="none")
         if self.support_loss:
@@ -225,9 +228,6 @@ class MANN(nn.Module):
             losses = torch.cat([losses, s_losses[seen.flatten()]])
         return losses.mean(), q_logits
 
-    def outer_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
-        """The outer loss of ``outer_loss_and_logits``; differentiable in the encoder and the MANN."""
-        return self.outer_loss_and_logits(support_x, support_y, query_x, query_y)[0]
 
     def adapt_and_predict(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
@@ -235,3 +235,11 @@ class MANN(nn.Module):
         """Detached query logits ``[T, N*Q, N]``; adaptation is the forward pass, ``steps`` is ignored."""
         with torch.no_grad():
             return self._sequence_logits(support_x, support_y, query_x)[0].detach()
+
+    @classmethod
+    def settings_from_legacy(cls, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """Before plug-ins the settings were ``mann_*``; checkpoints older than ``mann_label_timing`` fed labels late."""
+        legacy = {"controller": "mann_controller", "memory_slots": "mann_memory_slots", "key_strength": "mann_key_strength"}
+        settings = {new: saved[old] for new, old in legacy.items() if old in saved}
+        settings["label_timing"] = saved.get("mann_label_timing", "previous")
+        return settings

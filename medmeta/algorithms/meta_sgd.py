@@ -26,13 +26,16 @@ class MetaSGD(MAML):
 
     Args:
         model: the network; its parameters are the meta-learned initialisation θ.
+        n_way: classes per episode (unused).
         inner_lr: initial value of every learning-rate element.
         maml_options: ``inner_steps``, ``eval_inner_steps``, ``first_order``, ``task_reduction``,
-            ``loss_fn``, ``task_parallel``, as in :class:`MAML`.
+            ``task_parallel``, ``checkpoint_inner_steps``, as in :class:`MAML`.
     """
 
-    def __init__(self, model: nn.Module, *, inner_lr: float = 0.4, **maml_options: Any) -> None:
-        super().__init__(model, inner_lr=inner_lr, **maml_options)
+    name = "meta_sgd"
+
+    def __init__(self, model: nn.Module, n_way: int | None = None, *, inner_lr: float = 0.4, **maml_options: Any) -> None:
+        super().__init__(model, n_way, inner_lr=inner_lr, **maml_options)
         lrs = {
             lr_key(name): nn.Parameter(torch.full_like(p.detach(), self.inner_lr))
             for name, p in self.adaptable_parameters().items()
@@ -44,3 +47,12 @@ class MetaSGD(MAML):
     def inner_update(self, params: Params, grads: Params, step: int) -> Params:
         """One inner step with per-element learning rates: θ ← θ − α ⊙ ∇θ L_support."""
         return {name: p - self.inner_lrs[lr_key(name)] * grads[name] for name, p in params.items()}
+
+    def resize_head(self, n_classes: int) -> None:
+        """A new zero head (see ``MetaLearner.resize_head``) whose learned rates are the mean of the old head's."""
+        means = {name: float(self.inner_lrs[lr_key(name)].detach().mean()) for name in self.adaptable_parameters()
+                 if name.startswith("head.")}  # fmt: skip
+        super().resize_head(n_classes)
+        for name, p in self.model.head.named_parameters():
+            key = lr_key(f"head.{name}")
+            self.inner_lrs[key] = nn.Parameter(torch.full_like(p.detach(), means[f"head.{name}"]))

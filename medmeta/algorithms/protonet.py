@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medmeta.algorithms.maml import _check_task_batch
+from medmeta.algorithms.base import MetaLearner, Predictor, check_task_batch
 from medmeta.networks.norm import query_statistics, uses_running_statistics
 
 Distance = Literal["squared_euclidean", "cosine"]
 
 
-class ProtoNet(nn.Module):
+class ProtoNet(MetaLearner):
     """Prototypical network over a meta-batch of tasks with a leading task dimension ``T``.
 
     Embeddings are ``model.features(x)`` flattened (``model.head`` is unused: it gets no gradient,
@@ -23,7 +24,7 @@ class ProtoNet(nn.Module):
 
     Batch norm: **transductive**. Support and query images of a task go through the backbone in
     ONE forward pass (concatenated, as in the authors' code), so with batch norm that uses batch
-    statistics (``Conv4`` keeps no running statistics) every embedding, prototypes included,
+    statistics (medmeta's backbones keep none unless ``norm_mode: running``) every embedding, prototypes included,
     depends on the task's query images, and prototypes and queries share one normalisation.
     The same holds in training (:meth:`outer_loss_and_logits`) and evaluation
     (:meth:`adapt_and_predict`). Query labels are never used for the logits. Tasks are never
@@ -31,22 +32,26 @@ class ProtoNet(nn.Module):
 
     Args:
         model: backbone with a ``features`` submodule; its parameters are meta-learned.
+        n_way: classes per episode (unused: prototypes are built for the classes of the support set).
         distance: ``"squared_euclidean"`` (the paper's) or ``"cosine"`` (``1 - cos``; use a
             temperature well below 1, e.g. 0.1, since its logits only span ``[-2/t, 0]``).
-        temperature: divides the negative distances; positive and finite (``--model.protonet_temperature``).
+        temperature: divides the negative distances; positive and finite.
     """
 
+    name = "protonet"
+    transductive_batches = "each task's support and query images together"
+
     def __init__(
-        self, model: nn.Module, *, distance: Distance = "squared_euclidean", temperature: float = 1.0
-    ) -> None:
+        self, model: nn.Module, n_way: int | None = None, *, distance: Distance = "squared_euclidean",
+        temperature: float = 1.0,
+    ) -> None:  # fmt: skip
         if not isinstance(getattr(model, "features", None), nn.Module):
             raise ValueError(f"ProtoNet needs a backbone with a `features` submodule; got {type(model).__name__}")
         if distance not in ("squared_euclidean", "cosine"):
             raise ValueError(f"distance must be 'squared_euclidean' or 'cosine', got {distance!r}")
         if isinstance(temperature, bool) or not (0 < temperature < float("inf")):
             raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
-        super().__init__()
-        self.model = model
+        super().__init__(model, n_way)
         self.distance = distance
         self.temperature = temperature
 
@@ -70,6 +75,23 @@ class ProtoNet(nn.Module):
         prototypes = class_prototypes(support, support_y)
         return -self._distance(query, prototypes) / self.temperature
 
+    def predictor(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> Predictor:
+        """:meth:`task_logits` of this support set; with running statistics support and query pass separately, the query last."""
+        calls = 2 if uses_running_statistics(self.model) else 1
+        return Predictor(lambda x: self.task_logits(support_x, support_y, x), backbone_calls=calls)
+
+    def resize_head(self, n_classes: int) -> None:
+        """Nothing to resize: prototypes come from the support set, the backbone's head is unused."""
+        self.n_way = n_classes
+
+    def adaptation_text(self, steps: int | None = None) -> str:
+        return f"class prototypes ({self.distance.replace('_', ' ')} distance, temperature {self.temperature:g})"
+
+    @classmethod
+    def settings_from_legacy(cls, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """Before plug-ins the temperature was ``protonet_temperature`` (absent: 1.0)."""
+        return {"distance": saved.get("distance", "squared_euclidean"), "temperature": saved.get("protonet_temperature", 1.0)}
+
     def _distance(self, query: Tensor, prototypes: Tensor) -> Tensor:
         if self.distance == "cosine":
             return 1.0 - F.normalize(query, dim=-1) @ F.normalize(prototypes, dim=-1).T
@@ -79,14 +101,11 @@ class ProtoNet(nn.Module):
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Cross-entropy on the queries, averaged over tasks, and the query logits ``[T, N*Q, N]``."""
-        _check_task_batch(support_x, support_y, query_x, query_y)
+        check_task_batch(support_x, support_y, query_x, query_y)
         logits = self._all_task_logits(support_x, support_y, query_x)
         losses = torch.stack([F.cross_entropy(logits[t], query_y[t]) for t in range(logits.shape[0])])
         return losses.mean(), logits
 
-    def outer_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> Tensor:
-        """Query loss averaged over the ``T`` tasks; differentiable in the backbone's weights."""
-        return self.outer_loss_and_logits(support_x, support_y, query_x, query_y)[0]
 
     def adapt_and_predict(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None

@@ -1,120 +1,39 @@
-"""Lightning data module: folders of images in, batches of few-shot episodes out."""
+"""Lightning data module: wires the data layers to loaders (folders of images in, batches of few-shot episodes out).
+
+The work is done elsewhere, each without Lightning: ``inventory`` (discover, preflight, split),
+``loading`` and ``image_cache`` (images to tensors, in memory or memory-mapped), ``loaders``
+(episodes, samplers, the resumable loader), ``replay`` (frozen test episodes) and ``cache_folder``
+(the built-in synthetic data set).
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from monai.data import CacheDataset
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 
-from medmeta.data.episode_manifest import EpisodeManifest, ManifestEpisodeSampler, data_hash, sample_ids
-from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler
+from medmeta.data.cache_folder import default_cache_dir, ensure_synthetic, synthetic_root
+from medmeta.data.episodes import SPLITS, ClassSplits
+from medmeta.data.image_cache import cached_images
 from medmeta.data.inventory import Inventory, take_inventory
+from medmeta.data.loaders import EpisodeDataset, EpochEpisodeSampler, ResumableLoader, per_rank_batch, training_loader
+from medmeta.data.loading import transform_images
 from medmeta.data.presets import DEFAULT_WINDOW
 from medmeta.data.records import ImageRecord
-from medmeta.data.transforms import KEY, augment_images, load_transforms
+from medmeta.data.replay import frozen_episodes, replayed_episodes
 from medmeta.errors import DataError
 
+# also importable from here, where they lived before the data layers were split
+__all__ = ["EpisodeDataset", "EpisodicDataModule", "EpochEpisodeSampler", "ResumableLoader", "default_cache_dir",
+           "synthetic_root", "transform_images"]  # fmt: skip
+
 logger = logging.getLogger(__name__)
-
-# Bumped whenever reading or transforming changes pixel values (2: pictures converted through their PIL mode, grey
-# as ITU-R 601 luma), so a memory-mapped image cache written by an older medmeta is never reused.
-IMAGE_CACHE_VERSION = 2
-
-
-def default_cache_dir() -> Path:
-    """Where medmeta keeps generated data: ``$MEDMETA_CACHE``, else ``$XDG_CACHE_HOME/medmeta``, else ``~/.cache/medmeta``."""
-    if os.environ.get("MEDMETA_CACHE"):
-        return Path(os.environ["MEDMETA_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "medmeta"
-
-
-def synthetic_root(seed: int, spatial_dims: int = 2) -> Path:
-    """Folder of the built-in synthetic lesion data set (2D DICOM or 3D NIfTI) for ``seed``."""
-    kind = "synthetic-lesions" if spatial_dims == 2 else "synthetic-lesions-3d"
-    return default_cache_dir() / f"{kind}-v1-seed{seed}"
-
-
-class EpisodeDataset(Dataset):
-    """Episode ``i`` of a meta-split as tensors; augmentation is seeded by (seed, split, i)."""
-
-    def __init__(self, images: torch.Tensor, sampler: EpisodeSampler, length: int, augment: bool) -> None:
-        self.images, self.sampler, self.length, self.augment = images, sampler, length, augment
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        episode = self.sampler.episode(index)
-        support_x, query_x = self.images[episode.support], self.images[episode.query]
-        if self.augment:
-            state = np.random.SeedSequence([self.sampler.seed, 99, index]).generate_state(2)
-            generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-            support_x, query_x = augment_images(support_x, generator), augment_images(query_x, generator)
-        class_ids = torch.tensor([self.sampler.classes.index(name) for name in episode.classes])
-        support_y, query_y = torch.from_numpy(episode.support_labels), torch.from_numpy(episode.query_labels)
-        return {
-            "support_x": support_x,
-            "support_y": support_y,
-            "query_x": query_x,
-            "query_y": query_y,
-            "support_class": class_ids[support_y],  # index among the split's classes (for pre-training)
-            "query_class": class_ids[query_y],
-            "episode": torch.tensor(episode.index),
-        }
-
-
-class EpochEpisodeSampler(DistributedSampler):
-    """This rank's share of episode indices ``epoch * length ... epoch * length + length - 1``.
-
-    New episodes every epoch; under DDP rank ``r`` of ``w`` takes every ``w``-th index from ``r``,
-    so the ranks adapt distinct tasks (a ``DistributedSampler``, so Lightning does not wrap it and
-    calls its ``set_epoch``). After a mid-epoch resume, the next iteration starts ``skip``
-    episodes into the epoch (once).
-    """
-
-    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0) -> None:
-        self.length, self.num_replicas, self.rank, self.epoch, self.skip = length, num_replicas, rank, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        start, self.skip = self.skip, 0
-        return iter(range(self.epoch * self.length + start + self.rank, (self.epoch + 1) * self.length, self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.length // self.num_replicas
-
-
-class ResumableLoader(DataLoader):
-    """The training loader: Lightning keeps its position in checkpoints and restores it on resume.
-
-    ``position()`` gives the meta-batches already trained in the current epoch (all DDP ranks
-    move together); ``episodes_per_batch`` is the episodes of one meta-batch over all ranks.
-    """
-
-    def __init__(self, *args: object, position: Callable[[], int], episodes_per_batch: int, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.position, self.episodes_per_batch = position, episodes_per_batch
-
-    def state_dict(self) -> dict[str, int]:
-        """The epoch and the meta-batches of it already trained."""
-        return {"epoch": self.sampler.epoch, "batches": int(self.position())}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Start the next iteration where the checkpointed run stopped."""
-        self.sampler.skip = state["batches"] * self.episodes_per_batch
 
 
 class EpisodicDataModule(L.LightningDataModule):
@@ -216,19 +135,8 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Generate the built-in synthetic data set if it is used and missing."""
-        target = synthetic_root(self.synthetic_seed, self.spatial_dims)
-        if self.root is not None or target.exists():
-            return
-        logger.info("generating the synthetic lesion data set at %s", target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if self.spatial_dims == 3:
-            from medmeta.data.synthetic3d import generate_synthetic_volumes
-
-            generate_synthetic_volumes(target, seed=self.synthetic_seed)
-        else:
-            from medmeta.data.synthetic import generate_synthetic_dataset
-
-            generate_synthetic_dataset(target, seed=self.synthetic_seed)
+        if self.root is None:
+            ensure_synthetic(self.synthetic_seed, self.spatial_dims)
 
     def setup(self, stage: str | None = None) -> None:
         """Preflight the source, split classes, check episode feasibility and cache the images needed."""
@@ -261,115 +169,59 @@ class EpisodicDataModule(L.LightningDataModule):
             return
         out = Path(log_dir)
         out.mkdir(parents=True, exist_ok=True)
-        splits = {s: list(self.class_splits.of(s)) for s in SPLITS}
-        (out / "class_splits.json").write_text(json.dumps(splits, indent=2) + "\n")
+        (out / "class_splits.json").write_text(json.dumps(self.class_splits.to_json(), indent=2) + "\n")
 
     def _build(self, split: str) -> EpisodeDataset:
         assert self.inventory is not None
-        classes = self.inventory.class_splits.of(split)
-        records = [r for r in self.inventory.records if r.label in classes]
+        records = self.inventory.split_records(split)
+        shape = {"n_way": self.n_way, "k_shot": self.k_shot, "q_query": self.q_query}
         if split == "test" and self.episodes_file is not None:
-            sampler = self._replayed_test_episodes(records, classes)
+            sampler = replayed_episodes(self.episodes_file, records, self.inventory.class_splits.of(split),
+                                        all_records=self.inventory.records, root=self.data_root, **shape)  # fmt: skip
             length = len(sampler)
         else:
-            sampler = EpisodeSampler(
-                [r.label for r in records], [r.patient for r in records], classes, split=split,
-                n_way=self.n_way, k_shot=self.k_shot, q_query=self.q_query, seed=self.seed,
-            )  # fmt: skip
+            sampler = self.inventory.episode_sampler(split, seed=self.seed, **shape)
             length = self.train_batches_per_epoch * self.meta_batch_size if split == "train" else self.episodes[split]
         if split == "test":
             self._test_records = records
-        images = self._cache(records)
-        return EpisodeDataset(images, sampler, length, augment=self.augment and split == "train")
-
-    def _data_hash(self) -> str:
-        assert self.inventory is not None
-        records = self.inventory.records
-        return data_hash(records, sample_ids(records, self.data_root))
-
-    def _replayed_test_episodes(self, records: Sequence[ImageRecord], classes: Sequence[str]) -> ManifestEpisodeSampler:
-        """The sampler replaying ``episodes_file``, after checking its shape and the data set's hash."""
-        manifest = EpisodeManifest.read(self.episodes_file)
-        shape, wanted = (manifest.n_way, manifest.k_shot, manifest.q_query), (self.n_way, self.k_shot, self.q_query)
-        if shape != wanted:
-            raise DataError(
-                f"episode manifest {self.episodes_file} holds {shape[0]}-way {shape[1]}-shot {shape[2]}-query episodes "
-                f"but the data config asks for {wanted[0]}-way {wanted[1]}-shot {wanted[2]}-query"
-            )
-        current = self._data_hash()
-        if manifest.data_hash != current:
-            raise DataError(
-                f"episode manifest {self.episodes_file} was frozen on a different data set (hash {manifest.data_hash}, "
-                f"this data set {current}): files were added, removed, relabelled or changed; replay refused"
-            )
-        return ManifestEpisodeSampler(manifest, sample_ids(records, self.data_root), classes,
-                                      source=self.episodes_file, patients=[r.patient for r in records])  # fmt: skip
+        return EpisodeDataset(self._images(records), sampler, length, augment=self.augment and split == "train")
 
     def freeze_test_episodes(self, path: Path) -> Path | None:
         """Write the test episodes used (drawn or replayed) as a manifest to ``path``; ``None`` before setup."""
         dataset = self._datasets.get("test")
-        if dataset is None:
+        if dataset is None or self.inventory is None:
             return None
-        if isinstance(dataset.sampler, ManifestEpisodeSampler):
-            return dataset.sampler.manifest.write(path)
-        ids = sample_ids(self._test_records, self.data_root)
-        episodes = [dataset.sampler.episode(i) for i in range(len(dataset))]
-        manifest = EpisodeManifest.freeze(episodes, ids, split="test", seed=self.seed, k_shot=self.k_shot,
-                                          q_query=self.q_query, data_hash=self._data_hash())  # fmt: skip
+        manifest = frozen_episodes(
+            dataset.sampler, len(dataset), self._test_records, all_records=self.inventory.records,
+            root=self.data_root, seed=self.seed, k_shot=self.k_shot, q_query=self.q_query,
+        )  # fmt: skip
         return manifest.write(path)
 
-    def _world(self) -> tuple[int, bool]:
-        """(number of processes, whether this one is rank 0) of the attached trainer."""
+    def _world(self) -> tuple[int, int]:
+        """(number of processes, this one's global rank) of the attached trainer."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 1, True
-        return int(trainer.world_size), bool(trainer.is_global_zero)
+        return (1, 0) if trainer is None else (int(trainer.world_size), int(trainer.global_rank))
 
-    def _cache(self, records: Sequence[ImageRecord]) -> torch.Tensor:
-        """The transformed images of ``records``, ``[len(records), C, *spatial]``.
+    def _images(self, records: Sequence[ImageRecord]) -> torch.Tensor:
+        """The transformed images of ``records``: in memory, or under DDP memory-mapped from one shared file."""
+        # in the order of the cache key (image_cache.cache_key)
+        settings = {
+            "image_size": self.image_size, "window": self.window, "preset": self.preset,
+            "spatial_dims": self.spatial_dims, "in_channels": self.in_channels, "spacing": self.spacing,
+            "roi_size": self.roi_size,
+        }  # fmt: skip
+        arrays = self.inventory.arrays if self.inventory is not None else None
+        transform = partial(transform_images, **settings, arrays=arrays, source=self.data_root)
+        world, rank = self._world()
+        barrier = (lambda: self.trainer.strategy.barrier("medmeta-image-cache")) if world > 1 else None
+        return cached_images(records, transform, settings=settings, world_size=world, is_zero=rank == 0,
+                             barrier=barrier)
 
-        One process: transformed in memory. Several (DDP): rank 0 transforms them once into a
-        tensor file in the medmeta cache (named by a hash of the file list and the transform
-        settings; no path or patient key is stored), and every rank memory-maps that file, so the
-        operating system keeps one copy for all ranks (engineering notes, trap 9).
-        """
-        world, is_zero = self._world()
-        if world == 1:
-            return self._transform_all(records)
-        path = default_cache_dir() / "tensors" / f"{self._cache_key(records)}.pt"
-        if is_zero and not path.exists():
-            images = self._transform_all(records)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.partial")
-            torch.save(images, partial)
-            os.replace(partial, path)
-        self.trainer.strategy.barrier("medmeta-image-cache")
-        return torch.load(path, mmap=True, weights_only=True)
-
-    def _cache_key(self, records: Sequence[ImageRecord]) -> str:
-        """Hash of what determines the cached tensor: the files (path, size, mtime) and the transforms."""
-        digest = hashlib.sha256()
-        settings = (IMAGE_CACHE_VERSION, self.image_size, self.window, self.preset, self.spatial_dims, self.in_channels,
-                    self.spacing, self.roi_size)  # fmt: skip
-        digest.update(repr(settings).encode())
-        for record in records:
-            stat = record.path.stat()
-            digest.update(f"{record.path}|{record.item}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        return digest.hexdigest()[:32]
-
-    def _transform_all(self, records: Sequence[ImageRecord]) -> torch.Tensor:
-        """Run the deterministic transforms once per image (MONAI ``CacheDataset``) and stack the results."""
-        return transform_images(
-            records, image_size=self.image_size, window=self.window, preset=self.preset,
-            spatial_dims=self.spatial_dims, in_channels=self.in_channels, spacing=self.spacing, roi_size=self.roi_size,
-            arrays=self.inventory.arrays if self.inventory is not None else None, source=self.data_root,
-        )  # fmt: skip
-
-    def _loader(self, split: str, batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
         if split not in self._datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+            self.setup({"val": "validate", "test": "test"}[split])
         return DataLoader(
-            self._datasets[split], batch_size=batch_size, sampler=sampler, shuffle=False,
+            self._datasets[split], batch_size=batch_size, shuffle=False,
             num_workers=self.num_workers, persistent_workers=False, generator=torch.Generator(),  # see train_dataloader
         )  # fmt: skip
 
@@ -381,25 +233,14 @@ class EpisodicDataModule(L.LightningDataModule):
         then gives the meta-gradient of the whole meta-batch. The loader's position is saved in
         checkpoints, so a run resumed mid-epoch continues with the next meta-batch.
         """
-        world, _ = self._world()
-        rank = self.trainer.global_rank if getattr(self, "trainer", None) is not None else 0
-        if self.meta_batch_size % world:
-            raise ValueError(
-                f"meta_batch_size={self.meta_batch_size} does not split evenly across {world} processes; "
-                f"use a multiple of {world}"
-            )
-        length = self.train_batches_per_epoch * self.meta_batch_size
+        world, rank = self._world()
+        per_rank_batch(self.meta_batch_size, world)  # a wrong meta-batch size is named before any image is read
         if "train" not in self._datasets:
             self.setup("fit")
         progress = self.trainer.fit_loop.epoch_loop.batch_progress if getattr(self, "trainer", None) else None
-        return ResumableLoader(
-            self._datasets["train"], batch_size=self.meta_batch_size // world, sampler=EpochEpisodeSampler(length, world, rank),
-            shuffle=False, num_workers=self.num_workers, persistent_workers=False,
-            # a private generator: each new iterator draws its worker seed from it, not from the global RNG, whose
-            # restored state would otherwise shift on a mid-epoch resume (tests/test_reliability.py)
-            generator=torch.Generator(),
-            position=(lambda: progress.current.processed) if progress else (lambda: 0),
-            episodes_per_batch=self.meta_batch_size,
+        return training_loader(
+            self._datasets["train"], meta_batch_size=self.meta_batch_size, world_size=world, rank=rank,
+            num_workers=self.num_workers, position=(lambda: progress.current.processed) if progress else (lambda: 0),
         )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
@@ -416,54 +257,9 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def describe(self) -> Mapping[str, object]:
         """A JSON-ready summary of the episodes (no file paths, no patient keys)."""
-        splits = {s: list(self.class_splits.of(s)) for s in SPLITS} if self.class_splits else None
+        splits = self.class_splits.to_json() if self.class_splits else None
         return {
             "n_way": self.n_way, "k_shot": self.k_shot, "q_query": self.q_query, "seed": self.seed,
             "test_episodes": len(self._datasets["test"]) if "test" in self._datasets else self.episodes["test"],
             "episodes_file": "replayed" if self.episodes_file else "drawn (seed, split, index)", "class_splits": splits,
         }  # fmt: skip
-
-
-def transform_images(
-    records: Sequence[ImageRecord], *, image_size: int, window: tuple[float, float] | None, preset: str | None,
-    spatial_dims: int, in_channels: int, spacing: tuple[float, float, float] | None = None,
-    roi_size: tuple[int, int, int] | None = None, arrays: np.ndarray | None = None, source: Path | str = "the data",
-) -> torch.Tensor:  # fmt: skip
-    """The images of ``records`` through the deterministic load transforms, ``[n, C, *spatial]`` in [0, 1].
-
-    A file that cannot be transformed, a wrong shape or non-finite pixels raise ``DataError``
-    naming the file.
-    """
-    transform = load_transforms(
-        image_size=image_size, window=window, preset=preset, spatial_dims=spatial_dims, in_channels=in_channels,
-        from_array=arrays is not None, spacing=spacing, roi_size=roi_size,
-        array_channel_dim=-1 if arrays is not None and arrays.ndim == spatial_dims + 2 else "no_channel",
-    )  # fmt: skip
-    items = [{KEY: arrays[r.item] if arrays is not None else str(r.path)} for r in records]
-    try:
-        cached = CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
-        images = torch.stack([cached[i][KEY] for i in range(len(cached))])
-    except Exception as error:  # find the file that broke the cache and name it
-        for record, item in zip(records, items):
-            try:
-                transform(dict(item))
-            except Exception as inner:
-                raise DataError(f"cannot read {record.path}: {_reason(inner)}") from inner
-        raise DataError(f"cannot cache images under {source}: {_reason(error)}") from error
-    expected = (in_channels, *(image_size,) * spatial_dims)
-    if tuple(images.shape[1:]) != expected:
-        raise DataError(
-            f"images under {source} load as {tuple(images.shape[1:])}, expected {expected} "
-            f"(in_channels={in_channels}, spatial_dims={spatial_dims})"
-        )
-    bad = ~torch.isfinite(images.flatten(1)).all(dim=1)
-    if bad.any():
-        raise DataError(f"non-finite pixel values in {records[int(bad.nonzero()[0])].path}")
-    return images
-
-
-def _reason(error: BaseException) -> str:
-    """The innermost cause of a MONAI transform error, in one line."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

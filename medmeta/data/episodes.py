@@ -1,5 +1,8 @@
 """Class-disjoint meta-splits and N-way K-shot Q-query episodes.
 
+Why this module is longer than 300 lines: the patient-disjoint support/query search and its helpers serve
+``EpisodeSampler`` alone and are one idea with it.
+
 Every episode is a pure function of ``(seed, split, index)``: it draws from a local
 ``numpy.random.Generator`` seeded with exactly those three numbers, never from a global RNG, so
 the same index gives the same episode in any process, worker or machine.
@@ -36,6 +39,10 @@ class ClassSplits:
     def of(self, split: str) -> tuple[str, ...]:
         """The classes of ``split`` (``"train"``, ``"val"`` or ``"test"``)."""
         return getattr(self, split)
+
+    def to_json(self) -> dict[str, list[str]]:
+        """``{"train": [...], "val": [...], "test": [...]}``, JSON-ready."""
+        return {split: list(self.of(split)) for split in SPLITS}
 
 
 def split_classes(

@@ -16,11 +16,12 @@ import numpy as np
 import pydicom
 
 from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler, split_classes
+from medmeta.data.formats import DICOM_SUFFIXES
 from medmeta.data.manifest import read_manifest
 from medmeta.data.medmnist import load_medmnist, medmnist_records
 from medmeta.data.preflight import FileProblem, check_image, pixel_value_problem
 from medmeta.data.presets import DEFAULT_WINDOW, Intensity
-from medmeta.data.records import DICOM_SUFFIXES, ImageRecord, data_folder, discover_records
+from medmeta.data.records import ImageRecord, data_folder, discover_records
 from medmeta.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,19 @@ class Inventory:
         """Whether every meta-split can supply the configured episodes."""
         return all(message is None for message in self.feasibility.values())
 
+    def split_records(self, split: str) -> list[ImageRecord]:
+        """The usable records of ``split``'s classes, in inventory order."""
+        classes = self.class_splits.of(split)
+        return [r for r in self.records if r.label in classes]
+
+    def episode_sampler(self, split: str, *, n_way: int, k_shot: int, q_query: int, seed: int) -> EpisodeSampler:
+        """The episodes of ``split``, drawn over :meth:`split_records`; ``DataError`` if they cannot be drawn."""
+        records = self.split_records(split)
+        return EpisodeSampler(
+            [r.label for r in records], [r.patient for r in records], self.class_splits.of(split),
+            split=split, n_way=n_way, k_shot=k_shot, q_query=q_query, seed=seed,
+        )  # fmt: skip
+
     def classes(self) -> dict[str, tuple[int, int]]:
         """Usable images and distinct patients per class."""
         images = Counter(r.label for r in self.records)
@@ -62,7 +76,7 @@ class Inventory:
             "usable_images": len(self.records),
             "classes": {k: {"images": n, "patients": p} for k, (n, p) in self.classes().items()},
             "skipped": [{"path": str(p.path), "reason": p.reason, "detail": p.detail} for p in self.problems],
-            "class_splits": {s: list(self.class_splits.of(s)) for s in SPLITS},
+            "class_splits": self.class_splits.to_json(),
             "feasibility": self.feasibility,
             "ok": self.ok,
         }
@@ -183,13 +197,8 @@ def _class_splits(
 
 
 def _feasibility(inventory: Inventory, split: str, n_way: int, k_shot: int, q_query: int, seed: int) -> str | None:
-    classes = inventory.class_splits.of(split)
-    records = [r for r in inventory.records if r.label in classes]
     try:
-        EpisodeSampler(
-            [r.label for r in records], [r.patient for r in records], classes,
-            split=split, n_way=n_way, k_shot=k_shot, q_query=q_query, seed=seed,
-        )  # fmt: skip
+        inventory.episode_sampler(split, n_way=n_way, k_shot=k_shot, q_query=q_query, seed=seed)
     except DataError as error:
         return str(error)
     return None

@@ -3,8 +3,8 @@
 Reason codes (``FileProblem.code``) and what they come from:
 
 ``not-image``
-    a suffix that is not DICOM (``.dcm .dicom .ima``), NIfTI (``.nii .nii.gz``) or PNG/JPEG
-    (``.png .jpg .jpeg``); a DICOM file without pixel data (e.g. a structured report); a folder
+    a suffix of no format in ``medmeta.data.formats.FORMATS``: DICOM (``.dcm .dicom .ima``),
+    NIfTI (``.nii .nii.gz``), PNG/JPEG (``.png .jpg .jpeg``); a DICOM file without pixel data (e.g. a structured report); a folder
     checked as 2D (folders are read only as 3D DICOM series).
 ``empty``
     a zero-byte file, or an image with no pixels.
@@ -34,7 +34,8 @@ Reason codes (``FileProblem.code``) and what they come from:
     (nothing was cut: the bytes are not what the name says) or a corrupt gzip stream, a NIfTI
     header nibabel rejects, undecodable pixel data, unsupported transfer syntaxes, any other error.
 
-PNG/JPEG are read as they show (:func:`medmeta.data.readers.read_picture`, the conversion
+Each file is read by its format's check (the format table, ``formats.py``).
+PNG/JPEG are read as they show (:func:`medmeta.data.pictures.read_picture`, the conversion
 training uses), not as they store: palette colours, not indices; CMYK as RGB; alpha composited
 on black; 16-bit values kept.
 
@@ -43,20 +44,16 @@ on black; 16-bit values kept.
 
 from __future__ import annotations
 
-import gzip
 import logging
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-from PIL import UnidentifiedImageError
 
+from medmeta.data.dicom import DecoderMissingError, DicomReadError
+from medmeta.data.formats import ReadProblem, format_of, series_format
 from medmeta.data.presets import Intensity
-from medmeta.data.readers import DICOM_SUFFIXES, DecoderMissingError, DicomReadError, read_dicom, read_picture
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +62,6 @@ REASON_CODES = (
     "wrong-dims", "inconsistent-series", "unreadable",
 )
 MIN_WINDOWED_SPREAD = 1e-6  # max - min after the intensity step at or below this: one constant image
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_NIFTI_HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
 
 
 @dataclass(frozen=True)
@@ -93,14 +87,6 @@ class FileProblem:
         return self.reason.split(":", 1)[0]
 
 
-class _Problem(Exception):
-    """Internal: carries a reason code and detail out of a reader."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
 def check_image(path: Path, *, spatial_dims: int = 2, intensity: Intensity | None = None) -> FileProblem | None:
     """Fully read one image (file, or DICOM series folder when spatial_dims == 3) and say what is wrong, or None.
 
@@ -122,7 +108,7 @@ def check_image(path: Path, *, spatial_dims: int = 2, intensity: Intensity | Non
         _check_pixels(array, n_spatial, slices, spatial_dims)
         if intensity is not None:
             _check_windowed(array, intensity)
-    except _Problem as problem:
+    except ReadProblem as problem:
         return _found(FileProblem(path, problem.reason, problem.detail))
     except DicomReadError as err:
         return _found(FileProblem(path, err.reason, err.detail))
@@ -140,91 +126,34 @@ def _found(problem: FileProblem) -> FileProblem:
 
 
 def _read(path: Path, spatial_dims: int) -> tuple[np.ndarray, int, int]:
-    """Return the pixel array, its number of spatial axes (the rest are channels) and slices."""
-    name = path.name.lower()
+    """Return the pixel array, its number of spatial axes (the rest are channels) and slices: the format's check."""
     if path.is_dir():
         if spatial_dims != 3:
-            raise _Problem("not-image", "a folder (DICOM series folders are read only when spatial_dims == 3)")
-        return _dicom(path)
+            raise ReadProblem("not-image", "a folder (DICOM series folders are read only when spatial_dims == 3)")
+        return series_format().check(path)
     if not path.is_file():
-        raise _Problem("unreadable", "no such file")
+        raise ReadProblem("unreadable", "no such file")
     if path.stat().st_size == 0:
-        raise _Problem("empty", "zero-byte file")
-    if name.endswith(DICOM_SUFFIXES):
-        return _dicom(path)
-    if name.endswith(NIFTI_SUFFIXES):
-        return _read_nifti(path)
-    if name.endswith(PICTURE_SUFFIXES):
-        return _read_picture(path)
-    raise _Problem("not-image", f"not an image file type ({path.suffix or 'no suffix'})")
-
-
-def _dicom(path: Path) -> tuple[np.ndarray, int, int]:
-    """DICOM file or series folder; slices are the first axis of a volume."""
-    array, spacing = read_dicom(path)
-    return array, len(spacing), array.shape[0] if len(spacing) == 3 else 1
-
-
-def _read_nifti(path: Path) -> tuple[np.ndarray, int, int]:
-    """Decompress and parse a NIfTI-1/2 image, then read every voxel (nibabel alone is lazy)."""
-    raw = path.read_bytes()
-    if path.name.lower().endswith(".gz"):
-        if raw[:2] != b"\x1f\x8b":
-            raise _Problem("unreadable", "named .nii.gz but not gzip-compressed")
-        try:
-            raw = gzip.decompress(raw)
-        except EOFError as err:
-            raise _Problem("truncated", "gzip stream ends early (truncated)") from err
-        except (OSError, zlib.error) as err:
-            raise _Problem("unreadable", f"corrupt gzip stream ({type(err).__name__})") from err
-        if not raw:
-            raise _Problem("empty", "gzip stream holds no data")
-    header_size = next((size for size in _NIFTI_HEADER_SIZES for order in "<>"
-                        if len(raw) >= 4 and struct.unpack(f"{order}i", raw[:4])[0] == size), None)
-    if header_size is None:
-        raise _Problem("unreadable", "not a NIfTI header")
-    if len(raw) < header_size:
-        raise _Problem("truncated", "NIfTI header cut short (truncated)")
-    try:
-        image = _NIFTI_HEADER_SIZES[header_size].from_bytes(raw)
-    except Exception as err:
-        raise _Problem("unreadable", f"NIfTI header rejected ({type(err).__name__})") from err
-    try:
-        data = image.get_fdata(dtype=np.float32)
-    except OSError as err:
-        raise _Problem("truncated", "NIfTI voxel data shorter than the header says (truncated)") from err
-    shape = list(data.shape)
-    while len(shape) > 2 and shape[-1] == 1:  # X x Y x 1 (x 1 ...) is a 2D image
-        shape.pop()
-    return data.reshape(shape), len(shape), shape[2] if len(shape) == 3 else 1
-
-
-def _read_picture(path: Path) -> tuple[np.ndarray, int, int]:
-    """Decode a PNG/JPEG fully, converted through its mode as training reads it; 2D, channels last."""
-    try:
-        array = read_picture(path)
-    except UnidentifiedImageError as err:
-        raise _Problem("unreadable", "not a PNG/JPEG image") from err
-    except (OSError, SyntaxError) as err:
-        if "truncat" in str(err).lower():
-            raise _Problem("truncated", "image file is cut short (truncated)") from err
-        raise _Problem("unreadable", f"image cannot be decoded ({type(err).__name__})") from err
-    return array, 2, 1
+        raise ReadProblem("empty", "zero-byte file")
+    fmt = format_of(path)
+    if fmt is None:
+        raise ReadProblem("not-image", f"not an image file type ({path.suffix or 'no suffix'})")
+    return fmt.check(path)
 
 
 def _check_pixels(array: np.ndarray, n_spatial: int, slices: int, spatial_dims: int) -> None:
-    """Raise a _Problem for empty, wrong-dims, non-finite or constant pixels."""
+    """Raise a ReadProblem for empty, wrong-dims, non-finite or constant pixels."""
     if array.size == 0:
-        raise _Problem("empty", "image has no pixels")
+        raise ReadProblem("empty", "image has no pixels")
     if n_spatial > 3:
-        raise _Problem("wrong-dims", f"{n_spatial}D data, but {spatial_dims}D images are configured")
+        raise ReadProblem("wrong-dims", f"{n_spatial}D data, but {spatial_dims}D images are configured")
     if spatial_dims == 2 and slices > 1:
-        raise _Problem("wrong-dims", f"a 3D volume with {slices} slices, but 2D images are configured")
+        raise ReadProblem("wrong-dims", f"a 3D volume with {slices} slices, but 2D images are configured")
     if spatial_dims == 3 and slices < 2:
-        raise _Problem("wrong-dims", f"a 2D image (shape {tuple(array.shape)}), but 3D volumes are configured")
+        raise ReadProblem("wrong-dims", f"a 2D image (shape {tuple(array.shape)}), but 3D volumes are configured")
     problem = pixel_value_problem(array)
     if problem is not None:
-        raise _Problem(*problem)
+        raise ReadProblem(*problem)
 
 
 def pixel_value_problem(array: np.ndarray) -> tuple[str, str] | None:
@@ -238,12 +167,12 @@ def pixel_value_problem(array: np.ndarray) -> tuple[str, str] | None:
 
 
 def _check_windowed(array: np.ndarray, intensity: Intensity) -> None:
-    """Raise a ``constant-after-window`` _Problem if the intensity step makes the image one constant."""
+    """Raise a ``constant-after-window`` ReadProblem if the intensity step makes the image one constant."""
     windowed = intensity.transform("image")({"image": torch.as_tensor(np.asarray(array, dtype=np.float32)[None])})
     detail = window_problem(windowed["image"])
     if detail is not None:
         low, high = float(np.min(array)), float(np.max(array))
-        raise _Problem("constant-after-window", f"{detail}: {intensity.describe()}, raw values {low:g} to {high:g}; "
+        raise ReadProblem("constant-after-window", f"{detail}: {intensity.describe()}, raw values {low:g} to {high:g}; "
                                                 "choose a preset or window that fits these images")
 
 

@@ -23,13 +23,11 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
-from medmeta.data.preflight import NIFTI_SUFFIXES, PICTURE_SUFFIXES
-from medmeta.data.readers import DICOM_SUFFIXES
+from medmeta.data.formats import DICOM_SUFFIXES, IMAGE_SUFFIXES, format_of
 from medmeta.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (*DICOM_SUFFIXES, *NIFTI_SUFFIXES, *PICTURE_SUFFIXES)
 DISCOVERY_CODES = ("duplicate", "symlink-loop")  # reason codes of discovery, besides the preflight's
 _SALT = secrets.token_bytes(16)
 
@@ -81,8 +79,8 @@ def hash_patient(identifier: str) -> str:
 
 
 def _is_image(path: Path) -> bool:
-    name = path.name.lower()
-    return not name.startswith(".") and name.endswith(IMAGE_SUFFIXES)
+    """A visible file of a format in the format table (``formats.FORMATS``)."""
+    return not path.name.startswith(".") and format_of(path) is not None
 
 
 def _patient_of(path: Path, class_dir: Path) -> str:

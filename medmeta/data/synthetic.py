@@ -1,5 +1,8 @@
 """Procedural synthetic CT lesion data set, written as real DICOM files.
 
+Why this module is longer than 300 lines: one generator whose shape, margin, density and background
+pieces are drawn from one seeded stream, so they stay together; the 3D mode is ``synthetic3d.py``.
+
 Each image is a lesion-centred chest-CT patch in Hounsfield units (HU). A lesion
 class combines a shape, a margin and an internal density pattern; the background
 (lung texture, vessels, chest wall / mediastinum / organ edges), the noise and the

@@ -1,5 +1,8 @@
 """3D mode of the synthetic CT lesion data set, written as real NIfTI volumes.
 
+Why this module is longer than 300 lines: one generator whose 3D shapes, densities and background are
+drawn from one seeded stream, so they stay together.
+
 The lesion classes are those of :mod:`medmeta.data.synthetic` (shape x margin x
 density), rendered as one 3D lesion in a cube of lung: round -> sphere, oval ->
 ellipsoid with a random orientation, lobulated -> radius modulated by smooth

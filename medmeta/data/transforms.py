@@ -17,8 +17,8 @@ from monai.transforms import (
     Spacingd,
 )
 
+from medmeta.data.formats import monai_readers
 from medmeta.data.presets import DEFAULT_WINDOW, intensity_transform
-from medmeta.data.readers import MedmetaDicomReader, MedmetaPictureReader
 
 KEY = "image"
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's RGB -> L: L = 0.299 R + 0.587 G + 0.114 B
@@ -74,9 +74,10 @@ def load_transforms(
 ) -> Compose:
     """Read (or take an array), conform, normalise intensity and resize one image; no metadata survives.
 
-    DICOM is read with a pydicom reader that keeps geometry only (no patient tags), NIfTI with
-    MONAI's nibabel reader, PNG/JPEG with MONAI's PIL reader converting each image through its
-    mode (``readers.convert_picture``, as preflight does); ``EnsureTyped(track_meta=False)`` drops
+    Each file is read with its format's reader from the format table (``formats.FORMATS``): DICOM
+    with a pydicom reader that keeps geometry only (no patient tags), NIfTI with MONAI's nibabel
+    reader, PNG/JPEG with MONAI's PIL reader converting each image through its mode
+    (``pictures.convert_picture``, as preflight does); ``EnsureTyped(track_meta=False)`` drops
     whatever metadata remains, so cached tensors carry no header value at all.
 
     Args:
@@ -96,8 +97,8 @@ def load_transforms(
         steps.append(EnsureChannelFirstd(KEY, channel_dim=array_channel_dim))
     else:
         load = LoadImaged(KEY, image_only=True)  # picks a reader by suffix: nibabel, PIL, ...
-        load.register(MedmetaPictureReader())  # PNG/JPEG converted through their mode (palette, CMYK, alpha)
-        load.register(MedmetaDicomReader())  # ... and ours, first, for DICOM files and series folders
+        for reader in monai_readers():  # ... the format table's first: DICOM, PNG/JPEG converted through their mode
+            load.register(reader)
         steps += [load, EnsureChannelFirstd(KEY)]
     steps.append(ConformImaged(KEY, in_channels=in_channels, spatial_dims=spatial_dims))
     if spatial_dims == 3:

@@ -1,4 +1,4 @@
-"""The Conv-4 backbone of the MAML paper (Finn et al., 2017), in 2D or 3D."""
+"""The Conv-4 backbone of Finn et al., 2017 (and most few-shot papers since), in 2D or 3D."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _norm_layer(norm: NormName, channels: int, spatial_dims: int, running_stat_s
     """A normalisation layer; batch norm is transductive unless ``running_stat_steps > 0``.
 
     Batch norm is :class:`EpisodeBatchNorm`: batch statistics everywhere (the transductive setting
-    of the MAML paper), or per-step running statistics for query forwards at evaluation.
+    of Finn et al., 2017), or per-step running statistics for query forwards at evaluation.
     Instance and group norm never use running statistics. Batch and instance norm are written from
     ``var_mean`` ops so that ``vmap`` over tasks gives exact second-order meta-gradients.
     """
@@ -36,7 +36,7 @@ class Conv4(nn.Module):
     Args:
         in_channels: image channels.
         n_way: number of output classes (the head size).
-        hidden_channels: channels of every conv block (64 in the MAML paper).
+        hidden_channels: channels of every conv block (64 in Finn et al., 2017).
         spatial_dims: 2 for images, 3 for volumes.
         norm: ``"batch"``, ``"group"`` or ``"instance"``.
         image_size: input side length, used to size the head.

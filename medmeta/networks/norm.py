@@ -19,15 +19,18 @@ call of a fused kernel, raises :class:`NotVectorisable`; the algorithms then use
 
 Two ways to normalise a *query* batch at evaluation:
 
-* **transductive** (``running_stat_steps=0``, the MAML paper): every forward uses the statistics
+* **transductive** (``running_stat_steps=0``, as in Finn et al., 2017): every forward uses the statistics
   of the batch it sees, so a query's prediction depends on the other queries of its episode.
-* **running**: the layer keeps running mean and variance per inner step (MAML++). During
+* **running**: the layer keeps running mean and variance per inner step (Antoniou et al., 2019). During
   meta-training, forwards of query images after ``k`` inner updates (marked with
   :func:`query_statistics`) use their batch statistics and update slot ``k``; at evaluation those
   forwards use slot ``k``'s running statistics, so each query is predicted from the support set
   and itself alone. Support forwards always use the support batch's statistics (labelled data).
   Steps past the last slot reuse the last slot; a slot never updated falls back to the nearest
-  updated slot, lower ones first (plain MAML only ever fills the slot of its final step).
+  updated slot, lower ones first (a learner whose loss uses its final step only fills that step's slot).
+
+Why this module is longer than 300 lines: the norm layers medmeta builds and the composites that
+make any user's norm layers exact under ``vmap`` must agree op for op, so they live together.
 """
 
 from __future__ import annotations
@@ -336,6 +339,44 @@ def composite_norms(model: nn.Module) -> Iterator[None]:
             layer.composite = value
 
 
+def set_running_stat_slots(model: nn.Module, slots: int) -> None:
+    """Give every batch-norm layer of ``model`` that keeps running statistics ``slots`` fresh per-step slots.
+
+    The meta-learner decides the number (one per query step it runs); the backbone is built with one.
+    """
+    for layer in model.modules():
+        if isinstance(layer, EpisodeBatchNorm) and layer.steps > 0 and layer.steps != slots:
+            if slots < 1:
+                raise ValueError(f"running statistics need at least one slot, got {slots}")
+            device = layer.running_mean.device
+            layer.steps = slots
+            layer.running_mean = torch.zeros(slots, layer.channels, device=device)
+            layer.running_var = torch.ones(slots, layer.channels, device=device)
+            layer.num_batches_tracked = torch.zeros(slots, dtype=torch.long, device=device)
+
+
 def uses_running_statistics(model: nn.Module) -> bool:
     """Whether any batch-norm layer of ``model`` keeps per-step running statistics."""
     return any(isinstance(m, EpisodeBatchNorm) and m.steps > 0 for m in model.modules())
+
+
+def norm_kinds(model: nn.Module) -> str:
+    """The kinds of non-batch normalisation layer in ``model``, in words (``"group norm"``), or ``"no norm layers"``."""
+    kinds = {"GroupNorm": "group norm", "LayerNorm": "layer norm"}
+    found = {kinds.get(type(m).__name__, "instance norm" if "InstanceNorm" in type(m).__name__ else "") for m in model.modules()}
+    return " and ".join(sorted(found - {""})) or "no norm layers"
+
+
+def describe_normalisation(model: nn.Module, norm_mode: str, transductive_batches: str) -> str:
+    """How query images are normalised, for reports (``metrics.json``, ``diagnose``).
+
+    ``transductive_batches`` is what the learner's batch statistics are computed over.
+    """
+    if not any(isinstance(m, (EpisodeBatchNorm, nn.modules.batchnorm._BatchNorm)) for m in model.modules()):
+        return f"{norm_kinds(model)} (per-sample or per-group statistics, non-transductive)"
+    if norm_mode == "running":
+        return (
+            "running (per-inner-step running batch-norm statistics from meta-training for query "
+            "images; support images use their own batch statistics; non-transductive)"
+        )
+    return f"transductive (batch statistics of {transductive_batches})"

@@ -1,8 +1,8 @@
 """Residual backbones: the few-shot ResNet-12 (2D/3D) and torchvision's ResNet-18 (2D).
 
-Both share Conv4's constructor arguments, expose ``features`` (flattened ``[B, feature_dim]``),
+Both share the constructor arguments of the Conv-4 backbone, expose ``features`` (flattened ``[B, feature_dim]``),
 ``feature_dim`` and ``head``, and use normalisation without running statistics, so they run
-under functional MAML (``torch.func.functional_call``) with the statistics of each batch.
+under functional inner loops (``torch.func.functional_call``) with the statistics of each batch.
 """
 
 from __future__ import annotations
@@ -214,5 +214,3 @@ def _check_instance_norm_size(norm: NormName, image_size: int, *, last_norm_side
             "layer would see a single spatial element; use norm='group' or 'batch', or larger images"
         )
 
-
-RESNET_BACKBONES: dict[str, type[nn.Module]] = {"resnet12": ResNet12, "resnet18": ResNet18}

@@ -28,7 +28,7 @@ def _finetune(**kwargs: object) -> FineTune:
 def test_pretraining_loss_and_query_logits_follow_the_class_ids() -> None:
     algo = _finetune()
     sx, sy, qx, qy, sc, qc = _episode()
-    loss, logits = algo.outer_loss_and_logits(sx, sy, qx, qy, support_class=sc, query_class=qc)
+    loss, logits = algo.meta_loss({"support_x": sx, "support_y": sy, "query_x": qx, "query_y": qy, "support_class": sc, "query_class": qc})
     images = torch.cat([sx, qx], dim=1).flatten(0, 1)
     full = algo.pretrain_head(algo.model.features(images))
     assert torch.allclose(loss, F.cross_entropy(full, torch.cat([sc, qc], dim=1).flatten()))
@@ -53,4 +53,4 @@ def test_too_many_classes_for_the_pretraining_head_is_a_clear_error() -> None:
     algo = _finetune()
     sx, sy, qx, qy, sc, qc = _episode()
     with pytest.raises(ValueError, match="pretrain_classes=8"):
-        algo.outer_loss_and_logits(sx, sy, qx, qy, support_class=sc + 8, query_class=qc)
+        algo.pretraining_loss_and_logits(sx, sy, qx, qy, sc + 8, qc)

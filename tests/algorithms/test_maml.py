@@ -15,8 +15,8 @@ from medmeta.networks import Conv4
 from tests.algorithms.episodes import random_episodes
 
 
-def reference_meta_gradient(model: nn.Module, sx, sy, qx, qy, *, lr: float, steps: int) -> list[torch.Tensor]:
-    """Sequential second-order MAML written with torch.autograd.grad(create_graph=True)."""
+def reference_outer_loss(model: nn.Module, sx, sy, qx, qy, *, lr: float, steps: int) -> torch.Tensor:
+    """Sequential second-order MAML's outer loss (mean over tasks), written with torch.autograd.grad(create_graph=True)."""
     names = [name for name, _ in model.named_parameters()]
     theta = [p for _, p in model.named_parameters()]
     total = 0.0
@@ -27,7 +27,12 @@ def reference_meta_gradient(model: nn.Module, sx, sy, qx, qy, *, lr: float, step
             grads = torch.autograd.grad(loss, fast, create_graph=True)
             fast = [w - lr * g for w, g in zip(fast, grads)]
         total = total + F.cross_entropy(functional_call(model, dict(zip(names, fast)), (qx[t],)), qy[t])
-    return list(torch.autograd.grad(total / sx.shape[0], theta))
+    return total / sx.shape[0]
+
+
+def reference_meta_gradient(model: nn.Module, sx, sy, qx, qy, *, lr: float, steps: int) -> list[torch.Tensor]:
+    """The meta-gradient of :func:`reference_outer_loss` in ``model.parameters()``."""
+    return list(torch.autograd.grad(reference_outer_loss(model, sx, sy, qx, qy, lr=lr, steps=steps), list(model.parameters())))
 
 
 _episodes = partial(random_episodes, tasks=3, q=3, side=12)
@@ -84,9 +89,8 @@ def test_one_meta_update_matches_hand_derivation(first_order: bool, expected_w: 
     model = nn.Linear(1, 1, bias=False).double()
     with torch.no_grad():
         model.weight.fill_(1.0)
-    algo = MAML(
-        model, inner_lr=0.1, inner_steps=1, first_order=first_order, task_reduction="sum", loss_fn=F.mse_loss
-    )
+    algo = MAML(model, inner_lr=0.1, inner_steps=1, first_order=first_order, task_reduction="sum")
+    algo.loss_fn = F.mse_loss
     sx = torch.tensor([[[1.0]], [[2.0]]], dtype=torch.float64)
     sy = torch.tensor([[[3.0]], [[0.0]]], dtype=torch.float64)
     qx = torch.tensor([[[2.0]], [[1.0]]], dtype=torch.float64)

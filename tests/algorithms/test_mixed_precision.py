@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from medmeta.algorithms import MAML
-from medmeta.module import FewShotModule
 from medmeta.networks import Conv4
+from tests.conftest import module_for
 
 
 @contextlib.contextmanager
@@ -76,7 +76,7 @@ def test_bf16_meta_gradient_is_finite_fp32_and_points_the_same_way(task_parallel
 
 def test_lightning_bf16_mixed_training_runs_and_keeps_fp32_weights(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = FewShotModule(n_way=5, image_size=16, hidden_channels=8, inner_lr=0.05, inner_steps=2, eval_inner_steps=2)
+    module = module_for(n_way=5, image_size=16, hidden_channels=8, inner_lr=0.05, inner_steps=2, eval_inner_steps=2)
     sx, sy, qx, qy = _episodes()
     rows = [{"support_x": sx[t], "support_y": sy[t], "query_x": qx[t], "query_y": qy[t], "episode": torch.tensor(t)} for t in range(2)]
     trainer = L.Trainer(max_steps=3, precision="bf16-mixed", accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -7,8 +7,14 @@ import torch
 
 from medmeta.module import FewShotModule
 from medmeta.networks.norm import EpisodeBatchNorm
+from tests.conftest import module_for
 
 ALGORITHMS = ["maml", "maml_pp", "meta_sgd", "anil", "protonet", "mann", "finetune"]
+MAML_STEPS = {"inner_lr": 0.1, "inner_steps": 2, "eval_inner_steps": 3}
+SETTINGS: dict[str, dict[str, object]] = {
+    "maml": MAML_STEPS, "maml_pp": {**MAML_STEPS, "multi_step_loss_epochs": 1}, "meta_sgd": MAML_STEPS, "anil": MAML_STEPS,
+    "protonet": {}, "mann": {}, "finetune": {"pretrain_classes": 10, "finetune_steps": 5},
+}  # fmt: skip
 
 
 def _batch(seed: int, tasks: int = 2, n_way: int = 3, shots: int = 2, queries: int = 4) -> dict[str, torch.Tensor]:
@@ -27,27 +33,18 @@ def _batch(seed: int, tasks: int = 2, n_way: int = 3, shots: int = 2, queries: i
 
 def _module(algorithm: str, norm_mode: str) -> FewShotModule:
     torch.manual_seed(0)
-    return FewShotModule(
-        algorithm=algorithm, n_way=3, image_size=16, hidden_channels=8, norm_mode=norm_mode, inner_lr=0.1,
-        inner_steps=2, eval_inner_steps=3, pretrain_classes=10, finetune_steps=5, multi_step_loss_epochs=1,
-    )  # fmt: skip
+    return module_for(algorithm, n_way=3, image_size=16, hidden_channels=8, norm_mode=norm_mode, **SETTINGS[algorithm])
 
 
 def _train(module: FewShotModule, steps: int = 3) -> None:
     optimiser = torch.optim.Adam(module.parameters(), lr=1e-3)
     module.train()
     for step in range(steps):
-        b = _batch(step)
-        extra = {k: b[k] for k in ("support_class", "query_class")} if algorithm_uses_ids(module) else {}
-        loss, _ = module.algorithm.outer_loss_and_logits(b["support_x"], b["support_y"], b["query_x"], b["query_y"], **extra)
+        loss, _ = module.algorithm.meta_loss(_batch(step))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
     module.eval()
-
-
-def algorithm_uses_ids(module: FewShotModule) -> bool:
-    return getattr(module.algorithm, "uses_class_ids", False)
 
 
 def _predict(module: FewShotModule, b: dict[str, torch.Tensor], queries: slice) -> torch.Tensor:
@@ -64,7 +61,7 @@ def test_running_mode_predicts_each_query_from_the_support_set_alone(algorithm: 
     together = _predict(module, b, slice(None))
     halves = torch.cat([_predict(module, b, slice(0, 5)), _predict(module, b, slice(5, None))], dim=1)
     torch.testing.assert_close(together, halves, rtol=1e-4, atol=1e-5)
-    assert module._normalisation_label().startswith("running")
+    assert module.normalisation_label().startswith("running")
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -76,7 +73,7 @@ def test_transductive_mode_lets_queries_influence_each_other(algorithm: str) -> 
     together = _predict(module, b, slice(None))
     halves = torch.cat([_predict(module, b, slice(0, 5)), _predict(module, b, slice(5, None))], dim=1)
     assert not torch.allclose(together, halves, rtol=1e-4, atol=1e-5)
-    assert module._normalisation_label().startswith("transductive")
+    assert module.normalisation_label().startswith("transductive")
 
 
 def test_running_mode_meta_gradient_equals_the_transductive_one() -> None:
@@ -102,6 +99,6 @@ def test_maml_fills_the_slot_of_its_final_step_and_maml_pp_every_step() -> None:
 
 def test_running_mode_needs_batch_norm() -> None:
     with pytest.raises(ValueError, match="applies to batch norm"):
-        FewShotModule(norm="group", norm_mode="running")
+        module_for(norm="group", norm_mode="running")
     with pytest.raises(ValueError, match="norm_mode"):
         FewShotModule(norm_mode="sometimes")  # type: ignore[arg-type]

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from medmeta.algorithms import ANIL, MAML, MAMLPlusPlus, MetaSGD
 from medmeta.algorithms.meta_sgd import lr_key
-from medmeta.module import FewShotModule
 from medmeta.networks import Conv4
 from medmeta.networks.norm import composite_norms
 from tests.algorithms.episodes import random_episodes
@@ -23,6 +22,7 @@ from tests.algorithms.test_anil import reference_meta_gradient as anil_reference
 from tests.algorithms.test_maml import reference_meta_gradient as maml_reference
 from tests.algorithms.test_maml_pp import _randomise, reference_query_logits
 from tests.algorithms.test_meta_sgd import reference_meta_gradient as meta_sgd_reference
+from tests.conftest import module_for
 
 NORMS = ["batch", "group", "instance"]
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")]
@@ -135,8 +135,8 @@ def test_auto_picks_the_loop_on_cpu_and_vmap_on_cuda() -> None:
 
 
 def test_running_statistics_force_the_loop() -> None:
-    module = FewShotModule(norm_mode="running", task_parallel="auto", hidden_channels=4, image_size=12, n_way=3)
+    module = module_for(norm_mode="running", task_parallel="auto", hidden_channels=4, image_size=12, n_way=3)
     assert not module.algorithm.vectorises(torch.device("cuda"))
-    forced = FewShotModule(norm_mode="running", task_parallel="vmap", hidden_channels=4, image_size=12, n_way=3)
+    forced = module_for(norm_mode="running", task_parallel="vmap", hidden_channels=4, image_size=12, n_way=3)
     with pytest.raises(ValueError, match="running batch-norm statistics"):
         forced.algorithm.vectorises(torch.device("cpu"))

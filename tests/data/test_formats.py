@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medmeta.data.datamodule import EpisodicDataModule, transform_images
+from medmeta.data.datamodule import EpisodicDataModule
+from medmeta.data.loading import transform_images
 from medmeta.data.records import ImageRecord
+from medmeta.errors import DataError
 
 
 def _mixed_folder(root: Path) -> Path:
@@ -111,7 +113,7 @@ def _shown(path: Path, mode: str) -> np.ndarray:
 
 @pytest.mark.parametrize(("kind", "name", "stored", "shown"), PICTURES, ids=[p[0] for p in PICTURES])
 def test_pictures_are_read_as_pil_shows_them(tmp_path: Path, kind: str, name: str, stored: str, shown: str) -> None:
-    from medmeta.data.readers import read_picture
+    from medmeta.data.pictures import read_picture
 
     path = _write(kind, tmp_path / name)
     assert Image.open(path).mode == stored
@@ -133,7 +135,7 @@ def test_training_reads_pictures_as_pil_shows_them(tmp_path: Path, kind: str, na
 
 
 def test_alpha_is_composited_on_black(tmp_path: Path) -> None:
-    from medmeta.data.readers import read_picture
+    from medmeta.data.pictures import read_picture
 
     rgb = read_picture(_write("rgba", tmp_path / "a.png")).astype(float)
     expected = _colour().astype(float) * _alpha()[..., None] / 255  # premultiplied: black where transparent
@@ -255,3 +257,71 @@ def test_one_manifest_loads_dicom_nifti_and_png_with_their_pixel_values(tmp_path
     for record, image in zip(inventory.records, images, strict=True):
         name = record.path.relative_to(manifest.parent).as_posix()
         np.testing.assert_allclose(image[0].numpy(), expected[name] / 255.0, atol=1e-6, err_msg=name)
+
+
+# The format table (medmeta/data/formats.py) drives discovery, preflight and the load transforms.
+
+
+def test_every_format_s_suffixes_are_image_suffixes_and_no_suffix_has_two_formats() -> None:
+    from medmeta.data import formats, records
+
+    suffixes = [s for fmt in formats.FORMATS for s in fmt.suffixes]
+    assert formats.IMAGE_SUFFIXES == tuple(suffixes) == records.IMAGE_SUFFIXES
+    assert len(set(suffixes)) == len(suffixes) and all(s.startswith(".") and s == s.lower() for s in suffixes)
+    assert (formats.DICOM_SUFFIXES, formats.NIFTI_SUFFIXES, formats.PICTURE_SUFFIXES) == tuple(
+        fmt.suffixes for fmt in formats.FORMATS
+    )
+    assert formats.format_of(Path("a/B.NII.GZ")) is formats.NIFTI and formats.format_of(Path("x.txt")) is None
+    assert formats.series_format() is formats.DICOM
+
+
+def test_the_table_s_readers_are_registered_with_dicom_tried_first() -> None:
+    from monai.transforms import LoadImaged
+
+    from medmeta.data.dicom import MedmetaDicomReader
+    from medmeta.data.pictures import MedmetaPictureReader
+    from medmeta.data.transforms import load_transforms
+
+    load = next(t for t in load_transforms(image_size=8).transforms if isinstance(t, LoadImaged))
+    ours = [type(r) for r in load._loader.readers if type(r) in (MedmetaDicomReader, MedmetaPictureReader)]
+    assert ours == [MedmetaPictureReader, MedmetaDicomReader]  # LoadImage tries the last registered first
+
+
+def _npy_format() -> object:
+    from monai.data import NumpyReader
+
+    from medmeta.data.format_spec import ImageFormat, ReadProblem
+
+    def check(path: Path) -> tuple[np.ndarray, int, int]:
+        try:
+            array = np.load(path)
+        except ValueError as err:
+            raise ReadProblem("unreadable", "not a NumPy array file") from err
+        return array, array.ndim, 1
+
+    return ImageFormat("NumPy", (".npy",), check=check, reader=NumpyReader)
+
+
+def test_one_table_entry_adds_a_format_to_discovery_preflight_and_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medmeta.data import formats
+    from medmeta.data.inventory import take_inventory
+    from medmeta.data.preflight import check_image
+
+    root, rng = tmp_path / "npy", np.random.default_rng(0)
+    for c in range(4):
+        for p in range(3):
+            (root / f"class{c}" / f"p{p}").mkdir(parents=True)
+            for k in range(2):
+                np.save(root / f"class{c}" / f"p{p}" / f"{k}.npy", rng.random((10, 10)).astype(np.float32))
+    (root / "class0" / "p0" / "broken.npy").write_bytes(b"no array here")
+    with pytest.raises(DataError, match="no images found"):
+        take_inventory(root, n_way=2, k_shot=1, q_query=1)  # .npy is no format yet
+    monkeypatch.setattr(formats, "FORMATS", (*formats.FORMATS, _npy_format()))
+    assert check_image(root / "class1" / "p0" / "0.npy") is None
+    inventory = take_inventory(root, n_way=2, k_shot=1, q_query=1, split_ratios=(0.5, 0.25, 0.25), window=(0.0, 1.0))
+    assert len(inventory.records) == 24 and [p.reason for p in inventory.problems] == ["unreadable"]
+    images = transform_images(inventory.records, image_size=8, window=(0.0, 1.0), preset=None, spatial_dims=2,
+                              in_channels=1)  # fmt: skip
+    assert images.shape == (24, 1, 8, 8) and float(images.std()) > 0

@@ -25,17 +25,15 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from medmeta.data.readers import (
+from medmeta.data.dicom import (
     DecoderMissingError,
     DicomReadError,
     DicomSeriesError,
     DicomTruncatedError,
     MedmetaDicomReader,
-    MedmetaPictureReader,
-    convert_picture,
     read_dicom,
-    read_picture,
 )
+from medmeta.data.pictures import MedmetaPictureReader, convert_picture, read_picture
 
 SECRET = "SECRET-PATIENT-4711"  # a tag value that must never reach metadata or messages
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)

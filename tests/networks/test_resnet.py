@@ -10,7 +10,7 @@ import torch
 from torch.func import functional_call
 
 from medmeta.algorithms.maml import MAML
-from medmeta.networks.resnet import RESNET_BACKBONES, ResNet12, ResNet18
+from medmeta.networks.resnet import ResNet12, ResNet18
 
 NORMS = ["batch", "group", "instance"]
 
@@ -61,7 +61,7 @@ def test_resnet18_is_2d_only_and_checks_instance_norm_size() -> None:
 @pytest.mark.parametrize("name", ["resnet12", "resnet18"])
 def test_functional_call_and_maml_step(name: str) -> None:
     torch.manual_seed(0)
-    model = RESNET_BACKBONES[name](in_channels=1, n_way=2, hidden_channels=4, image_size=16)
+    model = {"resnet12": ResNet12, "resnet18": ResNet18}[name](in_channels=1, n_way=2, hidden_channels=4, image_size=16)
     x, y = torch.randn(2, 1, 16, 16), torch.tensor([0, 1])
     params = dict(model.named_parameters())
     base = functional_call(model, params, (x,))

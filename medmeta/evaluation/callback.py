@@ -1,0 +1,149 @@
+"""The evaluation callback: turns a test run's per-episode results into every file a researcher reads.
+
+``FewShotModule`` computes per-episode query probabilities (``test_results``) and logs scalars;
+this callback, which the module attaches to every trainer, writes ``metrics.json`` (means, 95% CIs,
+per-class rates, the normalisation, the episodes), ``per_episode.csv``, ``test_episodes.json``
+(the frozen episodes, to replay with ``--episodes``) and the PNG figures (also sent to TensorBoard),
+and fills ``module.test_summary``. Data flows one way: data module -> module -> this callback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from medmeta.evaluation import figures
+from medmeta.evaluation.metrics import (
+    confusion_over_classes,
+    mean_and_ci95,
+    per_episode_metrics,
+    reliability_bins,
+    summarise,
+)  # fmt: skip
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluationReport(L.Callback):
+    """Writes the outputs of every test run into the run's log folder (on the main process only)."""
+
+    def __init__(self) -> None:
+        self.seen_test_classes: list[str] = []
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Warn when a test class was a meta-training or validation class of the loaded checkpoint's model."""
+        seen = pl_module.seen_classes or {}
+        splits = _class_splits(trainer)
+        self.seen_test_classes = sorted(set(splits.of("test")) & {n for names in seen.values() for n in names}) if (
+            splits is not None and seen
+        ) else []  # fmt: skip
+        if self.seen_test_classes:
+            logger.warning(
+                "%d test class(es) were meta-training or validation classes of the checkpoint's model (%s): their "
+                "accuracy is not few-shot accuracy on new classes (recorded in metrics.json as seen_test_classes)",
+                len(self.seen_test_classes), ", ".join(self.seen_test_classes),
+            )  # fmt: skip
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        results = pl_module.test_results
+        if results is None:
+            return
+        names = _test_class_names(trainer, int(results.class_ids.max()) + 1 if results.class_ids.numel() else 0)
+        episode_classes = [tuple(names[c] for c in row.tolist()) for row in results.class_ids]
+        summary: dict[str, Any] = {
+            "algorithm": pl_module.algorithm.label(),
+            "test_episodes": int(results.probs.shape[0]),
+            **summarise(results.probs, results.labels, episode_classes),
+            "normalisation": pl_module.normalisation_label(),
+            **pl_module.algorithm.report_settings(),
+        }
+        if self.seen_test_classes:
+            summary["seen_test_classes"] = self.seen_test_classes
+        if results.pixel_acc is not None:
+            pixel_mean, pixel_ci = mean_and_ci95(results.pixel_acc)
+            summary.update(pixel_nn_accuracy=pixel_mean, pixel_nn_accuracy_ci95=pixel_ci)
+        if results.curve is not None:
+            curve = results.curve
+            summary["adaptation_curve"] = {"episodes": int(curve.shape[0]), "accuracy_after_step": curve.mean(0).tolist()}
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "describe"):
+            summary["episodes"] = dict(datamodule.describe())
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        metrics_path = out_dir / "metrics.json"
+        if trainer.is_global_zero:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if datamodule is not None and hasattr(datamodule, "freeze_test_episodes"):
+                datamodule.freeze_test_episodes(out_dir / "test_episodes.json")
+            write_per_episode_csv(out_dir / "per_episode.csv", results.episode_ids, results.probs, results.labels, episode_classes)
+            paths = write_figures(out_dir, results, episode_classes, float(summary["ece"]))
+            log_images(trainer.loggers, paths, trainer.global_step)
+            summary["figures"] = [path.name for path in paths]
+            metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
+        summary["metrics_file"] = str(metrics_path)
+        pl_module.test_summary = summary
+
+
+def write_figures(out_dir: Path, results: Any, episode_classes: list[tuple[str, ...]], ece: float) -> list[Path]:
+    """The evaluation PNGs in ``out_dir``: confusion matrix, reliability diagram, adaptation curve, episode grid."""
+    names, counts = confusion_over_classes(results.probs, results.labels, episode_classes)
+    paths = [
+        figures.plot_confusion_matrix(names, counts, out_dir / "confusion_matrix.png"),
+        figures.plot_reliability_diagram(reliability_bins(results.probs, results.labels), out_dir / "reliability_diagram.png", ece=ece),
+    ]  # fmt: skip
+    if results.curve is not None:
+        paths.append(figures.plot_adaptation_curve(results.curve, out_dir / "adaptation_curve.png"))
+    if results.example is not None:
+        example = results.example
+        paths.append(figures.plot_episode_grid(
+            example["support_x"], example["support_y"], example["query_x"], example["query_y"], example["predicted"],
+            episode_classes[0], out_dir / "episode_grid.png",
+        ))  # fmt: skip
+    return paths
+
+
+def write_per_episode_csv(
+    path: Path, episode_ids: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, episode_classes: list[tuple[str, ...]]
+) -> None:  # fmt: skip
+    """One row per test episode: its index, classes and metrics."""
+    per_episode = per_episode_metrics(probs, labels)
+    columns = ("accuracy", "balanced_accuracy", "macro_auroc", "ece")
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("episode", "classes", *columns))
+        for e in range(probs.shape[0]):
+            values = [f"{float(per_episode[c][e]):.6f}" for c in columns]
+            writer.writerow((int(episode_ids[e]), ";".join(episode_classes[e]), *values))
+
+
+def log_images(loggers: list, paths: list[Path], step: int) -> None:
+    """Send the figures to every TensorBoard logger (the CSV logger keeps the scalars)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    boards = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+    if not boards:
+        return
+    import numpy as np
+    from PIL import Image
+
+    for path in paths:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        for board in boards:
+            board.experiment.add_image(f"test/{path.stem}", image, step, dataformats="HWC")
+
+
+def _class_splits(trainer: L.Trainer) -> Any:
+    return getattr(trainer.datamodule, "class_splits", None)
+
+
+def _test_class_names(trainer: L.Trainer, count: int) -> list[str]:
+    """Names of the test classes (by the data module's sorted test split), else ``class 0..``."""
+    splits = _class_splits(trainer)
+    if splits is not None and len(splits.test) >= count:
+        return sorted(splits.test)
+    return [f"class {i}" for i in range(count)]

@@ -1,0 +1,60 @@
+"""The pure image layers load without Lightning, and ``transform_images`` names the file it cannot read."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medmeta.data.loading import transform_images
+from medmeta.data.records import ImageRecord
+from medmeta.errors import DataError
+
+PURE = ("loading", "image_cache", "cache_folder", "replay", "formats", "loaders", "inventory", "preflight")
+
+# ``medmeta`` and ``medmeta.data`` load their Lightning pieces lazily: what is measured is what the data
+# layers themselves import.
+_PROBE = """
+import importlib, sys
+for name in sys.argv[1:]:  # "--" marks a measurement
+    if name == "--":
+        print(sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("lightning", "pytorch_lightning")}))
+    else:
+        importlib.import_module("medmeta.data." + name)
+"""
+
+
+def test_reading_transforming_and_caching_import_no_lightning() -> None:
+    done = subprocess.run([sys.executable, "-c", _PROBE, *PURE, "--", "datamodule", "--"], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pure, with_data_module = done.stdout.split("\n")[:2]
+    assert pure == "[]"
+    assert "lightning" in with_data_module  # the counter-check: the probe does see Lightning
+
+
+def _picture(path: Path, value: int) -> Path:
+    pixels = np.full((12, 12), value, dtype=np.uint8)
+    pixels[:6] = 255 - value
+    Image.fromarray(pixels, "L").save(path)
+    return path
+
+
+def test_transform_images_gives_the_configured_shape_in_unit_range(tmp_path: Path) -> None:
+    records = [ImageRecord(_picture(tmp_path / f"{i}.png", 40 * i), "a", "p") for i in range(3)]
+    images = transform_images(records, image_size=8, window=(0.0, 255.0), preset=None, spatial_dims=2, in_channels=3)
+    assert images.shape == (3, 3, 8, 8)
+    assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+
+
+def test_transform_images_names_the_file_it_cannot_read(tmp_path: Path) -> None:
+    good = ImageRecord(_picture(tmp_path / "good.png", 10), "a", "p")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a picture at all")
+    with pytest.raises(DataError, match="cannot read .*bad.png"):
+        transform_images([good, ImageRecord(bad, "a", "p")], image_size=8, window=None, preset=None, spatial_dims=2,
+                         in_channels=1)  # fmt: skip
