@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from medmeta.data.datamodule import EpisodicDataModule
+
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
     """Where this run's ``last.ckpt`` goes: the checkpoint callback's folder, else ``<log dir>/checkpoints``."""
@@ -109,8 +111,9 @@ class SeenClasses(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         from medmeta.checkpoints import SEEN_CLASSES_KEY
 
-        seen = {split: set(names) for split, names in (getattr(pl_module, "seen_classes", None) or {}).items()}
-        splits = getattr(trainer.datamodule, "class_splits", None)
+        seen = {split: set(names) for split, names in (pl_module.seen_classes or {}).items()}
+        datamodule = trainer.datamodule
+        splits = datamodule.class_splits if isinstance(datamodule, EpisodicDataModule) else None
         if splits is not None:
             for split in ("train", "val"):
                 seen.setdefault(split, set()).update(splits.of(split))

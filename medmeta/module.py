@@ -208,11 +208,12 @@ class FewShotModule(L.LightningModule):
         return {"optimizer": optimiser, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The callbacks every run of this module needs: test outputs and seen-class records."""
+        """The callbacks every run of this module needs (test outputs, seen-class records), unless the trainer has its own."""
         from medmeta.callbacks import SeenClasses
         from medmeta.evaluation.callback import EvaluationReport
 
-        return [EvaluationReport(), SeenClasses()]
+        present = [type(callback) for callback in self.trainer.callbacks]
+        return [kind() for kind in (EvaluationReport, SeenClasses) if not any(issubclass(p, kind) for p in present)]
 
     # --- evaluation -------------------------------------------------------------------------------
 

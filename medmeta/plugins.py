@@ -40,6 +40,25 @@ def import_class(path: str, *, kind: str) -> type:
     return value
 
 
+def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword arguments ``cls(...)`` accepts: its ``__init__``'s, and through ``**kwargs`` its parents'.
+
+    ``self``, ``*args`` and ``**kwargs`` themselves are left out; the first class in the MRO to
+    name an argument gives its default.
+    """
+    found: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if klass is object or "__init__" not in vars(klass):
+            continue
+        params = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        for param in params:
+            if param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                found.setdefault(param.name, param)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return found
+
+
 def resolve(
     spec: object,
     *,

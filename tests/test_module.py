@@ -84,3 +84,17 @@ def test_maml_pp_sees_the_epoch_and_cosine_annealing_lowers_the_outer_rate(tmp_p
     trainer.fit(module, loader)
     assert module.algorithm.epoch == 2  # steps 5 with 2 batches per epoch: epochs 0, 1, 2
     assert trainer.optimizers[0].param_groups[0]["lr"] < 0.01 * 0.5
+
+
+def test_hparams_hold_the_complete_plain_specs_of_learner_and_backbone() -> None:
+    """Whatever spelling built the module, checkpoints store class paths and every setting (defaults included)."""
+    from medmeta.algorithms import MAMLPlusPlus
+
+    module = FewShotModule(algorithm=MAMLPlusPlus, backbone={"class_path": "resnet12", "init_args": {"hidden_channels": 4}},
+                           n_way=3, image_size=16)  # fmt: skip
+    algorithm, backbone = module.hparams["algorithm"], module.hparams["backbone"]
+    assert algorithm["class_path"] == "medmeta.algorithms.maml_pp.MAMLPlusPlus"
+    assert set(algorithm["init_args"]) == set(MAMLPlusPlus.settings()) and algorithm["init_args"]["inner_steps"] == 5
+    assert backbone == {"class_path": "medmeta.networks.resnet.ResNet12",
+                        "init_args": {**backbone["init_args"], "hidden_channels": 4}} and "norm" in backbone["init_args"]  # fmt: skip
+    assert FewShotModule(**module.hparams).hparams == module.hparams  # rebuilt from them alone

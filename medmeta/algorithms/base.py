@@ -22,6 +22,8 @@ from typing import Any, ClassVar, NamedTuple, TypedDict
 
 from torch import Tensor, nn
 
+from medmeta.plugins import init_parameters
+
 
 class EpisodeBatch(TypedDict, total=False):
     """A meta-batch of ``T`` episodes, as the data module yields it (N classes, K shots, Q queries)."""
@@ -163,18 +165,7 @@ class MetaLearner(nn.Module, metaclass=abc.ABCMeta):
 
         ``**kwargs`` passed on to a parent class contribute the parent's settings.
         """
-        found: dict[str, inspect.Parameter] = {}
-        for klass in cls.__mro__:
-            if not (isinstance(klass, type) and issubclass(klass, MetaLearner)) or klass is MetaLearner:
-                continue
-            params = list(inspect.signature(klass.__init__).parameters.values())[1:]
-            for param in params:
-                if param.name in ("model", "n_way") or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                    continue
-                found.setdefault(param.name, param)
-            if not any(p.kind is p.VAR_KEYWORD for p in params):
-                break
-        return found
+        return {name: p for name, p in init_parameters(cls).items() if name not in ("model", "n_way")}
 
     @classmethod
     def settings_from_legacy(cls, saved: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,16 +10,22 @@ and fills ``module.test_summary``. Data flows one way: data module -> module -> 
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from medmeta.data.datamodule import EpisodicDataModule
+from medmeta.data.episodes import ClassSplits
 from medmeta.evaluation import figures
 from medmeta.evaluation.metrics import (
+    PER_EPISODE_COLUMNS,
+    bootstrap_ci95,
     confusion_over_classes,
     mean_and_ci95,
     per_episode_metrics,
@@ -30,10 +36,26 @@ from medmeta.evaluation.metrics import (
 logger = logging.getLogger(__name__)
 
 
-class EvaluationReport(L.Callback):
-    """Writes the outputs of every test run into the run's log folder (on the main process only)."""
+MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    def __init__(self) -> None:
+
+class EvaluationReport(L.Callback):
+    """Writes the outputs of every test run into the run's log folder (on the main process only).
+
+    Args:
+        metrics: extra per-episode metrics, ``{column: "package.module.function"}``. Each function
+            maps query probabilities ``[E, N*Q, N]`` and labels ``[E, N*Q]`` to one value per
+            episode ``[E]`` (NaN where undefined); it becomes a column of ``per_episode.csv`` and a
+            mean with a 95% bootstrap CI in ``metrics.json``. On the command line:
+            ``--trainer.callbacks+=medmeta.evaluation.callback.EvaluationReport
+            --trainer.callbacks.metrics '{"brier": "my_metrics.brier"}'``.
+    """
+
+    def __init__(self, metrics: dict[str, str] | None = None) -> None:
+        self.metrics: dict[str, MetricFn] = {name: _import_function(path) for name, path in (metrics or {}).items()}
+        clash = set(self.metrics) & set(PER_EPISODE_COLUMNS)
+        if clash:
+            raise ValueError(f"extra metric names {sorted(clash)} are built-in metrics; choose other names")
         self.seen_test_classes: list[str] = []
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -63,6 +85,9 @@ class EvaluationReport(L.Callback):
             "normalisation": pl_module.normalisation_label(),
             **pl_module.algorithm.report_settings(),
         }
+        extra = {name: _per_episode(name, fn, results.probs, results.labels) for name, fn in self.metrics.items()}
+        for name, values in extra.items():
+            summary[name], summary[f"{name}_ci95"] = bootstrap_ci95(values)
         if self.seen_test_classes:
             summary["seen_test_classes"] = self.seen_test_classes
         if results.pixel_acc is not None:
@@ -71,16 +96,18 @@ class EvaluationReport(L.Callback):
         if results.curve is not None:
             curve = results.curve
             summary["adaptation_curve"] = {"episodes": int(curve.shape[0]), "accuracy_after_step": curve.mean(0).tolist()}
-        datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "describe"):
+        datamodule = _episodic(trainer)
+        if datamodule is not None:
             summary["episodes"] = dict(datamodule.describe())
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         metrics_path = out_dir / "metrics.json"
         if trainer.is_global_zero:
             out_dir.mkdir(parents=True, exist_ok=True)
-            if datamodule is not None and hasattr(datamodule, "freeze_test_episodes"):
+            if datamodule is not None:
                 datamodule.freeze_test_episodes(out_dir / "test_episodes.json")
-            write_per_episode_csv(out_dir / "per_episode.csv", results.episode_ids, results.probs, results.labels, episode_classes)
+            write_per_episode_csv(
+                out_dir / "per_episode.csv", results.episode_ids, results.probs, results.labels, episode_classes, extra
+            )  # fmt: skip
             paths = write_figures(out_dir, results, episode_classes, float(summary["ece"]))
             log_images(trainer.loggers, paths, trainer.global_step)
             summary["figures"] = [path.name for path in paths]
@@ -108,11 +135,12 @@ def write_figures(out_dir: Path, results: Any, episode_classes: list[tuple[str, 
 
 
 def write_per_episode_csv(
-    path: Path, episode_ids: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, episode_classes: list[tuple[str, ...]]
+    path: Path, episode_ids: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor,
+    episode_classes: list[tuple[str, ...]], extra: dict[str, torch.Tensor] | None = None,
 ) -> None:  # fmt: skip
-    """One row per test episode: its index, classes and metrics."""
-    per_episode = per_episode_metrics(probs, labels)
-    columns = ("accuracy", "balanced_accuracy", "macro_auroc", "ece")
+    """One row per test episode: its index, classes and metrics (the built-in ones, then ``extra``)."""
+    per_episode = {**per_episode_metrics(probs, labels), **(extra or {})}
+    columns = (*PER_EPISODE_COLUMNS, *(extra or {}))
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(("episode", "classes", *columns))
@@ -137,8 +165,34 @@ def log_images(loggers: list, paths: list[Path], step: int) -> None:
             board.experiment.add_image(f"test/{path.stem}", image, step, dataformats="HWC")
 
 
-def _class_splits(trainer: L.Trainer) -> Any:
-    return getattr(trainer.datamodule, "class_splits", None)
+def _import_function(path: str) -> MetricFn:
+    """The function at dotted ``path`` (a metric); ``ValueError`` naming it when it cannot be imported."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"metric {path!r} cannot be imported ({error})") from None
+    if not callable(function):
+        raise ValueError(f"metric {path!r} is not a function")
+    return function
+
+
+def _per_episode(name: str, fn: MetricFn, probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``fn``'s value per episode, checked to be one finite-or-NaN number per episode."""
+    values = torch.as_tensor(fn(probs, labels), dtype=torch.float64).detach().cpu()
+    if values.shape != (probs.shape[0],) or bool(torch.isinf(values).any()):
+        raise ValueError(f"metric {name!r} must give one finite (or NaN) value per episode [{probs.shape[0]}], got {tuple(values.shape)}")
+    return values
+
+
+def _episodic(trainer: L.Trainer) -> EpisodicDataModule | None:
+    """The trainer's data module if it is medmeta's (episodes, class names, frozen manifest), else ``None``."""
+    return trainer.datamodule if isinstance(trainer.datamodule, EpisodicDataModule) else None
+
+
+def _class_splits(trainer: L.Trainer) -> ClassSplits | None:
+    datamodule = _episodic(trainer)
+    return datamodule.class_splits if datamodule is not None else None
 
 
 def _test_class_names(trainer: L.Trainer, count: int) -> list[str]:

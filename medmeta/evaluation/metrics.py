@@ -87,6 +87,9 @@ def _masked_class_mean(per_class: Tensor, mask: Tensor) -> Tensor:
     return per_class[mask].mean() if bool(mask.any()) else per_class.new_tensor(float("nan"))
 
 
+PER_EPISODE_COLUMNS = ("accuracy", "balanced_accuracy", "macro_auroc", "ece")  # what per_episode_metrics computes
+
+
 def per_episode_metrics(probs: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """Per-episode ``accuracy``, ``balanced_accuracy``, ``macro_auroc`` and ``ece``, each an ``[E]`` tensor.
 

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from medmeta.networks.backbone import Backbone
 from medmeta.networks.conv4 import Conv4
 from medmeta.networks.resnet import ResNet12, ResNet18
-from medmeta.plugins import resolve, spec_of
+from medmeta.plugins import init_parameters, resolve, spec_of
 
 SHORT_NAMES: dict[str, type[nn.Module]] = {"conv4": Conv4, "resnet12": ResNet12, "resnet18": ResNet18}
 BACKBONES = SHORT_NAMES
@@ -35,12 +36,8 @@ LEGACY_MODULE_SETTINGS = ("hidden_channels", "norm")  # module settings before p
 
 
 def backbone_settings(cls: type) -> dict[str, inspect.Parameter]:
-    """A backbone class's own settings: its ``__init__`` arguments less the :data:`SHAPE_ARGUMENTS`."""
-    params = inspect.signature(cls.__init__).parameters.values()
-    return {
-        p.name: p for p in params
-        if p.name != "self" and p.name not in SHAPE_ARGUMENTS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }  # fmt: skip
+    """A backbone class's own settings: the arguments it accepts less the :data:`SHAPE_ARGUMENTS`."""
+    return {name: p for name, p in init_parameters(cls).items() if name not in SHAPE_ARGUMENTS}
 
 
 def resolve_backbone(spec: object) -> tuple[type[nn.Module], dict[str, Any]]:
@@ -60,7 +57,7 @@ def build_backbone(
     cls, settings = resolve_backbone(spec)
     shape = {"in_channels": in_channels, "n_way": n_way, "spatial_dims": spatial_dims, "image_size": image_size,
              "running_stat_steps": running_stat_steps}  # fmt: skip
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = init_parameters(cls)
     if running_stat_steps and "running_stat_steps" not in accepted:
         raise ValueError(
             f"norm_mode='running' needs a backbone with medmeta's per-step batch norm (running_stat_steps); "
@@ -110,6 +107,6 @@ def get_backbone(name: str, **kwargs: object) -> nn.Module:
 
 
 __all__ = [
-    "BACKBONES", "DEFAULT_BACKBONE", "Conv4", "ResNet12", "ResNet18", "SHAPE_ARGUMENTS", "SHORT_NAMES", "backbone_settings",
+    "BACKBONES", "DEFAULT_BACKBONE", "Backbone", "Conv4", "ResNet12", "ResNet18", "SHAPE_ARGUMENTS", "SHORT_NAMES", "backbone_settings",
     "backbone_spec", "build_backbone", "check_output", "get_backbone", "legacy_backbone_spec", "resolve_backbone",
 ]  # fmt: skip

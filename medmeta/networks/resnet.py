@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 from torchvision.models import resnet18
 
-from medmeta.networks.conv4 import NormName, _norm_layer
+from medmeta.networks.backbone import Backbone, NormName, norm_layer
 
 logger = logging.getLogger(__name__)
 
@@ -26,9 +28,7 @@ class _ResNet12Block(nn.Module):
     As in MetaOptNet, the third activation comes after the residual addition.
     """
 
-    def __init__(
-        self, in_channels: int, out_channels: int, *, spatial_dims: int, norm: NormName, running_stat_steps: int = 0
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, *, spatial_dims: int, norm: Callable[[int], nn.Module]) -> None:
         super().__init__()
         conv = Conv[Conv.CONV, spatial_dims]
         layers: list[nn.Module] = []
@@ -36,7 +36,7 @@ class _ResNet12Block(nn.Module):
         for i in range(3):
             layers += [
                 conv(channels, out_channels, kernel_size=3, padding=1, bias=False),
-                _norm_layer(norm, out_channels, spatial_dims, running_stat_steps),
+                norm(out_channels),
             ]
             if i < 2:
                 layers.append(nn.LeakyReLU(0.1))
@@ -44,7 +44,7 @@ class _ResNet12Block(nn.Module):
         self.body = nn.Sequential(*layers)
         self.shortcut = nn.Sequential(
             conv(in_channels, out_channels, kernel_size=1, bias=False),
-            _norm_layer(norm, out_channels, spatial_dims, running_stat_steps),
+            norm(out_channels),
         )
         self.act = nn.LeakyReLU(0.1)
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2, ceil_mode=True)
@@ -54,7 +54,7 @@ class _ResNet12Block(nn.Module):
         return self.pool(self.act(self.body(x) + self.shortcut(x)))
 
 
-class ResNet12(nn.Module):
+class ResNet12(Backbone):
     """ResNet-12 of the few-shot literature (Oreshkin et al., 2018; Lee et al., 2019).
 
     Four residual blocks with max-pooling, global average pooling and a linear head. The
@@ -62,48 +62,36 @@ class ResNet12(nn.Module):
     (1, 2, 4, 8), so ``hidden_channels=64`` gives 64-128-256-512. DropBlock is not included.
 
     Args:
-        in_channels: image channels.
-        n_way: number of output classes (the head size).
         hidden_channels: width of the first block; later blocks double it.
-        spatial_dims: 2 for images, 3 for volumes.
-        norm: ``"batch"``, ``"group"`` or ``"instance"`` (batch norm with running statistics only with ``running_stat_steps``); instance
-            norm needs ``image_size > 8`` (the last block normalises at side ``ceil(size / 8)``).
-        image_size: input side length; only checked against instance norm (the global pool
-            makes the network independent of it).
+        norm: ``"batch"``, ``"group"`` or ``"instance"`` (batch norm with running statistics only with
+            ``running_stat_steps``); instance norm needs ``image_size > 8`` (the last block normalises
+            at side ``ceil(size / 8)``).
         widths: explicit block widths, e.g. ``(64, 160, 320, 640)``; overrides ``hidden_channels``.
-        running_stat_steps: per-step running-statistic slots of batch norm (0: transductive).
+        shape: ``in_channels``, ``n_way``, ``spatial_dims``, ``image_size`` (only checked against
+            instance norm: the global pool makes the network independent of it) and
+            ``running_stat_steps``, as in :class:`~medmeta.networks.backbone.Backbone`.
     """
 
     def __init__(
-        self,
-        *,
-        in_channels: int = 1,
-        n_way: int = 5,
-        hidden_channels: int = 64,
-        spatial_dims: int = 2,
-        norm: NormName = "batch",
-        image_size: int = 32,
-        widths: tuple[int, int, int, int] | None = None,
-        running_stat_steps: int = 0,
-    ) -> None:
-        super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        self, *, hidden_channels: int = 64, norm: NormName = "batch", widths: tuple[int, int, int, int] | None = None,
+        **shape: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(**shape)
         if widths is None:
             widths = (hidden_channels, 2 * hidden_channels, 4 * hidden_channels, 8 * hidden_channels)
         widths = tuple(int(w) for w in widths)  # type: ignore[assignment]
         if len(widths) != 4 or min(widths) < 1:
             raise ValueError(f"widths must be 4 positive integers, got {widths}")
-        _check_instance_norm_size(norm, image_size, last_norm_side=-(-image_size // 8), name="ResNet12")
+        _check_instance_norm_size(norm, self.image_size, last_norm_side=-(-self.image_size // 8), name="ResNet12")
         blocks: list[nn.Module] = []
-        channels = in_channels
+        channels = self.in_channels
         for width in widths:
-            blocks.append(_ResNet12Block(channels, width, spatial_dims=spatial_dims, norm=norm, running_stat_steps=running_stat_steps))
+            blocks.append(_ResNet12Block(channels, width, spatial_dims=self.spatial_dims, norm=lambda c: self.norm_layer(norm, c)))
             channels = width
-        pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        pool = Pool[Pool.ADAPTIVEAVG, self.spatial_dims](1)
         self.features = nn.Sequential(*blocks, pool, nn.Flatten())
         self.feature_dim = widths[-1]
-        self.head = nn.Linear(self.feature_dim, n_way)
+        self.head = nn.Linear(self.feature_dim, self.n_way)
         for module in self.features.modules():
             if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 nn.init.kaiming_normal_(module.weight, a=0.1, mode="fan_out", nonlinearity="leaky_relu")
@@ -112,12 +100,7 @@ class ResNet12(nn.Module):
         """Parameter-name prefixes of the last residual block."""
         return ("features.3.",)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits ``[B, n_way]`` for images ``[B, C, *spatial]``."""
-        return self.head(self.features(x))
-
-
-class ResNet18(nn.Module):
+class ResNet18(Backbone):
     """torchvision's ResNet-18 (never downloaded), adapted to few-shot diagnosis, 2D only.
 
     ``features`` is the torchvision trunk with ``fc`` replaced by an identity (so it ends with
@@ -125,49 +108,38 @@ class ResNet18(nn.Module):
     first conv takes ``in_channels`` and every BatchNorm2d becomes the medmeta norm choice.
 
     Args:
-        in_channels: image channels.
-        n_way: number of output classes (the head size).
-        hidden_channels: accepted for a common signature; torchvision's widths (64-128-256-512)
+        hidden_channels: accepted like the other backbones'; torchvision's widths (64-128-256-512)
             are fixed, so other values are ignored with a warning.
-        spatial_dims: must be 2.
-        norm: ``"batch"``, ``"group"`` or ``"instance"`` (batch norm with running statistics only with ``running_stat_steps``); instance
-            norm needs ``image_size > 32`` (``layer4`` runs at side ``ceil(size / 32)``).
-        image_size: input side length; only checked against instance norm.
+        norm: ``"batch"``, ``"group"`` or ``"instance"`` (batch norm with running statistics only with
+            ``running_stat_steps``); instance norm needs ``image_size > 32`` (``layer4`` runs at side
+            ``ceil(size / 32)``).
         weights_path: optional local state-dict file (torchvision keys, or this model's
             ``features.`` keys) loaded into the trunk; keys absent from the trunk or with other
             shapes (``fc``, a first conv with other channels, running statistics) are skipped
             with a logged warning.
-        running_stat_steps: per-step running-statistic slots of batch norm (0: transductive).
+        shape: ``in_channels``, ``n_way``, ``spatial_dims`` (must be 2), ``image_size`` (only checked
+            against instance norm) and ``running_stat_steps``, as in :class:`~medmeta.networks.backbone.Backbone`.
     """
 
     def __init__(
-        self,
-        *,
-        in_channels: int = 1,
-        n_way: int = 5,
-        hidden_channels: int = 64,
-        spatial_dims: int = 2,
-        norm: NormName = "batch",
-        image_size: int = 32,
-        weights_path: str | None = None,
-        running_stat_steps: int = 0,
-    ) -> None:
-        super().__init__()
-        if spatial_dims != 2:
+        self, *, hidden_channels: int = 64, norm: NormName = "batch", weights_path: str | None = None, **shape: Any
+    ) -> None:  # fmt: skip
+        super().__init__(**shape)
+        if self.spatial_dims != 2:
             raise ValueError(
-                f"ResNet18 is 2D only (torchvision), got spatial_dims={spatial_dims}; use ResNet12 for volumes"
+                f"ResNet18 is 2D only (torchvision), got spatial_dims={self.spatial_dims}; use ResNet12 for volumes"
             )
-        _norm_layer(norm, 64, 2)  # fail early with a clear message on an unknown norm
-        _check_instance_norm_size(norm, image_size, last_norm_side=-(-image_size // 32), name="ResNet18")
+        norm_layer(norm, 64, 2)  # fail early with a clear message on an unknown norm
+        _check_instance_norm_size(norm, self.image_size, last_norm_side=-(-self.image_size // 32), name="ResNet18")
         if hidden_channels != 64:
             logger.warning("ResNet18 ignores hidden_channels=%d: torchvision widths are fixed", hidden_channels)
-        trunk = resnet18(weights=None, norm_layer=lambda channels: _norm_layer(norm, channels, 2, running_stat_steps))
-        trunk.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        trunk = resnet18(weights=None, norm_layer=lambda channels: self.norm_layer(norm, channels))
+        trunk.conv1 = nn.Conv2d(self.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
         trunk.fc = nn.Identity()
         self.features = trunk
         self.feature_dim = 512
-        self.head = nn.Linear(self.feature_dim, n_way)
+        self.head = nn.Linear(self.feature_dim, self.n_way)
         if weights_path is not None:
             self.load_trunk_weights(weights_path)
 
@@ -200,10 +172,6 @@ class ResNet18(nn.Module):
     def last_block_prefixes(self) -> tuple[str, ...]:
         """Parameter-name prefixes of the last residual stage (``layer4``)."""
         return ("features.layer4.",)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits ``[B, n_way]`` for images ``[B, C, H, W]``."""
-        return self.head(self.features(x))
 
 
 def _check_instance_norm_size(norm: NormName, image_size: int, *, last_norm_side: int, name: str) -> None:
