@@ -26,11 +26,12 @@ from rich.markup import escape
 from medmeta.algorithms import DEFAULT_ALGORITHM
 from medmeta.callbacks import LastCheckpoint, PreemptionCheckpoint, RandomStateCheckpoint
 from medmeta.checkpoints import check_checkpoint, load_trained, model_hparams, read_checkpoint, seen_classes
-from medmeta.config_check import check_config_files
+from medmeta.config_check import check_config_files, expand_short_names
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.episodes import SPLITS
 from medmeta.errors import DataError
 from medmeta.module import FewShotModule, check_learner_rates, check_learning_rate
+from medmeta.networks import DEFAULT_BACKBONE, resolve_backbone
 from medmeta.plugins import class_path
 
 console = Console(stderr=False)
@@ -42,8 +43,11 @@ class MedMetaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in ("n_way", "in_channels", "image_size", "spatial_dims"):
             parser.link_arguments(f"data.{name}", f"model.{name}")
-        # the default learner as a class path, so `--model.algorithm.init_args.<setting>` alone works
-        parser.set_defaults({"model.algorithm": {"class_path": class_path(DEFAULT_ALGORITHM)}})
+        # the default learner and backbone as class paths, so `--model.algorithm.init_args.<setting>` alone works
+        parser.set_defaults({
+            "model.algorithm": {"class_path": class_path(DEFAULT_ALGORITHM)},
+            "model.backbone": {"class_path": class_path(resolve_backbone(DEFAULT_BACKBONE)[0])},
+        })  # fmt: skip
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="Test the best checkpoint on the frozen test episodes after fit."
         )
@@ -425,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         MedMetaCLI(
             FewShotModule,
             EpisodicDataModule,
-            args=argv,  # None: LightningCLI reads sys.argv itself
+            args=expand_short_names(words),
             trainer_defaults={"inference_mode": False, "callbacks": [preemption, LastCheckpoint(), RandomStateCheckpoint()]},
             save_config_kwargs={"overwrite": True},
         )

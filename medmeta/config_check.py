@@ -58,6 +58,46 @@ def _refuse_legacy(where: str, name: str) -> None:
         )
 
 
+PLUGINS = ("algorithm", "backbone")  # model settings that name a class
+
+
+def _short_names(kind: str) -> dict[str, type]:
+    from medmeta.algorithms import SHORT_NAMES as LEARNERS
+    from medmeta.networks import SHORT_NAMES as BACKBONES
+
+    return LEARNERS if kind == "algorithm" else BACKBONES
+
+
+def expand_short_names(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a shipped learner's or backbone's short name (``--model.algorithm maml``) as its class path.
+
+    The parser knows plug-ins by class name or path; the short names are medmeta's (its registries).
+    """
+    from medmeta.plugins import class_path
+
+    words = list(argv)
+    for i, word in enumerate(words):
+        for kind in PLUGINS:
+            flag = f"--model.{kind}"
+            if word == flag and i + 1 < len(words) and words[i + 1] in _short_names(kind):
+                words[i + 1] = class_path(_short_names(kind)[words[i + 1]])
+            elif word.startswith(flag + "=") and word.split("=", 1)[1] in _short_names(kind):
+                words[i] = f"{flag}={class_path(_short_names(kind)[word.split('=', 1)[1]])}"
+    return words
+
+
+def _refuse_short_name(where: str, kind: str, value: object) -> None:
+    """A config file names plug-ins by class name or path (the parser reads the file, not medmeta)."""
+    from medmeta.plugins import class_path
+
+    if isinstance(value, str) and value in _short_names(kind):
+        cls = _short_names(kind)[value]
+        raise DataError(
+            f"{where}: model.{kind}: {value} is a command-line short name; in a config write "
+            f"'{kind}: {cls.__name__}' or '{kind}: {{class_path: {class_path(cls)}}}' (with init_args for its settings)"
+        )
+
+
 def check_config_files(argv: Sequence[str]) -> None:
     """Raise ``DataError`` naming the file for a missing config, invalid YAML or an unknown key.
 
@@ -92,6 +132,8 @@ def check_config_files(argv: Sequence[str]) -> None:
                 for name in value:
                     if key == "model":
                         _refuse_legacy(f"config {shown}", str(name))
+                        if name in PLUGINS:
+                            _refuse_short_name(f"config {shown}", str(name), value[name])
                     _check_key(shown, f"{key}.{name}", allowed)
 
 

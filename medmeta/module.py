@@ -31,7 +31,8 @@ from medmeta.plugins import spec_of
 logger = logging.getLogger(__name__)
 
 CURVE_EPISODES = 100  # test episodes whose query accuracy is also recorded after every inner step
-AlgorithmArg = Union[Callable[[nn.Module, int], MetaLearner], str]
+AlgorithmArg = Union[Callable[[nn.Module, int], MetaLearner], str]  # the CLI gives a class path as a partial
+BackboneArg = Union[Callable[[], nn.Module], str]
 
 
 def check_learning_rate(name: str, value: object) -> None:
@@ -98,7 +99,7 @@ class FewShotModule(L.LightningModule):
         self,
         *,
         algorithm: AlgorithmArg = DEFAULT_ALGORITHM,
-        backbone: Union[str, dict[str, Any]] = DEFAULT_BACKBONE,
+        backbone: BackboneArg = DEFAULT_BACKBONE,
         n_way: int = 5,
         in_channels: int = 1,
         image_size: int = 32,
@@ -118,9 +119,11 @@ class FewShotModule(L.LightningModule):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         learner, settings = resolve_algorithm(algorithm)
         check_learner_rates(settings)
+        # hyperparameters hold the plain specs (complete settings): checkpoints load with weights_only, loggers show them
+        algorithm, backbone = spec_of(learner, settings), backbone_spec(backbone)
         self.save_hyperparameters()
-        self.hparams["algorithm"] = spec_of(learner, settings)  # plain values: checkpoints load with weights_only
-        self.hparams["backbone"] = backbone_spec(backbone)
+        for hparams in (self.hparams, self._hparams_initial):  # under the CLI these are its config, not the locals
+            hparams.update(algorithm=algorithm, backbone=backbone)
         model = build_backbone(
             backbone, in_channels=in_channels, n_way=n_way, spatial_dims=spatial_dims, image_size=image_size,
             running_stat_steps=1 if norm_mode == "running" else 0,

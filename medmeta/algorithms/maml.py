@@ -272,10 +272,12 @@ class MAML(MetaLearner):
         weights = self.step_loss_weights()
         first = self.inner_steps + 1 - len(weights)  # the step the first weight belongs to
         task_loss = logits = None
-        states = self.trajectory(
+        # the whole inner loop first, then the query forwards (as before the one-loop refactor): the
+        # meta-backward then accumulates gradients in the same order, so MAML++ stays bitwise identical
+        states = list(self.trajectory(
             support_x, support_y, steps=self.inner_steps, first_order=self.uses_first_order(),
             params=self.adaptable_parameters(),
-        )  # fmt: skip
+        ))  # fmt: skip
         for k, state in states:
             weight = weights[k - first] if k >= first else 0.0
             if weight == 0.0 and k != self.inner_steps:

@@ -16,7 +16,9 @@ that names a backbone.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,8 +43,27 @@ def backbone_settings(cls: type) -> dict[str, inspect.Parameter]:
 
 
 def resolve_backbone(spec: object) -> tuple[type[nn.Module], dict[str, Any]]:
-    """The backbone class of ``spec`` (short name, class path, class or mapping) and its complete settings."""
-    return resolve(spec, kind="backbone", short_names=SHORT_NAMES, base=nn.Module, parameters=backbone_settings)
+    """The backbone class of ``spec`` (short name, class path, class, mapping or partial) and its complete settings.
+
+    Shape arguments in ``spec`` are left out of the settings (the command line lists them with their
+    defaults): medmeta sets them from the data (:func:`build_backbone`).
+    """
+    return resolve(_split_shape(spec)[0], kind="backbone", short_names=SHORT_NAMES, base=nn.Module,
+                   parameters=backbone_settings)  # fmt: skip
+
+
+def _split_shape(spec: object) -> tuple[object, dict[str, Any]]:
+    """``spec`` without shape arguments, and the shape arguments it gave."""
+    if isinstance(spec, functools.partial):
+        given = {k: v for k, v in spec.keywords.items() if k in SHAPE_ARGUMENTS}
+        rest = {k: v for k, v in spec.keywords.items() if k not in SHAPE_ARGUMENTS}
+        return functools.partial(spec.func, *spec.args, **rest), given
+    if isinstance(spec, Mapping):
+        init_args = {**(spec.get("init_args") or {}), **{k: v for k, v in spec.items() if k not in ("class_path", "init_args")}}
+        given = {k: v for k, v in init_args.items() if k in SHAPE_ARGUMENTS}
+        rest = {k: v for k, v in init_args.items() if k not in SHAPE_ARGUMENTS}
+        return {"class_path": spec.get("class_path"), "init_args": rest}, given
+    return spec, {}
 
 
 def backbone_spec(spec: object) -> dict[str, Any]:
@@ -58,6 +79,13 @@ def build_backbone(
     shape = {"in_channels": in_channels, "n_way": n_way, "spatial_dims": spatial_dims, "image_size": image_size,
              "running_stat_steps": running_stat_steps}  # fmt: skip
     accepted = init_parameters(cls)
+    for name, value in _split_shape(spec)[1].items():
+        default = accepted[name].default if name in accepted else inspect.Parameter.empty
+        if value != default and value != shape[name]:
+            warnings.warn(
+                f"backbone {cls.__name__}: {name}={value!r} is replaced by {shape[name]!r} from the data "
+                f"(medmeta sets {', '.join(SHAPE_ARGUMENTS)} itself)", stacklevel=2,
+            )  # fmt: skip
     if running_stat_steps and "running_stat_steps" not in accepted:
         raise ValueError(
             f"norm_mode='running' needs a backbone with medmeta's per-step batch norm (running_stat_steps); "
