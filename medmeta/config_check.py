@@ -72,25 +72,38 @@ def expand_short_names(argv: Sequence[str]) -> list[str]:
     """``argv`` with a shipped learner's or backbone's short name (``--model.algorithm maml``) as its class path.
 
     The parser knows plug-ins by class name or path; the short names are medmeta's (its registries).
+    A name that is none of these is refused here, with the names there are.
     """
-    from medmeta.plugins import class_path
-
     words = list(argv)
     for i, word in enumerate(words):
         for kind in PLUGINS:
-            flag = f"--model.{kind}"
-            if word == flag and i + 1 < len(words) and words[i + 1] in _short_names(kind):
-                words[i + 1] = class_path(_short_names(kind)[words[i + 1]])
-            elif word.startswith(flag + "=") and word.split("=", 1)[1] in _short_names(kind):
-                words[i] = f"{flag}={class_path(_short_names(kind)[word.split('=', 1)[1]])}"
+            for flag in (f"--model.{kind}", f"--model.{kind}.class_path"):
+                if word == flag and i + 1 < len(words):
+                    words[i + 1] = _checked_name("command line", kind, words[i + 1])
+                elif word.startswith(flag + "="):
+                    words[i] = f"{flag}={_checked_name('command line', kind, word.split('=', 1)[1])}"
     return words
+
+
+def _checked_name(where: str, kind: str, value: str) -> str:
+    """``value`` as the parser should see it: a short name as its class path, a class name or path as it is."""
+    from medmeta.plugins import class_path, resolve_name
+
+    try:
+        cls = resolve_name(value, kind=kind, short_names=_short_names(kind))
+    except ValueError as error:
+        raise DataError(f"{where}: {error}") from None
+    return class_path(cls) if value in _short_names(kind) else value
 
 
 def _refuse_short_name(where: str, kind: str, value: object) -> None:
     """A config file names plug-ins by class name or path (the parser reads the file, not medmeta)."""
     from medmeta.plugins import class_path
 
-    if isinstance(value, str) and value in _short_names(kind):
+    if not isinstance(value, str):
+        return
+    _checked_name(where, kind, value)
+    if value in _short_names(kind):
         cls = _short_names(kind)[value]
         raise DataError(
             f"{where}: model.{kind}: {value} is a command-line short name; in a config write "

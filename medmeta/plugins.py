@@ -112,7 +112,7 @@ def _split(spec: object, *, kind: str, short_names: Mapping[str, type]) -> tuple
     if isinstance(spec, type):
         return spec, {}
     if isinstance(spec, str):
-        return _named(spec, kind=kind, short_names=short_names), {}
+        return resolve_name(spec, kind=kind, short_names=short_names), {}
     if isinstance(spec, Mapping):
         path = spec.get("class_path")
         if not isinstance(path, str):
@@ -122,11 +122,11 @@ def _split(spec: object, *, kind: str, short_names: Mapping[str, type]) -> tuple
             )
         init_args = dict(spec.get("init_args") or {})
         init_args.update({k: v for k, v in spec.items() if k not in ("class_path", "init_args", "dict_kwargs")})
-        return _named(path, kind=kind, short_names=short_names), init_args
+        return resolve_name(path, kind=kind, short_names=short_names), init_args
     raise ValueError(f"{kind} must be a name, a class path or a mapping with class_path; got {type(spec).__name__}")
 
 
-def _named(name: str, *, kind: str, short_names: Mapping[str, type]) -> type:
+def resolve_name(name: str, *, kind: str, short_names: Mapping[str, type]) -> type:
     """A short name, a shipped class's name, or a dotted class path."""
     if name in short_names:
         return short_names[name]

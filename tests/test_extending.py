@@ -79,12 +79,14 @@ def test_own_learner_trains_tests_and_diagnoses_through_the_cli(
     assert hparams["algorithm"] == {"class_path": LEARNER, "init_args": {"temperature": 0.05}}
 
     test = _medmeta("test", "--config", str(metrics_file.parent / "config.yaml"), "--ckpt_path", checkpoint,
-                    "--trainer.callbacks+", "my_metrics.BrierScore", cwd=tmp_path)  # fmt: skip
+                    "--trainer.callbacks+=medmeta.evaluation.callback.EvaluationReport",
+                    "--trainer.callbacks.metrics", '{"brier": "my_metrics.brier"}', cwd=tmp_path)  # fmt: skip
     assert test.returncode == 0, test.stdout[-3000:] + test.stderr[-3000:]
     tested = Path(next(line for line in test.stdout.splitlines() if line.startswith("metrics: ")).split(": ", 1)[1].strip())
-    assert json.loads(tested.read_text())["algorithm"] == "CosineCentroids"
-    brier = json.loads((tested.parent / "brier.json").read_text())  # the page's metric callback
-    assert 0.0 <= brier["brier"] <= 2.0 and brier["brier_ci95"] >= 0.0
+    summary = json.loads(tested.read_text())
+    assert summary["algorithm"] == "CosineCentroids"
+    assert 0.0 <= summary["brier"] <= 2.0 and summary["brier_ci95"] >= 0.0  # the page's metric, by dotted path
+    assert "brier" in (tested.parent / "per_episode.csv").read_text().splitlines()[0]
 
     support, queries = _cases(tiny_dicom_root, tmp_path, classes=2)  # 2 diagnoses: the 3-way learner resizes
     diagnosed = _medmeta("diagnose", "--ckpt", checkpoint, "--support", str(support), "--query", str(queries),
@@ -151,10 +153,10 @@ def test_numpy_format_is_discovered_preflighted_and_loaded(page_files: Path, tmp
     assert images.shape == (4, 1, 16, 16) and bool(torch.isfinite(images).all())
 
 
-def test_metric_callback_matches_a_hand_computation(page_files: Path) -> None:
-    from my_metrics import brier_per_episode  # the page's file
+def test_metric_matches_a_hand_computation(page_files: Path) -> None:
+    from my_metrics import brier  # the page's file
 
     probs = torch.tensor([[[1.0, 0.0], [0.5, 0.5]], [[0.0, 1.0], [0.0, 1.0]]])
     labels = torch.tensor([[0, 0], [0, 1]])
     # episode 0: 0 and 0.25 + 0.25; episode 1: 1 + 1 and 0
-    torch.testing.assert_close(brier_per_episode(probs, labels), torch.tensor([0.25, 1.0]))
+    torch.testing.assert_close(brier(probs, labels), torch.tensor([0.25, 1.0]))
