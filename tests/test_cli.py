@@ -46,7 +46,7 @@ def _tiny_fit_args(root: Path, out: Path) -> list[str]:
         "--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out),
         "--data.image_size", "16", "--data.val_episodes", "4", "--data.test_episodes", "6",
         "--data.n_way", "3", "--data.q_query", "2", "--data.split_ratios", "[0.5, 0.25, 0.25]",
-        "--model.backbone.init_args.hidden_channels", "8",  # the config names the backbone (class_path: conv4)
+        "--model.backbone.class_path", "conv4", "--model.backbone.init_args.hidden_channels", "8",
         "--model.algorithm.init_args.inner_steps", "1", "--model.algorithm.init_args.eval_inner_steps", "2",
     ]  # fmt: skip
 
@@ -159,7 +159,8 @@ def test_3d_config_runs_end_to_end(tmp_path: Path) -> None:
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(out),
         "--trainer.logger.init_args.save_dir", str(out), "--data.image_size", "8", "--data.roi_size", "[12, 12, 12]",
         "--data.n_way", "2", "--data.q_query", "2", "--data.split_ratios", "[0.5, 0.25, 0.25]",
-        "--data.val_episodes", "2", "--data.test_episodes", "4", "--model.backbone.init_args.hidden_channels", "4",
+        "--data.val_episodes", "2", "--data.test_episodes", "4", "--model.backbone.class_path", "conv4",
+        "--model.backbone.init_args.hidden_channels", "4",
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -178,7 +179,7 @@ def test_each_algorithm_config_combines_with_the_data_config(tiny_dicom_root: Pa
         "--data.train_batches_per_epoch", "2", "--trainer.default_root_dir", str(out),
         "--trainer.logger.init_args.save_dir", str(out), "--data.image_size", "16", "--data.val_episodes", "2",
         "--data.test_episodes", "4", "--data.n_way", "3", "--data.q_query", "2", "--data.split_ratios",
-        "[0.5, 0.25, 0.25]", "--model.backbone.init_args.hidden_channels", "4",
+        "[0.5, 0.25, 0.25]", "--model.backbone.class_path", "conv4", "--model.backbone.init_args.hidden_channels", "4",
         *(INNER_STEPS if algorithm in ("maml", "maml_pp", "meta_sgd", "anil") else []), cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

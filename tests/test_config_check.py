@@ -32,7 +32,7 @@ def test_every_shipped_config_passes(config: Path) -> None:
 )
 def test_a_bad_config_is_named_with_the_reason(tmp_path: Path, text: str, words: list[str]) -> None:
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
-    good.write_text("model:\n  backbone:\n    class_path: conv4\n    init_args:\n      hidden_channels: 8\n")
+    good.write_text("model:\n  backbone:\n    class_path: medmeta.networks.Conv4\n    init_args:\n      hidden_channels: 8\n")
     bad.write_text(text)
     with pytest.raises(DataError) as caught:
         check_config_files(["fit", "--config", str(good), "--config", str(bad)])

@@ -37,9 +37,9 @@ def test_short_meta_training_beats_chance_and_pixel_baseline(lesion_root: Path, 
         str(lesion_root), n_way=5, k_shot=1, q_query=15, meta_batch_size=4, image_size=32,
         train_batches_per_epoch=steps, test_episodes=200, eval_batch_size=20,
     )  # fmt: skip
-    steps = {"inner_lr": 0.1, "inner_steps": 2, "eval_inner_steps": 10} if algorithm in ("maml", "meta_sgd", "anil") else {}
+    inner = {"inner_lr": 0.1, "inner_steps": 2, "eval_inner_steps": 10} if algorithm in ("maml", "meta_sgd", "anil") else {}
     model = module_for(algorithm, n_way=5, image_size=32, hidden_channels=16, meta_lr=0.001 if algorithm == "mann" else 0.003,
-                       **steps)  # fmt: skip
+                       **inner)  # fmt: skip
     trainer = L.Trainer(
         max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, inference_mode=False, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,

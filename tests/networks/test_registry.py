@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -36,9 +37,13 @@ def test_build_backbone_fills_the_shape_arguments_from_the_data() -> None:
     assert spec["class_path"] == "medmeta.networks.conv4.Conv4" and not set(spec["init_args"]) & set(SHAPE_ARGUMENTS)
 
 
-def test_shape_arguments_are_not_settings() -> None:
-    with pytest.raises(ValueError, match="backbone Conv4 has no setting 'n_way'"):
-        build_backbone({"class_path": "conv4", "init_args": {"n_way": 4}}, **SHAPE)
+def test_shape_arguments_given_as_settings_are_replaced_by_the_data_with_a_warning() -> None:
+    with pytest.warns(UserWarning, match=r"backbone Conv4: n_way=7 is replaced by 4 from the data"):
+        model = build_backbone({"class_path": "conv4", "init_args": {"n_way": 7}}, **SHAPE)
+    assert model(torch.randn(1, 2, 16, 16)).shape == (1, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the parser fills in the defaults, or the data's own values: no warning
+        build_backbone({"class_path": "conv4", "init_args": {"n_way": 5, "in_channels": 2}}, **SHAPE)
 
 
 def test_a_monai_classifier_by_class_path_trains_one_maml_meta_step(tmp_path: Path) -> None:
