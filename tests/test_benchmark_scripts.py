@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,3 +47,26 @@ def test_data_pipeline_script_runs(tmp_path: Path) -> None:
                 timeout=2400)  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert json.loads((tmp_path / "pipeline.json").read_text())
+
+
+def test_ab_versions_loads_another_checkout_beside_this_one(tmp_path: Path) -> None:
+    """benchmarks/ab_versions.py: the other version imports as ``medmeta_old`` and computes beside this one."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import ab_versions
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    old = ab_versions.import_old(REPO, tmp_path)  # this checkout as "the other version"
+    from medmeta.algorithms import MAML
+    from medmeta.networks import Conv4
+
+    assert old.algorithms.MAML is not MAML and old.algorithms.MAML.__module__.startswith("medmeta_old.")
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, n_way=2, hidden_channels=4, image_size=8)
+    other = sys.modules["medmeta_old.networks"].Conv4(in_channels=1, n_way=2, hidden_channels=4, image_size=8)
+    other.load_state_dict(model.state_dict())
+    sx, qx = torch.randn(1, 2, 1, 8, 8), torch.randn(1, 4, 1, 8, 8)
+    sy, qy = torch.tensor([[0, 1]]), torch.tensor([[0, 0, 1, 1]])
+    ours = MAML(model, inner_steps=1).outer_loss(sx, sy, qx, qy)
+    theirs = old.algorithms.MAML(other, inner_steps=1).outer_loss(sx, sy, qx, qy)
+    assert torch.equal(ours, theirs)
