@@ -35,7 +35,7 @@ def import_old(tree: Path, folder: Path) -> object:
         text = re.sub(r"\bmedmeta\.", "medmeta_old.", path.read_text())
         path.write_text(re.sub(r"from medmeta import", "from medmeta_old import", text))
     sys.path.insert(0, str(folder))
-    import medmeta_old.algorithms  # noqa: F401
+    import medmeta_old.algorithms  # noqa: F401 - imported for its side effect: the package in sys.modules
 
     return sys.modules["medmeta_old"]
 

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
+from medmeta.algorithms import LEGACY_MODULE_SETTINGS, legacy_algorithm_spec
 from medmeta.errors import DataError
+from medmeta.networks import LEGACY_MODULE_SETTINGS as LEGACY_BACKBONE_SETTINGS
+from medmeta.networks import legacy_backbone_spec
 
 SHAPE_KEYS = ("algorithm", "backbone", "n_way", "in_channels", "spatial_dims", "image_size")
 
@@ -119,10 +122,6 @@ def model_hparams(checkpoint: Mapping[str, object]) -> dict[str, object]:
     (``algorithm: <short name>``, ``inner_lr``, ``hidden_channels`` ...); they are translated here, so
     they load like new ones. Lightning's own bookkeeping keys are dropped.
     """
-    from medmeta.algorithms import LEGACY_MODULE_SETTINGS, legacy_algorithm_spec
-    from medmeta.networks import LEGACY_MODULE_SETTINGS as LEGACY_BACKBONE_SETTINGS
-    from medmeta.networks import legacy_backbone_spec
-
     saved = {k: v for k, v in dict(checkpoint["hyper_parameters"]).items() if k not in ("_instantiator", "_class_path")}
     moved = set(LEGACY_MODULE_SETTINGS) | set(LEGACY_BACKBONE_SETTINGS)
     if not isinstance(saved.get("backbone"), str) or not moved & set(saved):

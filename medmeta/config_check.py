@@ -3,7 +3,10 @@
 Lightning's parser reports a misspelt key or a YAML syntax error without saying which of several
 config files it came from; this check names the file, the key (with the nearest valid spelling)
 or the line. It only refuses what the parser would refuse too: unknown keys are looked up in the
-signatures of ``FewShotModule``, ``EpisodicDataModule`` and ``Trainer``.
+signatures of ``FewShotModule``, ``EpisodicDataModule`` and ``Trainer``. A model setting in its
+place from before learners and backbones were plug-ins is refused with its new spelling, and a
+learner's or backbone's short name is turned into its class path on the command line (the parser
+knows class names and paths) and refused, with the spelling to use, in a config file.
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ from pathlib import Path
 import lightning as L
 import yaml
 
+from medmeta.algorithms import SHORT_NAMES as LEARNERS
+from medmeta.algorithms import legacy_setting_name
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.errors import DataError
 from medmeta.module import FewShotModule
+from medmeta.networks import LEGACY_MODULE_SETTINGS as BACKBONE_SETTINGS
+from medmeta.networks import SHORT_NAMES as BACKBONES
+from medmeta.plugins import class_path, resolve_name
 
 TOP_LEVEL = (
     "seed_everything", "trainer", "model", "data", "test_after_fit", "episodes", "optimizer", "lr_scheduler",
@@ -40,9 +48,6 @@ def config_paths(argv: Sequence[str]) -> list[str]:
 
 def legacy_spelling(name: str) -> str | None:
     """Today's spelling of a model setting that moved into the learner's or the backbone's settings, else ``None``."""
-    from medmeta.algorithms import legacy_setting_name
-    from medmeta.networks import LEGACY_MODULE_SETTINGS as BACKBONE_SETTINGS
-
     if name in BACKBONE_SETTINGS:
         return f"model.backbone.init_args.{name}"
     new = legacy_setting_name(name)
@@ -62,9 +67,6 @@ PLUGINS = ("algorithm", "backbone")  # model settings that name a class
 
 
 def _short_names(kind: str) -> dict[str, type]:
-    from medmeta.algorithms import SHORT_NAMES as LEARNERS
-    from medmeta.networks import SHORT_NAMES as BACKBONES
-
     return LEARNERS if kind == "algorithm" else BACKBONES
 
 
@@ -87,8 +89,6 @@ def expand_short_names(argv: Sequence[str]) -> list[str]:
 
 def _checked_name(where: str, kind: str, value: str) -> str:
     """``value`` as the parser should see it: a short name as its class path, a class name or path as it is."""
-    from medmeta.plugins import class_path, resolve_name
-
     try:
         cls = resolve_name(value, kind=kind, short_names=_short_names(kind))
     except ValueError as error:
@@ -98,8 +98,6 @@ def _checked_name(where: str, kind: str, value: str) -> str:
 
 def _refuse_short_name(where: str, kind: str, value: object) -> None:
     """A config file names plug-ins by class name or path (the parser reads the file, not medmeta)."""
-    from medmeta.plugins import class_path
-
     if not isinstance(value, str):
         return
     _checked_name(where, kind, value)

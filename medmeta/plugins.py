@@ -74,7 +74,7 @@ def resolve(
     """
     cls, given = _split(spec, kind=kind, short_names=short_names)
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(f"{kind} {class_path(cls) if isinstance(cls, type) else cls!r} is not a subclass of {class_path(base)}")
+        raise ValueError(f"{kind} {class_path(cls) if isinstance(cls, type) else repr(cls)} is not a subclass of {class_path(base)}")
     accepted = parameters(cls)
     unknown = [name for name in given if name not in accepted]
     if unknown:

@@ -94,7 +94,7 @@ def test_a_setting_that_is_not_a_plain_value_is_refused() -> None:
 
 
 def test_wrong_classes_and_missing_settings_are_named() -> None:
-    with pytest.raises(ValueError, match=rf"gadget '{__name__}\.Stranger' is not a subclass of {__name__}\.Base"):
+    with pytest.raises(ValueError, match=rf"gadget {__name__}\.Stranger is not a subclass of {__name__}\.Base"):
         _resolve(f"{__name__}.Stranger")
     with pytest.raises(ValueError, match="gadget NeedsSize needs the setting"):
         _resolve("sized")

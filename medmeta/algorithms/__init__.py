@@ -22,7 +22,7 @@ from medmeta.algorithms.mann import MANN
 from medmeta.algorithms.meta_sgd import MetaSGD
 from medmeta.algorithms.pixel_nn import pixel_nearest_neighbour
 from medmeta.algorithms.protonet import ProtoNet
-from medmeta.plugins import resolve, spec_of
+from medmeta.plugins import class_path, resolve, spec_of
 
 SHIPPED: tuple[type[MetaLearner], ...] = (MAML, MAMLPlusPlus, MetaSGD, ANIL, ProtoNet, MANN, FineTune)
 SHORT_NAMES: dict[str, type[MetaLearner]] = {cls.name: cls for cls in SHIPPED}
@@ -56,7 +56,7 @@ def build_algorithm(spec: object, model: nn.Module, n_way: int) -> MetaLearner:
 def legacy_algorithm_spec(saved: Mapping[str, Any]) -> dict[str, Any]:
     """The algorithm spec of a checkpoint's flat hyperparameters from before plug-ins (``algorithm: maml`` ...)."""
     cls, _ = resolve_algorithm(saved["algorithm"])
-    return algorithm_spec({"class_path": cls.__module__ + "." + cls.__qualname__, "init_args": cls.settings_from_legacy(saved)})
+    return algorithm_spec({"class_path": class_path(cls), "init_args": cls.settings_from_legacy(saved)})
 
 
 def legacy_setting_name(key: str) -> str | None:

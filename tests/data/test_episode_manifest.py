@@ -16,7 +16,7 @@ from medmeta.data.episode_manifest import EpisodeManifest, data_hash
 from medmeta.data.records import ImageRecord
 from medmeta.data.synthetic import generate_synthetic_dataset
 from medmeta.errors import DataError
-from medmeta.module import FewShotModule
+from tests.conftest import module_for
 
 SETTINGS: dict = dict(
     n_way=3, k_shot=2, q_query=3, meta_batch_size=2, eval_batch_size=4, image_size=16, test_episodes=8,
@@ -27,7 +27,7 @@ SETTINGS: dict = dict(
 def _test_run(root: Path, out: Path, episodes_file: Path | None = None, **overrides: object) -> list[list[str]]:
     """A real ``Trainer.test`` of an untrained (seeded) model; the rows of its ``per_episode.csv``."""
     torch.manual_seed(0)
-    module = FewShotModule(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=2)
+    module = module_for(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=2)
     data = EpisodicDataModule(str(root), episodes_file=str(episodes_file) if episodes_file else None,
                               **{**SETTINGS, **overrides})  # fmt: skip
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
