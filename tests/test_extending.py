@@ -1,7 +1,7 @@
 """docs/extending.md, executed: its own learner, backbone, file format and metric, as the page shows them.
 
 The page's learner is ``tests/extending_example.py`` (checked equal to the page's block, so page and
-test cannot drift); it is trained, tested and diagnosed through the real ``medmeta`` command by its
+test cannot drift); it is trained, tested, evaluated and diagnosed through the real ``medmeta`` command by its
 class path. The page's other files (``doc_files``) are written to a folder on ``PYTHONPATH`` and used
 as the page says; its unnamed Python blocks are run as they are.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_cli import _medmeta
+from tests.test_cli import _medmeta, _medmeta_here
 from tests.test_diagnose import _cases
 from tests.test_docs import doc_files
 
@@ -56,9 +56,10 @@ def test_the_page_defines_its_files_and_its_learner_is_the_example_file() -> Non
     )
 
 
-def test_own_learner_trains_tests_and_diagnoses_through_the_cli(
-    tiny_dicom_root: Path, tmp_path: Path, page_files: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_own_learner_trains_tests_evaluates_and_diagnoses_through_the_cli(
+    tiny_dicom_root: Path, tmp_path: Path, page_files: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), str(page_files)]))
     out = tmp_path / "run"
     fit = _medmeta(
@@ -87,6 +88,12 @@ def test_own_learner_trains_tests_and_diagnoses_through_the_cli(
     assert summary["algorithm"] == "CosineCentroids"
     assert 0.0 <= summary["brier"] <= 2.0 and summary["brier_ci95"] >= 0.0  # the page's metric, by dotted path
     assert "brier" in (tested.parent / "per_episode.csv").read_text().splitlines()[0]
+
+    status, printed = _medmeta_here("evaluate", checkpoint, "--test-episodes", "4", "--out", str(tmp_path / "evaluate"),
+                                     cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 0, printed
+    evaluated = json.loads(next((tmp_path / "evaluate").rglob("metrics.json")).read_text())
+    assert evaluated["algorithm"] == "CosineCentroids" and evaluated["test_episodes"] == 4
 
     support, queries = _cases(tiny_dicom_root, tmp_path, classes=2)  # 2 diagnoses: the 3-way learner resizes
     diagnosed = _medmeta("diagnose", "--ckpt", checkpoint, "--support", str(support), "--query", str(queries),
