@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -25,6 +26,7 @@ from medmeta.algorithms import DEFAULT_ALGORITHM, EpisodeBatch, MetaLearner, pix
 from medmeta.algorithms.cuda_graph import GraphedOuterLoss
 from medmeta.evaluation.metrics import mean_and_ci95, per_episode_metrics
 from medmeta.networks import DEFAULT_BACKBONE, backbone_spec, build_backbone
+from medmeta.networks.initialise import initialise_backbone
 from medmeta.networks.norm import describe_normalisation, norm_kinds, set_running_stat_slots, uses_running_statistics
 from medmeta.plugins import spec_of
 
@@ -93,6 +95,9 @@ class FewShotModule(L.LightningModule):
         pixel_baseline: also score a nearest-neighbour-on-pixels baseline on the test episodes.
         nonfinite: a non-finite meta-loss or meta-gradient ``"stop"``s the run naming the episodes,
             or ``"skip"``s that update (counted in ``train/skipped_steps``); no update is applied either way.
+        init_from: a file of pretrained backbone weights (a medmeta checkpoint, e.g. of a fine-tune
+            pre-training run, or a plain state dict: ``medmeta.networks.initialise``), loaded when a
+            fit starts from scratch (not when it resumes); the head is re-initialised for ``n_way``.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class FewShotModule(L.LightningModule):
         meta_lr: float = 1e-3,
         pixel_baseline: bool = True,
         nonfinite: Literal["stop", "skip"] = "stop",
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         check_learning_rate("model.meta_lr", meta_lr)
@@ -191,6 +197,11 @@ class FewShotModule(L.LightningModule):
         self.skipped_steps += 1
         logger.warning("skipped the update of training episodes %s: non-finite meta-gradient", self._last_episodes)
         self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def on_fit_start(self) -> None:
+        """A fit from scratch starts from ``init_from``'s backbone weights (a resumed fit from its checkpoint's)."""
+        if self.hparams.init_from and self.trainer.ckpt_path is None:
+            initialise_backbone(self.model, Path(self.hparams.init_from))
 
     def on_train_epoch_start(self) -> None:
         """Tell the learner the epoch (for settings scheduled by epoch)."""

@@ -1,0 +1,122 @@
+"""Pretrained initialisation: a backbone's weights from a file the user has (never downloaded).
+
+The file is a medmeta checkpoint (e.g. of a fine-tune pre-training run: its backbone, the
+``algorithm.model.*`` weights, is taken) or a plain state dict with torchvision, MONAI or
+MedicalNet/RadImageNet-style keys (wrapper prefixes such as ``module.`` are removed; a key that
+only matches under the backbone's ``features.`` is mapped there). The classification head is never
+loaded: it is re-initialised for the episodes' ``n_way``. Running batch-norm statistics in the file
+are left out when the backbone keeps none. Anything else that does not fit (a backbone weight the
+file lacks, a file weight the backbone lacks, a shape that differs) is a ``DataError`` listing them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from medmeta.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_BACKBONE = "algorithm.model."  # where a medmeta checkpoint keeps the backbone's weights
+WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "net.")  # DataParallel, Lightning, ...
+HEAD_NAMES = ("head", "fc", "classifier", "class_layers", "pretrain_head")  # classification heads, re-initialised
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+SHOWN = 8  # names listed per kind of problem
+
+
+@dataclass(frozen=True)
+class Initialisation:
+    """What :func:`initialise_backbone` loaded: counts of weights loaded, head weights re-initialised, statistics left out."""
+
+    loaded: int
+    head: int
+    statistics: int
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """The backbone weights in ``path``: a medmeta checkpoint's backbone, or a state dict (``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--model.init_from {path}: no such file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a pickle with code, a damaged file, not a torch file
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"--model.init_from {path}: not a readable weights file ({first})") from error
+    if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
+        state = content["state_dict"]
+        if any(str(k).startswith(CHECKPOINT_BACKBONE) for k in state):  # a medmeta checkpoint: its backbone only
+            state = {k[len(CHECKPOINT_BACKBONE) :]: v for k, v in state.items() if k.startswith(CHECKPOINT_BACKBONE)}
+    elif isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
+        state = content["model"]
+    else:
+        state = content
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise DataError(f"--model.init_from {path}: expected a state dict of tensors (or a checkpoint holding one)")
+    return {str(k): v for k, v in state.items()}
+
+
+def initialise_backbone(model: nn.Module, path: Path) -> Initialisation:
+    """Load the weights of ``path`` into ``model`` (all but its head); ``DataError`` listing what does not fit."""
+    own = model.state_dict()
+    matched, head, statistics, unexpected, mismatched = {}, 0, 0, [], []
+    for key, value in read_weights(path).items():
+        name = _own_name(_unwrapped(key), own)
+        if _is_head(name or _unwrapped(key)):
+            head += 1
+        elif name is None:
+            if key.rsplit(".", 1)[-1] in STATISTICS:
+                statistics += 1  # the backbone keeps no running statistics (medmeta's transductive batch norm)
+            else:
+                unexpected.append(key)
+        elif own[name].shape != value.shape:
+            mismatched.append(f"{name} {tuple(value.shape)} in the file, {tuple(own[name].shape)} in the backbone")
+        else:
+            matched[name] = value
+    missing = [n for n in own if n not in matched and not _is_head(n) and n.rsplit(".", 1)[-1] not in STATISTICS]
+    problems = [
+        f"{label} ({len(names)}): {', '.join(names[:SHOWN])}{', ...' if len(names) > SHOWN else ''}"
+        for label, names in (("missing from the file", missing), ("unexpected in the file", unexpected),
+                             ("shape mismatches", mismatched))
+        if names
+    ]  # fmt: skip
+    if problems:
+        raise DataError(f"--model.init_from {path} does not fit the {type(model).__name__} backbone: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, value in matched.items():
+            own[name].copy_(value.to(own[name].dtype))
+    logger.info(
+        "initialised %d backbone tensors from %s; the head (%d tensors in the file) is re-initialised%s",
+        len(matched), path, head, f"; {statistics} running statistics left out" if statistics else "",
+    )  # fmt: skip
+    return Initialisation(len(matched), head, statistics)
+
+
+def _unwrapped(key: str) -> str:
+    """``key`` without the wrapper prefixes of DataParallel, Lightning and similar."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
+
+
+def _own_name(key: str, own: Mapping[str, Tensor]) -> str | None:
+    """The backbone's name for a file key: the same name, or the same under ``features.`` (a trunk's keys)."""
+    for name in (key, f"features.{key}"):
+        if name in own:
+            return name
+    return None
+
+
+def _is_head(name: str) -> bool:
+    parts = name.split(".")
+    return parts[0] in HEAD_NAMES or (parts[0] == "features" and len(parts) > 1 and parts[1] in HEAD_NAMES)
