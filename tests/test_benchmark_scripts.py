@@ -70,3 +70,51 @@ def test_ab_versions_loads_another_checkout_beside_this_one(tmp_path: Path) -> N
     ours = MAML(model, inner_steps=1).outer_loss(sx, sy, qx, qy)
     theirs = old.algorithms.MAML(other, inner_steps=1).outer_loss(sx, sy, qx, qy)
     assert torch.equal(ours, theirs)
+
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+REAL_DATA = pytest.mark.skipif(
+    not (SHARED_DATA / "realdev").is_dir() or not (SHARED_DATA / "mednist-mini").is_dir(),
+    reason="the real development images (../shared/data) are only in development checkouts",
+)
+
+
+def _real_data_module() -> object:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import real_data
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return real_data
+
+
+@REAL_DATA
+def test_real_data_protocols_are_domain_and_class_disjoint_and_written_outside_the_data(tmp_path: Path) -> None:
+    from medmeta.data.manifest import read_manifest
+
+    real_data = _real_data_module()
+    expected = {"R1": {"train": {"mednist", "pbc"}, "val": {"busi", "cxr"}, "test": {"isic"}},
+                "R2": {"train": {"mednist", "isic"}, "val": {"busi", "cxr"}, "test": {"pbc"}}}  # fmt: skip
+    for protocol, splits in expected.items():
+        manifest = real_data.build_protocol(protocol, SHARED_DATA, tmp_path)
+        assert manifest.parent == tmp_path  # never into ../shared
+        records, skipped = read_manifest(manifest)  # refuses a class under two splits, a file under two labels
+        assert not skipped and len(records) > 2000
+        domains = {split: {r.label.split("-")[0] for r in records if r.split == split} for split in splits}
+        assert domains == splits
+        by_split = {split: {r.label for r in records if r.split == split} for split in splits}
+        assert sum(len(v) for v in by_split.values()) == len(set().union(*by_split.values()))  # class-disjoint
+        assert all(len(classes) >= 4 for classes in by_split.values())  # 4-way episodes in every split
+        assert all(r.path.is_file() for r in records[:: max(1, len(records) // 50)])
+
+
+@REAL_DATA
+@pytest.mark.slow
+def test_real_data_script_quick_run(tmp_path: Path) -> None:
+    done = _run(str(REPO / "benchmarks" / "real_data.py"), "--quick", "--protocols", "R2", "--algorithms", "finetune",
+                "maml", "--shots", "1", "--out", str(tmp_path / "out"), cwd=tmp_path, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "real_data.json").read_text())
+    assert [(r["protocol"], r["method"], r["test_episodes"]) for r in results] == [("R2", "finetune", 8), ("R2", "maml", 8)]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["best_val_acc"] is not None for r in results)
+    assert (tmp_path / "out" / "real_data.png").is_file() and "| R2 | maml | 1 |" in (tmp_path / "out" / "real_data.md").read_text()
