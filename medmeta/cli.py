@@ -426,10 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         if words[:1] == ["evaluate"]:
             return evaluate_main(list(words[1:]))
         check_config_files(words)
+        expanded = expand_short_names(words)
+        if argv is None:  # LightningCLI reads sys.argv itself (given both, it warns): the short names as class paths
+            sys.argv[1:] = expanded
         MedMetaCLI(
             FewShotModule,
             EpisodicDataModule,
-            args=expand_short_names(words),
+            args=None if argv is None else expanded,
             trainer_defaults={"inference_mode": False, "callbacks": [preemption, LastCheckpoint(), RandomStateCheckpoint()]},
             save_config_kwargs={"overwrite": True},
         )

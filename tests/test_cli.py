@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,10 +19,13 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
 def _medmeta(*args: str, cwd: Path, timeout: float = 300, columns: str = "200") -> subprocess.CompletedProcess[str]:
+    """The ``medmeta`` command in a subprocess; it never prints Lightning's warning about arguments given twice."""
     env = {**os.environ, "MEDMETA_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "2", "COLUMNS": columns}
-    return subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-m", "medmeta.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+    assert "args parameter is intended to run from within Python" not in done.stdout + done.stderr
+    return done
 
 
 def _medmeta_here(*args: str, cwd: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
@@ -314,3 +318,16 @@ def test_evaluate_refuses_test_classes_the_model_meta_trained_on(
                                     **here)  # fmt: skip
     assert status == 0, printed[-2000:]
     assert "warning:" in printed and "cannot be checked" in printed.replace("\n", " ")
+
+
+def test_short_names_on_the_command_line_become_class_paths(tmp_path: Path) -> None:
+    """``--model.algorithm maml_pp --model.backbone resnet12``: the parsed config holds their class paths (no warnings)."""
+    done = _medmeta("fit", "--model.algorithm", "maml_pp", "--model.backbone", "resnet12",
+                    "--model.algorithm.init_args.inner_steps", "2", "--print_config", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    from medmeta.algorithms import MAMLPlusPlus, resolve_algorithm
+    from medmeta.networks import ResNet12, resolve_backbone
+
+    model = yaml.safe_load(done.stdout)["model"]
+    assert resolve_algorithm(model["algorithm"]) == (MAMLPlusPlus, {**resolve_algorithm(MAMLPlusPlus)[1], "inner_steps": 2})
+    assert resolve_backbone(model["backbone"])[0] is ResNet12
