@@ -28,13 +28,18 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def import_class(path: str, *, kind: str) -> type:
-    """The class at dotted ``path``; ``ValueError`` naming ``kind`` when it cannot be imported."""
+def import_object(path: str, *, what: str) -> object:
+    """The object at dotted ``path``; ``ValueError`` naming ``what`` it was to be when it cannot be imported."""
     module_name, _, name = path.rpartition(".")
     try:
-        value = getattr(importlib.import_module(module_name), name) if module_name else None
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"{kind} class_path {path!r} cannot be imported ({error})") from None
+        return getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{what} {path!r} cannot be imported ({error})") from None
+
+
+def import_class(path: str, *, kind: str) -> type:
+    """The class at dotted ``path``; ``ValueError`` naming ``kind`` when it cannot be imported."""
+    value = import_object(path, what=f"{kind} class_path")
     if not isinstance(value, type):
         raise ValueError(f"{kind} class_path {path!r} is not an importable class")
     return value

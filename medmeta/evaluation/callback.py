@@ -10,7 +10,6 @@ and fills ``module.test_summary``. Data flows one way: data module -> module -> 
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import logging
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from medmeta.evaluation.metrics import (
     reliability_bins,
     summarise,
 )  # fmt: skip
+from medmeta.plugins import import_object
 
 logger = logging.getLogger(__name__)
 
@@ -167,11 +167,7 @@ def log_images(loggers: list, paths: list[Path], step: int) -> None:
 
 def _import_function(path: str) -> MetricFn:
     """The function at dotted ``path`` (a metric); ``ValueError`` naming it when it cannot be imported."""
-    module_name, _, name = path.rpartition(".")
-    try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"metric {path!r} cannot be imported ({error})") from None
+    function = import_object(path, what="metric")
     if not callable(function):
         raise ValueError(f"metric {path!r} is not a function")
     return function
