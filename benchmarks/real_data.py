@@ -3,6 +3,7 @@
 Usage:
     python benchmarks/real_data.py --out runs/real_data                       # R1 and R2, 4-way 5- and 1-shot
     python benchmarks/real_data.py --protocols R1 --shots 5 --algorithms finetune maml --out runs/r1
+    python benchmarks/real_data.py --algorithms finetune meta_baseline --jobs 2 --out runs/mb   # R1 and R2 side by side
     python benchmarks/real_data.py --quick --out /tmp/real_quick                # a few steps and episodes
 
 Data: ``../shared/data/mednist-mini`` and ``../shared/data/realdev`` (``--data``), read only. Each
@@ -17,6 +18,15 @@ colour grey instead), each rescaled to [0, 1] (the ``photo`` intensity preset). 
 is selected on meta-val accuracy only (the best validation checkpoint), and is tested on the same
 frozen test episodes. Writes ``real_data.json``, ``real_data.md`` (mean ± 95% CI, wall time, peak
 memory) and ``real_data.png`` (bars with CI whiskers).
+
+Methods (``METHODS``) are a learner with settings and how it starts:
+
+* from scratch, trained for ``--steps`` meta-steps (``finetune``, ``protonet``, ``maml``, ...);
+* ``reuse``: the ``finetune`` run's selected pre-training, adapted differently at test time (no
+  training of its own: ``logreg``, ``finetune_last_block``, ``finetune_augment``, ``finetune_transductive``);
+* ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
+  steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
+  it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``anil_init``, ``maml_pp_init``).
 """
 
 from __future__ import annotations
@@ -25,11 +35,16 @@ import argparse
 import csv
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import module_settings  # noqa: E402 - the same learner settings as the synthetic comparison
@@ -47,7 +62,38 @@ PROTOCOLS = {  # protocol -> split -> domains
     "R1": {"train": ("mednist", "pbc"), "val": ("busi", "cxr"), "test": ("isic",)},
     "R2": {"train": ("mednist", "isic"), "val": ("busi", "cxr"), "test": ("pbc",)},
 }
-METHODS = ("finetune", "maml", "maml_pp", "anil", "meta_sgd", "protonet")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compared method: a learner (registry short name), its settings, and how it starts."""
+
+    learner: str
+    settings: dict[str, object] = field(default_factory=dict)
+    start: str = "scratch"  # "scratch", "reuse" (finetune's pre-training, test only) or "two_stage"
+
+
+META_BASELINE = {"distance": "cosine", "temperature": 0.1, "learn_temperature": True}
+FROM_PRETRAINED = {"meta_lr": 0.001}  # a smaller outer step, not to wash out the pre-trained features
+METHODS: dict[str, Method] = {
+    "finetune": Method("finetune"),
+    "logreg": Method("logreg", start="reuse"),
+    "finetune_last_block": Method("finetune", {"finetune_scope": "last_block"}, start="reuse"),
+    "finetune_augment": Method("finetune", {"support_augment": True}, start="reuse"),
+    "finetune_transductive": Method("finetune", {"query_entropy_weight": 1.0}, start="reuse"),
+    "protonet": Method("protonet"),
+    "protonet_cosine": Method("protonet", META_BASELINE),
+    "maml": Method("maml"),
+    "maml_pp": Method("maml_pp"),
+    "anil": Method("anil"),
+    "meta_sgd": Method("meta_sgd"),
+    "meta_baseline": Method("protonet", {**META_BASELINE, **FROM_PRETRAINED}, start="two_stage"),
+    "maml_init": Method("maml", FROM_PRETRAINED, start="two_stage"),
+    "anil_init": Method("anil", FROM_PRETRAINED, start="two_stage"),
+    "maml_pp_init": Method("maml_pp", {"eval_inner_steps": 20, **FROM_PRETRAINED}, start="two_stage"),
+}
+DEFAULT_METHODS = ("finetune", "logreg", "protonet", "maml", "maml_pp", "anil", "meta_sgd", "meta_baseline", "maml_init")
+PRETRAIN = "pretrain"  # the two-stage methods' first stage: a fine-tune pre-training of steps // 2
 N_WAY, Q_QUERY, IMAGE_SIZE = 4, 15, 64
 
 
@@ -73,38 +119,89 @@ def build_protocol(protocol: str, data: Path, out: Path) -> Path:
 
 
 def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -> dict[str, object]:
-    """Meta-train ``method`` on the manifest's train split, select on val, test on the frozen test episodes."""
+    """Train ``method`` on the manifest's train split (or reuse a pre-training), select on val, test on the frozen test episodes."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from medmeta import EpisodicDataModule, FewShotModule
+    from medmeta.networks.initialise import initialise_backbone
 
     logging.disable(logging.WARNING)
     L.seed_everything(0)
+    spec = METHODS.get(method, Method("finetune"))  # PRETRAIN is the fine-tune learner
+    steps = {"scratch": args.steps, "reuse": 0, "two_stage": args.steps - args.steps // 2}[spec.start]
+    if method == PRETRAIN:
+        steps = args.steps // 2
     data = EpisodicDataModule(
         str(manifest), n_way=N_WAY, k_shot=shots, q_query=Q_QUERY, meta_batch_size=4, image_size=IMAGE_SIZE,
-        in_channels=args.in_channels, window=None, preset="photo", train_batches_per_epoch=args.steps, val_episodes=args.val_episodes,
-        test_episodes=args.test_episodes, eval_batch_size=10,
+        in_channels=args.in_channels, window=None, preset="photo", train_batches_per_epoch=max(steps, 1),
+        val_episodes=args.val_episodes, test_episodes=args.test_episodes, eval_batch_size=10,
     )  # fmt: skip
-    options = {"n_way": N_WAY, "image_size": IMAGE_SIZE, "in_channels": args.in_channels, "pixel_baseline": False}
-    model = FewShotModule(**module_settings(method, options))
+    options = {"n_way": N_WAY, "image_size": IMAGE_SIZE, "in_channels": args.in_channels, "pixel_baseline": False,
+               **args.settings, **spec.settings}  # fmt: skip
+    settings = module_settings(spec.learner, options)
+    if args.backbone:
+        settings["backbone"]["class_path"] = args.backbone
+    source = {"reuse": "finetune", "two_stage": PRETRAIN}.get(spec.start)
+    if source:
+        settings["init_from"] = str(best_checkpoint(args.out, manifest.stem, source, shots))
+    model = FewShotModule(**settings)
     best = ModelCheckpoint(monitor="val/acc", mode="max", dirpath=args.out / "checkpoints" / f"{manifest.stem}-{method}-{shots}")
     trainer = L.Trainer(
-        max_steps=args.steps, val_check_interval=max(1, args.steps // 4), check_val_every_n_epoch=None,
+        max_steps=max(steps, 1), val_check_interval=max(1, steps // 4), check_val_every_n_epoch=None,
         num_sanity_val_steps=0, inference_mode=False, logger=False, callbacks=[best], enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=args.out / f"{manifest.stem}-{method}-{shots}shot",
     )  # fmt: skip
     start = time.perf_counter()
-    trainer.fit(model, data)
-    trainer.test(model, data, ckpt_path="best", verbose=False)
+    if steps:
+        trainer.fit(model, data)
+        trainer.test(model, data, ckpt_path="best", verbose=False)
+    else:  # the fine-tune run's selected backbone, adapted this method's way
+        initialise_backbone(model.model, Path(settings["init_from"]))
+        trainer.validate(model, data, verbose=False)
+        best.best_model_score = trainer.callback_metrics.get("val/acc")
+        trainer.test(model, data, verbose=False)
     summary = model.test_summary
     return {
-        "protocol": manifest.stem, "method": method, "shots": shots, "steps": args.steps,
+        "protocol": manifest.stem, "method": method, "shots": shots, "steps": args.steps, "start": spec.start,
         "test_episodes": summary["test_episodes"], "accuracy": summary["accuracy"], "ci95": summary["accuracy_ci95"],
         "best_val_acc": float(best.best_model_score) if best.best_model_score is not None else None,
         "wall_s": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "in_channels": args.in_channels, "normalisation": summary["normalisation"],
+        "in_channels": args.in_channels, "normalisation": summary["normalisation"], "backbone": settings["backbone"],
     }  # fmt: skip
+
+
+def best_checkpoint(out: Path, protocol: str, method: str, shots: int) -> Path:
+    """The meta-val-selected checkpoint of an earlier run of ``method`` in ``out``."""
+    found = sorted((out / "checkpoints" / f"{protocol}-{method}-{shots}").glob("*.ckpt"))
+    if len(found) != 1:
+        raise SystemExit(f"expected one selected checkpoint of {method} for {protocol} {shots}-shot under {out}, found {len(found)}")
+    return found[0]
+
+
+def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Namespace) -> list[dict[str, object]]:
+    """Every method of one (protocol, shots) pair, in its own subprocess each; pre-trainings first, then what reuses them."""
+    order = list(methods)
+    if any(METHODS[m].start == "reuse" for m in order) and "finetune" not in order:
+        order.insert(0, "finetune")
+    if any(METHODS[m].start == "two_stage" for m in order):
+        order.insert(0, PRETRAIN)
+    order.sort(key=lambda m: 0 if m in (PRETRAIN, "finetune") else 1)
+    results = []
+    for method in order:
+        command = [sys.executable, __file__, "--single", protocol, method, str(shots), "--data", str(args.data),
+                   "--steps", str(args.steps), "--val-episodes", str(args.val_episodes), "--test-episodes",
+                   str(args.test_episodes), "--in-channels", str(args.in_channels), "--out", str(args.out),
+                   *(["--backbone", args.backbone] if args.backbone else []),
+                   *[f"--set={key}={value}" for key, value in args.raw_settings]]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{protocol} {method} {shots}-shot failed:\n{done.stderr[-3000:]}")
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(f"{protocol} {method:22s} {shots}-shot  {100 * r['accuracy']:5.1f}% ± {100 * r['ci95']:.1f}  "
+              f"val {100 * (r['best_val_acc'] or 0):5.1f}%  {r['wall_s']:6.1f} s  peak {r['peak_rss_mb']:6.0f} MB", flush=True)  # fmt: skip
+    return results
 
 
 def write_outputs(results: list[dict[str, object]], out: Path) -> None:
@@ -120,7 +217,7 @@ def write_outputs(results: list[dict[str, object]], out: Path) -> None:
              f"{r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MB |" for r in results]  # fmt: skip
     (out / "real_data.md").write_text("\n".join(rows) + "\n")
     groups = sorted({(r["protocol"], r["shots"]) for r in results})
-    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    methods = [m for m in [PRETRAIN, *METHODS] if any(r["method"] == m for r in results)]
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / max(len(methods), 1)
     for i, method in enumerate(methods):
@@ -140,13 +237,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA, help="folder holding mednist-mini/ and realdev/ (read only)")
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
-    parser.add_argument("--algorithms", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--algorithms", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS), metavar="METHOD",
+                        help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)}; all: {' '.join(METHODS)})")
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 1])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--val-episodes", type=int, default=100)
     parser.add_argument("--test-episodes", type=int, default=600)
     parser.add_argument("--in-channels", type=int, default=3, choices=(1, 3))
     parser.add_argument("--quick", action="store_true", help="4 steps, 4 val and 8 test episodes (a smoke test)")
+    parser.add_argument("--backbone", help="backbone class path or short name for every method (default: Conv-4, 32 channels)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="raw_settings",
+                        help="a learner, backbone or module setting for every method that has it (e.g. hidden_channels=64)")
+    parser.add_argument("--jobs", type=int, default=1, help="(protocol, shots) pairs run side by side (one CPU thread each)")
     parser.add_argument("--out", type=Path, default=Path("runs/real_data"))
     parser.add_argument("--single", nargs=3, metavar=("PROTOCOL", "METHOD", "SHOTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -156,23 +258,22 @@ def main() -> None:
     if missing:
         parser.error(f"the data sets {', '.join(missing)} are not under {args.data} (--data)")
     args.out = args.out.resolve()
+    args.raw_settings = [item.split("=", 1) for item in args.raw_settings]
+    if any(len(item) != 2 for item in args.raw_settings):
+        parser.error("--set takes KEY=VALUE")
+    args.settings = {key: yaml.safe_load(value) for key, value in args.raw_settings}
     if args.single:
         protocol, method, shots = args.single
         print(json.dumps(run_one(args.out / f"{protocol}.csv", method, int(shots), args)))
         return
-    results = []
     for protocol in args.protocols:
         build_protocol(protocol, args.data, args.out)
-        for shots in args.shots:
-            for method in args.algorithms:
-                command = [sys.executable, __file__, "--single", protocol, method, str(shots), "--data", str(args.data),
-                           "--steps", str(args.steps), "--val-episodes", str(args.val_episodes), "--test-episodes",
-                           str(args.test_episodes), "--in-channels", str(args.in_channels), "--out", str(args.out)]  # fmt: skip
-                line = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-                results.append(json.loads(line))
-                r = results[-1]
-                print(f"{protocol} {method:9s} {shots}-shot  {100 * r['accuracy']:5.1f}% ± {100 * r['ci95']:.1f}  "
-                      f"{r['wall_s']:6.1f} s  peak {r['peak_rss_mb']:6.0f} MB", flush=True)  # fmt: skip
+    groups = [(protocol, shots) for protocol in args.protocols for shots in args.shots]
+    if args.jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"  # one thread per side-by-side run
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        done = [pool.submit(run_group, protocol, shots, args.algorithms, args) for protocol, shots in groups]
+        results = [r for future in done for r in future.result()]
     write_outputs(results, args.out)
     print(f"wrote {args.out / 'real_data.md'} and {args.out / 'real_data.png'}")
 

@@ -16,6 +16,7 @@ from torch import nn
 from medmeta.algorithms.anil import ANIL
 from medmeta.algorithms.base import EpisodeBatch, MetaLearner, Predictor
 from medmeta.algorithms.finetune import FineTune
+from medmeta.algorithms.linear_probe import LogisticRegressionProbe
 from medmeta.algorithms.maml import MAML
 from medmeta.algorithms.maml_pp import MAMLPlusPlus
 from medmeta.algorithms.mann import MANN
@@ -24,7 +25,7 @@ from medmeta.algorithms.pixel_nn import pixel_nearest_neighbour
 from medmeta.algorithms.protonet import ProtoNet
 from medmeta.plugins import class_path, resolve, spec_of
 
-SHIPPED: tuple[type[MetaLearner], ...] = (MAML, MAMLPlusPlus, MetaSGD, ANIL, ProtoNet, MANN, FineTune)
+SHIPPED: tuple[type[MetaLearner], ...] = (MAML, MAMLPlusPlus, MetaSGD, ANIL, ProtoNet, MANN, FineTune, LogisticRegressionProbe)
 SHORT_NAMES: dict[str, type[MetaLearner]] = {cls.name: cls for cls in SHIPPED}
 DEFAULT_ALGORITHM: type[MetaLearner] = MAML  # second-order MAML, the learner medmeta is built around
 
@@ -72,7 +73,7 @@ def legacy_setting_name(key: str) -> str | None:
 
 
 __all__ = [
-    "ANIL", "EpisodeBatch", "FineTune", "MAML", "MAMLPlusPlus", "MANN", "MetaLearner", "MetaSGD", "Predictor", "ProtoNet",
+    "ANIL", "EpisodeBatch", "FineTune", "LogisticRegressionProbe", "MAML", "MAMLPlusPlus", "MANN", "MetaLearner", "MetaSGD", "Predictor", "ProtoNet",
     "DEFAULT_ALGORITHM", "SHORT_NAMES", "algorithm_spec", "build_algorithm", "legacy_algorithm_spec", "legacy_setting_name",
     "pixel_nearest_neighbour", "resolve_algorithm",
 ]  # fmt: skip

@@ -6,6 +6,9 @@ learn ordinary classification. At evaluation a fresh N-way linear head (and, wit
 ``finetune_scope="last_block"``, a per-task copy of the backbone's last block) is fitted on the
 support set only; the rest of the backbone is frozen (Chen et al., 2019, "A closer look at
 few-shot classification"; the strongest simple baseline in cross-domain medical few-shot studies).
+Two optional adaptation switches: ``support_augment`` adds the support images' flips as extra
+labelled examples, and ``query_entropy_weight`` makes adaptation transductive (Dhillon et al.,
+2020: the entropy of the unlabelled query predictions is minimised with the support loss).
 """
 
 from __future__ import annotations
@@ -34,19 +37,28 @@ class FineTune(MetaLearner):
         finetune_lr: learning rate of those steps (Adam).
         finetune_scope: ``"head"`` (linear probe on frozen features) or ``"last_block"`` (the
             new head and the backbone's last block, ``model.last_block_prefixes()``).
+        support_augment: also fit on each support image flipped along every spatial axis and every
+            pair of axes (4x the support set in 2D), with the image's label.
+        query_entropy_weight: above 0, add this weight times the mean entropy of the query
+            predictions to the support loss (transductive: a query's prediction then depends on
+            the other queries of its episode; the report says so). 0 (default) never looks at them.
     """
 
     name = "finetune"
 
     def __init__(self, model: nn.Module, n_way: int | None = None, *, pretrain_classes: int = 64,
-                 finetune_steps: int = 100, finetune_lr: float = 0.01, finetune_scope: FinetuneScope = "head") -> None:  # fmt: skip
+                 finetune_steps: int = 100, finetune_lr: float = 0.01, finetune_scope: FinetuneScope = "head",
+                 support_augment: bool = False, query_entropy_weight: float = 0.0) -> None:  # fmt: skip
         if not hasattr(model, "features") or not hasattr(model, "feature_dim"):
             raise ValueError("the fine-tune baseline needs a backbone with `features` and `feature_dim`")
         if finetune_scope not in ("head", "last_block"):
             raise ValueError(f"finetune_scope must be 'head' or 'last_block', got {finetune_scope!r}")
         if finetune_scope == "last_block" and not hasattr(model, "last_block_prefixes"):
             raise ValueError(f"finetune_scope='last_block' needs a backbone with `last_block_prefixes`; got {type(model).__name__}")
+        if not (0.0 <= query_entropy_weight < float("inf")):
+            raise ValueError(f"query_entropy_weight must be 0 or positive and finite, got {query_entropy_weight!r}")
         super().__init__(model, n_way)
+        self.support_augment, self.query_entropy_weight = support_augment, query_entropy_weight
         self.pretrain_head = nn.Linear(model.feature_dim, pretrain_classes)
         self.finetune_steps, self.finetune_lr, self.finetune_scope = finetune_steps, finetune_lr, finetune_scope
 
@@ -83,11 +95,17 @@ class FineTune(MetaLearner):
         return loss, torch.gather(query_logits, 2, index)
 
     def report_settings(self) -> dict[str, object]:
-        return {"finetune_steps": self.finetune_steps, "finetune_scope": self.finetune_scope}
+        return {"finetune_steps": self.finetune_steps, "finetune_scope": self.finetune_scope,
+                "support_augment": self.support_augment, "query_entropy_weight": self.query_entropy_weight}  # fmt: skip
 
     def adaptation_text(self, steps: int | None = None) -> str:
         scope = "a new linear head" if self.finetune_scope == "head" else "a new linear head and the last block"
-        return f"{scope} fitted with {self.finetune_steps if steps is None else steps} Adam steps"
+        text = f"{scope} fitted with {self.finetune_steps if steps is None else steps} Adam steps"
+        if self.support_augment:
+            text += " on the support set and its flips"
+        if self.query_entropy_weight > 0:
+            text += f", plus {self.query_entropy_weight:g} x the query predictions' entropy (transductive)"
+        return text
 
     def adapt_and_predict(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
@@ -108,9 +126,13 @@ class FineTune(MetaLearner):
         def features(x: Tensor) -> Tensor:
             return functional_call(self.model.features, tuned, (x,), strict=False)
 
+        n_way = int(support_y.max()) + 1
+        if self.support_augment:
+            support_x, support_y = flipped(support_x, support_y)
+        transductive = self.query_entropy_weight > 0
         with torch.no_grad():
             frozen_support = None if tuned else features(support_x)
-        n_way = int(support_y.max()) + 1
+            frozen_query = None if tuned or not transductive else features(query_x)
         head = nn.Linear(self.model.feature_dim, n_way).to(support_x.device)
         nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
         optimiser = torch.optim.Adam([*head.parameters(), *tuned.values()], lr=self.finetune_lr)
@@ -118,7 +140,21 @@ class FineTune(MetaLearner):
             for _ in range(steps):
                 optimiser.zero_grad()
                 support = features(support_x) if tuned else frozen_support
-                F.cross_entropy(head(support), support_y).backward()
+                loss = F.cross_entropy(head(support), support_y)
+                if transductive:
+                    query_logits = head(features(query_x) if tuned else frozen_query)
+                    entropy = -(query_logits.softmax(-1) * query_logits.log_softmax(-1)).sum(-1).mean()
+                    loss = loss + self.query_entropy_weight * entropy
+                loss.backward()
                 optimiser.step()
         with torch.no_grad(), query_statistics(self.model, 0):
             return head(features(query_x))
+
+
+def flipped(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``images [B, C, *spatial]`` and their flips along every non-empty set of spatial axes (2D: 4x, 3D: 8x), with labels."""
+    axes = list(range(2, images.dim()))
+    views = [images]
+    for mask in range(1, 2 ** len(axes)):
+        views.append(images.flip([axis for i, axis in enumerate(axes) if mask >> i & 1]))
+    return torch.cat(views), labels.repeat(len(views))

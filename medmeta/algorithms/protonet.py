@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -35,7 +36,12 @@ class ProtoNet(MetaLearner):
         n_way: classes per episode (unused: prototypes are built for the classes of the support set).
         distance: ``"squared_euclidean"`` (the paper's) or ``"cosine"`` (``1 - cos``; use a
             temperature well below 1, e.g. 0.1, since its logits only span ``[-2/t, 0]``).
-        temperature: divides the negative distances; positive and finite.
+        temperature: divides the negative distances; positive and finite. With
+            ``learn_temperature`` it is the starting value.
+        learn_temperature: meta-learn the temperature (as its logarithm) with the backbone: with
+            ``distance="cosine"`` and ``temperature=0.1`` this is Meta-Baseline's classifier
+            (Chen et al., 2021, cosine similarity times a learned scale, starting at 10), usually
+            meta-trained from a fine-tune pre-training (``--model.init_from``).
     """
 
     name = "protonet"
@@ -43,7 +49,7 @@ class ProtoNet(MetaLearner):
 
     def __init__(
         self, model: nn.Module, n_way: int | None = None, *, distance: Distance = "squared_euclidean",
-        temperature: float = 1.0,
+        temperature: float = 1.0, learn_temperature: bool = False,
     ) -> None:  # fmt: skip
         if not isinstance(getattr(model, "features", None), nn.Module):
             raise ValueError(f"ProtoNet needs a backbone with a `features` submodule; got {type(model).__name__}")
@@ -53,7 +59,16 @@ class ProtoNet(MetaLearner):
             raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
         super().__init__(model, n_way)
         self.distance = distance
-        self.temperature = temperature
+        self.learn_temperature = learn_temperature
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+        else:
+            self.fixed_temperature = temperature
+
+    @property
+    def temperature(self) -> float | Tensor:
+        """The divisor of the negative distances: the fixed setting, or the learned scalar (a tensor)."""
+        return self.log_temperature.exp() if self.learn_temperature else self.fixed_temperature
 
     def embed(self, x: Tensor) -> Tensor:
         """Flattened embeddings ``[B, D]`` of images ``[B, C, *spatial]``."""
@@ -85,7 +100,9 @@ class ProtoNet(MetaLearner):
         self.n_way = n_classes
 
     def adaptation_text(self, steps: int | None = None) -> str:
-        return f"class prototypes ({self.distance.replace('_', ' ')} distance, temperature {self.temperature:g})"
+        kind = "learned temperature" if self.learn_temperature else "temperature"
+        value = self.log_temperature.detach().exp().item() if self.learn_temperature else self.fixed_temperature
+        return f"class prototypes ({self.distance.replace('_', ' ')} distance, {kind} {value:.3g})"
 
     @classmethod
     def settings_from_legacy(cls, saved: Mapping[str, Any]) -> dict[str, Any]:

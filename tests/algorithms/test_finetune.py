@@ -20,9 +20,9 @@ def _episode(tasks: int = 2, n_way: int = 3, k: int = 2, q: int = 2, side: int =
     return sx, sy, qx, qy, torch.gather(class_ids, 1, sy), torch.gather(class_ids, 1, qy)
 
 
-def _finetune(**kwargs: object) -> FineTune:
+def _finetune(norm: str = "batch", **kwargs: object) -> FineTune:
     torch.manual_seed(0)
-    return FineTune(Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=8), pretrain_classes=8, **kwargs)
+    return FineTune(Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=8, norm=norm), pretrain_classes=8, **kwargs)
 
 
 def test_pretraining_loss_and_query_logits_follow_the_class_ids() -> None:
@@ -54,3 +54,41 @@ def test_too_many_classes_for_the_pretraining_head_is_a_clear_error() -> None:
     sx, sy, qx, qy, sc, qc = _episode()
     with pytest.raises(ValueError, match="pretrain_classes=8"):
         algo.pretraining_loss_and_logits(sx, sy, qx, qy, sc + 8, qc)
+
+
+def test_flipped_adds_every_flip_with_its_label() -> None:
+    from medmeta.algorithms.finetune import flipped
+
+    images, labels = torch.arange(2 * 1 * 2 * 3, dtype=torch.float).view(2, 1, 2, 3), torch.tensor([0, 1])
+    views, view_labels = flipped(images, labels)
+    assert views.shape == (8, 1, 2, 3) and view_labels.tolist() == [0, 1] * 4
+    expected = [images, images.flip(2), images.flip(3), images.flip([2, 3])]
+    assert all(torch.equal(views[2 * i : 2 * i + 2], e) for i, e in enumerate(expected))
+    volumes, _ = flipped(torch.randn(1, 1, 2, 2, 2), torch.tensor([0]))
+    assert volumes.shape[0] == 8  # every non-empty set of the three axes, plus the original
+
+
+def test_support_augmentation_changes_the_head_and_not_the_backbone() -> None:
+    sx, sy, qx, _, _, _ = _episode()
+    plain, augmented = _finetune(), _finetune(support_augment=True)
+    before = {k: v.clone() for k, v in augmented.state_dict().items()}
+    with torch.no_grad():
+        a, b = plain.adapt_and_predict(sx, sy, qx), augmented.adapt_and_predict(sx, sy, qx)
+    assert a.shape == b.shape == (2, 6, 3) and not torch.allclose(a, b)
+    assert all(torch.equal(before[k], v) for k, v in augmented.state_dict().items())
+    assert "flips" in augmented.adaptation_text()
+
+
+def test_query_entropy_makes_adaptation_transductive_and_only_then() -> None:
+    """Without it a query's prediction ignores the other queries; with it, it does not (and the text says so)."""
+    sx, sy, qx, _, _, _ = _episode(q=4)
+    other_queries = qx.clone()
+    other_queries[:, 1:] = torch.randn_like(other_queries[:, 1:])
+    for weight, depends in ((0.0, False), (1.0, True)):
+        algo = _finetune(norm="group", query_entropy_weight=weight)  # per-image norm: only the entropy couples queries
+        with torch.no_grad():
+            first, second = algo.adapt_and_predict(sx, sy, qx)[:, 0], algo.adapt_and_predict(sx, sy, other_queries)[:, 0]
+        assert torch.allclose(first, second, atol=1e-6) is not depends
+    assert "transductive" in _finetune(query_entropy_weight=0.5).adaptation_text()
+    with pytest.raises(ValueError, match="query_entropy_weight"):
+        _finetune(query_entropy_weight=-1.0)

@@ -126,3 +126,20 @@ def test_rejects_a_class_without_support_and_bad_settings() -> None:
         ProtoNet(FlatIdentity(), temperature=0.0)
     with pytest.raises(ValueError, match="distance"):
         ProtoNet(FlatIdentity(), distance="manhattan")  # type: ignore[arg-type]
+
+
+def test_a_learned_temperature_is_meta_learned_and_kept_in_the_state_dict() -> None:
+    """Meta-Baseline's classifier: cosine logits divided by a temperature the outer loop learns."""
+    algo = ProtoNet(_conv4(), distance="cosine", temperature=0.1, learn_temperature=True)
+    assert algo.temperature.item() == pytest.approx(0.1) and "log_temperature" in algo.state_dict()
+    sx, sy, qx, qy = _episodes()
+    fixed = ProtoNet(_conv4(), distance="cosine", temperature=0.1)
+    assert torch.allclose(algo.adapt_and_predict(sx, sy, qx), fixed.adapt_and_predict(sx, sy, qx))
+    optimiser = torch.optim.Adam(algo.parameters(), lr=0.1)
+    optimiser.zero_grad()
+    algo.outer_loss(sx, sy, qx, qy).backward()
+    assert algo.log_temperature.grad is not None and algo.log_temperature.grad.abs() > 0
+    optimiser.step()
+    assert algo.temperature.item() != pytest.approx(0.1)
+    assert "learned temperature" in algo.adaptation_text()
+    assert "log_temperature" not in fixed.state_dict()

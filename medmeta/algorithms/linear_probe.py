@@ -1,0 +1,74 @@
+"""Supervised pre-training, then logistic regression on L2-normalised features (Tian et al., 2020, "Rethinking few-shot").
+
+Training is the fine-tune baseline's: ordinary classification of the meta-train classes. At
+evaluation each support set's frozen features are L2-normalised and a multinomial logistic
+regression with an L2 penalty is fitted to convergence (L-BFGS in float64, the objective of
+scikit-learn's ``LogisticRegression(C=C)``), so no learning rate or step count is tuned.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medmeta.algorithms.finetune import FineTune
+from medmeta.networks.norm import query_statistics
+
+
+class LogisticRegressionProbe(FineTune):
+    """:class:`FineTune`'s pre-training; adaptation by L2-penalised logistic regression on unit-length features.
+
+    Args:
+        model: backbone with ``features`` and ``feature_dim``.
+        n_way: classes per episode (unused).
+        penalty_c: inverse strength of the L2 penalty on the weights (scikit-learn's ``C``; default 1).
+        max_iterations: L-BFGS iterations per support set.
+        finetune_options: ``pretrain_classes`` (and the other :class:`FineTune` settings, unused at adaptation).
+    """
+
+    name = "logreg"
+
+    def __init__(self, model: nn.Module, n_way: int | None = None, *, penalty_c: float = 1.0, max_iterations: int = 200,
+                 **finetune_options: object) -> None:  # fmt: skip
+        if isinstance(penalty_c, bool) or not (0 < penalty_c < float("inf")):
+            raise ValueError(f"penalty_c must be positive and finite, got {penalty_c!r}")
+        if max_iterations < 1:
+            raise ValueError(f"max_iterations must be at least 1, got {max_iterations!r}")
+        super().__init__(model, n_way, **finetune_options)
+        self.penalty_c, self.max_iterations = penalty_c, max_iterations
+
+    def report_settings(self) -> dict[str, object]:
+        return {"penalty_c": self.penalty_c, "max_iterations": self.max_iterations}
+
+    def adaptation_text(self, steps: int | None = None) -> str:
+        return f"logistic regression (C={self.penalty_c:g}) on L2-normalised frozen features"
+
+    def _adapt_one(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, steps: int) -> Tensor:
+        """Detached query logits ``[N*Q, N]`` of one task; ``steps`` is unused (fitted to convergence)."""
+        del steps
+        with torch.no_grad():
+            support = F.normalize(self.model.features(support_x).flatten(1), dim=1).double()
+            with query_statistics(self.model, 0):
+                query = F.normalize(self.model.features(query_x).flatten(1), dim=1).double()
+        weight, bias = fit_logistic_regression(support, support_y, int(support_y.max()) + 1, self.penalty_c, self.max_iterations)
+        return (query @ weight + bias).to(query_x.dtype)
+
+
+def fit_logistic_regression(features: Tensor, labels: Tensor, n_classes: int, penalty_c: float,
+                            max_iterations: int = 200) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Weights ``[D, N]`` and bias ``[N]`` minimising ``sum(cross-entropy) + |W|^2 / (2 C)`` (the bias is not penalised)."""
+    weight = features.new_zeros(features.shape[1], n_classes, requires_grad=True)
+    bias = features.new_zeros(n_classes, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=max_iterations, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-8, tolerance_change=1e-12)  # fmt: skip
+
+    def objective() -> Tensor:
+        optimiser.zero_grad()
+        loss = F.cross_entropy(features @ weight + bias, labels, reduction="sum") + weight.pow(2).sum() / (2 * penalty_c)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimiser.step(objective)
+    return weight.detach(), bias.detach()
