@@ -16,14 +16,17 @@ every class of a domain belongs to that domain's split; class names are ``<domai
 Images are 64x64 with 3 channels (colour sets as RGB, grey sets repeated; ``--in-channels 1`` makes
 colour grey instead), each rescaled to [0, 1] (the ``photo`` intensity preset). Every learner trains for the same number of meta-steps on the same episodes,
 is selected on meta-val accuracy only (the best validation checkpoint), and is tested on the same
-frozen test episodes. Writes ``real_data.json``, ``real_data.md`` (mean ± 95% CI, wall time, peak
+frozen test episodes. Each finished run is kept in ``--out``/results, and a re-run with the same
+``--out`` skips it (so an interrupted benchmark resumes; delete the folder to start over). Writes ``real_data.json``, ``real_data.md`` (mean ± 95% CI, wall time, peak
 memory) and ``real_data.png`` (bars with CI whiskers).
 
 Methods (``METHODS``) are a learner with settings and how it starts:
 
 * from scratch, trained for ``--steps`` meta-steps (``finetune``, ``protonet``, ``maml``, ...);
-* ``reuse``: the ``finetune`` run's selected pre-training, adapted differently at test time (no
-  training of its own: ``logreg``, ``finetune_last_block``, ``finetune_augment``, ``finetune_transductive``);
+* ``reuse``: another run's selected weights (the ``finetune`` pre-training unless said otherwise),
+  adapted differently at test time, with no training of its own: ``logreg``, ``logreg_augment``,
+  ``finetune_last_block``, ``finetune_augment``, ``finetune_transductive``, ``meta_baseline_augment``
+  (the ``meta_baseline`` run's weights);
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
   it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``anil_init``, ``maml_pp_init``).
@@ -70,7 +73,8 @@ class Method:
 
     learner: str
     settings: dict[str, object] = field(default_factory=dict)
-    start: str = "scratch"  # "scratch", "reuse" (finetune's pre-training, test only) or "two_stage"
+    start: str = "scratch"  # "scratch", "reuse" (another method's selected weights, test only) or "two_stage"
+    source: str = "finetune"  # the method whose weights "reuse" tests
 
 
 META_BASELINE = {"distance": "cosine", "temperature": 0.1, "learn_temperature": True}
@@ -81,6 +85,7 @@ METHODS: dict[str, Method] = {
     "finetune_last_block": Method("finetune", {"finetune_scope": "last_block"}, start="reuse"),
     "finetune_augment": Method("finetune", {"support_augment": True}, start="reuse"),
     "finetune_transductive": Method("finetune", {"query_entropy_weight": 1.0}, start="reuse"),
+    "logreg_augment": Method("logreg", {"support_augment": True}, start="reuse"),
     "protonet": Method("protonet"),
     "protonet_cosine": Method("protonet", META_BASELINE),
     "maml": Method("maml"),
@@ -88,6 +93,8 @@ METHODS: dict[str, Method] = {
     "anil": Method("anil"),
     "meta_sgd": Method("meta_sgd"),
     "meta_baseline": Method("protonet", {**META_BASELINE, **FROM_PRETRAINED}, start="two_stage"),
+    "meta_baseline_augment": Method("protonet", {**META_BASELINE, **FROM_PRETRAINED, "support_augment": True}, start="reuse",
+                                    source="meta_baseline"),  # fmt: skip
     "maml_init": Method("maml", FROM_PRETRAINED, start="two_stage"),
     "anil_init": Method("anil", FROM_PRETRAINED, start="two_stage"),
     "maml_pp_init": Method("maml_pp", {"eval_inner_steps": 20, **FROM_PRETRAINED}, start="two_stage"),
@@ -121,6 +128,7 @@ def build_protocol(protocol: str, data: Path, out: Path) -> Path:
 def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -> dict[str, object]:
     """Train ``method`` on the manifest's train split (or reuse a pre-training), select on val, test on the frozen test episodes."""
     import lightning as L
+    import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from medmeta import EpisodicDataModule, FewShotModule
@@ -142,7 +150,7 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
     settings = module_settings(spec.learner, options)
     if args.backbone:
         settings["backbone"]["class_path"] = args.backbone
-    source = {"reuse": "finetune", "two_stage": PRETRAIN}.get(spec.start)
+    source = {"reuse": spec.source, "two_stage": PRETRAIN}.get(spec.start)
     if source:
         settings["init_from"] = str(best_checkpoint(args.out, manifest.stem, source, shots))
     model = FewShotModule(**settings)
@@ -156,8 +164,12 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
     if steps:
         trainer.fit(model, data)
         trainer.test(model, data, ckpt_path="best", verbose=False)
-    else:  # the fine-tune run's selected backbone, adapted this method's way
-        initialise_backbone(model.model, Path(settings["init_from"]))
+    else:  # another run's selected weights, adapted this method's way
+        saved = torch.load(settings["init_from"], map_location="cpu", weights_only=True)["state_dict"]
+        if METHODS[spec.source].learner == spec.learner:  # the whole learner (a learned temperature, say)
+            model.load_state_dict(saved)
+        else:  # the backbone of the fine-tune pre-training
+            initialise_backbone(model.model, Path(settings["init_from"]))
         trainer.validate(model, data, verbose=False)
         best.best_model_score = trainer.callback_metrics.get("val/acc")
         trainer.test(model, data, verbose=False)
@@ -182,13 +194,17 @@ def best_checkpoint(out: Path, protocol: str, method: str, shots: int) -> Path:
 def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Namespace) -> list[dict[str, object]]:
     """Every method of one (protocol, shots) pair, in its own subprocess each; pre-trainings first, then what reuses them."""
     order = list(methods)
-    if any(METHODS[m].start == "reuse" for m in order) and "finetune" not in order:
-        order.insert(0, "finetune")
+    for source in {METHODS[m].source for m in methods if METHODS[m].start == "reuse"} - set(order):
+        order.insert(0, source)
     if any(METHODS[m].start == "two_stage" for m in order):
         order.insert(0, PRETRAIN)
-    order.sort(key=lambda m: 0 if m in (PRETRAIN, "finetune") else 1)
+    order.sort(key=lambda m: (0 if m in (PRETRAIN, "finetune") else 2 if METHODS[m].start == "reuse" else 1))
     results = []
     for method in order:
+        saved = args.out / "results" / f"{protocol}-{method}-{shots}.json"
+        if saved.is_file():  # done by an earlier, interrupted invocation with the same --out
+            results.append(json.loads(saved.read_text()))
+            continue
         command = [sys.executable, __file__, "--single", protocol, method, str(shots), "--data", str(args.data),
                    "--steps", str(args.steps), "--val-episodes", str(args.val_episodes), "--test-episodes",
                    str(args.test_episodes), "--in-channels", str(args.in_channels), "--out", str(args.out),
@@ -199,6 +215,8 @@ def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Name
             raise SystemExit(f"{protocol} {method} {shots}-shot failed:\n{done.stderr[-3000:]}")
         r = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(r)
+        saved.parent.mkdir(exist_ok=True)
+        saved.write_text(json.dumps(r) + "\n")
         print(f"{protocol} {method:22s} {shots}-shot  {100 * r['accuracy']:5.1f}% ± {100 * r['ci95']:.1f}  "
               f"val {100 * (r['best_val_acc'] or 0):5.1f}%  {r['wall_s']:6.1f} s  peak {r['peak_rss_mb']:6.0f} MB", flush=True)  # fmt: skip
     return results

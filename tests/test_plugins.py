@@ -118,7 +118,7 @@ def test_the_registries_use_it() -> None:
 
     assert resolve_algorithm("maml_pp")[0] is MAMLPlusPlus
     assert resolve_algorithm({"class_path": "ProtoNet", "init_args": {"temperature": 0.1}})[1]["temperature"] == 0.1
-    assert resolve_algorithm(ProtoNet)[1] == {"distance": "squared_euclidean", "temperature": 1.0, "learn_temperature": False}
+    assert resolve_algorithm(ProtoNet)[1] == {"distance": "squared_euclidean", "temperature": 1.0, "learn_temperature": False, "support_augment": False}
     cls, settings = resolve_backbone({"class_path": "resnet12", "init_args": {"hidden_channels": 8}})
     assert cls is ResNet12 and settings["hidden_channels"] == 8 and "in_channels" not in settings  # shape: from the data
     with pytest.raises(ValueError, match="did you mean 'inner_lr'"):

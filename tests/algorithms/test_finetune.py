@@ -57,7 +57,7 @@ def test_too_many_classes_for_the_pretraining_head_is_a_clear_error() -> None:
 
 
 def test_flipped_adds_every_flip_with_its_label() -> None:
-    from medmeta.algorithms.finetune import flipped
+    from medmeta.algorithms.augment import flipped
 
     images, labels = torch.arange(2 * 1 * 2 * 3, dtype=torch.float).view(2, 1, 2, 3), torch.tensor([0, 1])
     views, view_labels = flipped(images, labels)

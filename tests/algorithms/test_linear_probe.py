@@ -59,3 +59,16 @@ def test_it_is_a_registered_learner_that_pretrains_like_finetune() -> None:
     assert "logistic regression" in probe.adaptation_text()
     with pytest.raises(ValueError, match="penalty_c"):
         LogisticRegressionProbe(ScaledFlat(), penalty_c=0.0)
+
+
+def test_support_augmentation_fits_on_the_flips_and_ignored_settings_are_refused() -> None:
+    g = torch.Generator().manual_seed(2)
+    sx, qx = torch.randn(1, 6, 1, 2, 3, generator=g), torch.randn(1, 9, 1, 2, 3, generator=g)
+    sy = torch.arange(3).repeat_interleave(2)[None]
+    plain = LogisticRegressionProbe(ScaledFlat(), pretrain_classes=4)
+    augmented = LogisticRegressionProbe(ScaledFlat(), pretrain_classes=4, support_augment=True)
+    assert not torch.allclose(plain.adapt_and_predict(sx, sy, qx), augmented.adapt_and_predict(sx, sy, qx))
+    assert "flips" in augmented.adaptation_text()
+    for wrong in ({"finetune_scope": "last_block"}, {"query_entropy_weight": 1.0}):
+        with pytest.raises(ValueError, match="logistic regression fits a probe"):
+            LogisticRegressionProbe(Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=8), **wrong)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medmeta.algorithms.protonet import ProtoNet
+from medmeta.algorithms.protonet import ProtoNet, class_prototypes
 from medmeta.networks import Conv4
 from tests.algorithms.episodes import random_episodes
 
@@ -143,3 +143,21 @@ def test_a_learned_temperature_is_meta_learned_and_kept_in_the_state_dict() -> N
     assert algo.temperature.item() != pytest.approx(0.1)
     assert "learned temperature" in algo.adaptation_text()
     assert "log_temperature" not in fixed.state_dict()
+
+
+def test_support_augmentation_builds_prototypes_from_the_flips_at_evaluation_only() -> None:
+    """Prototypes of the support set and its flips: equal to hand-made prototypes over the flipped views."""
+    from medmeta.algorithms.augment import flipped
+
+    algo = ProtoNet(FlatIdentity(), support_augment=True)
+    g = torch.Generator().manual_seed(0)
+    sx, qx = torch.randn(1, 4, 1, 2, 3, generator=g), torch.randn(1, 2, 1, 2, 3, generator=g)
+    sy, qy = torch.tensor([[0, 1, 0, 1]]), torch.tensor([[0, 1]])
+    views, labels = flipped(sx[0], sy[0])
+    expected = -torch.cdist(qx[0].flatten(1), class_prototypes(views.flatten(1), labels)).pow(2)
+    assert torch.allclose(algo.adapt_and_predict(sx, sy, qx)[0], expected)
+    assert torch.allclose(algo.predictor(sx[0], sy[0]).forward(qx[0]), expected)
+    plain = ProtoNet(FlatIdentity())
+    assert torch.allclose(algo.outer_loss(sx, sy, qx, qy), plain.outer_loss(sx, sy, qx, qy))  # training is unchanged
+    assert not torch.allclose(algo.adapt_and_predict(sx, sy, qx), plain.adapt_and_predict(sx, sy, qx))
+    assert "flips" in algo.adaptation_text()
