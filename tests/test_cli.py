@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -331,3 +332,39 @@ def test_short_names_on_the_command_line_become_class_paths(tmp_path: Path) -> N
     model = yaml.safe_load(done.stdout)["model"]
     assert resolve_algorithm(model["algorithm"]) == (MAMLPlusPlus, {**resolve_algorithm(MAMLPlusPlus)[1], "inner_steps": 2})
     assert resolve_backbone(model["backbone"])[0] is ResNet12
+
+
+def _real_data_fit(config: str, root: Path, cwd: Path, capsys: pytest.CaptureFixture[str],
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:  # fmt: skip
+    """``medmeta fit`` with a shipped real-data config, shrunk to the tiny DICOM set; outputs under ``cwd/runs`` as configured."""
+    return _medmeta_here(
+        "fit", "--config", str(REPO / "configs" / config), "--data.root", str(root), "--trainer.max_steps", "2",
+        "--trainer.val_check_interval", "1", "--data.image_size", "16", "--data.val_episodes", "2",
+        "--data.test_episodes", "4", "--data.n_way", "3", "--data.k_shot", "1", "--data.q_query", "2",
+        "--data.split_ratios", "[0.5, 0.25, 0.25]", "--model.backbone.init_args.hidden_channels", "4", cwd=cwd,
+        capsys=capsys, monkeypatch=monkeypatch,
+    )  # fmt: skip
+
+
+def test_the_real_data_configs_and_the_two_stage_recipe_run_as_documented(
+    tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """configs/real_data.yaml fits and tests; stage 2 of the Meta-Baseline recipe starts from stage 1's selected weights."""
+    run = partial(_real_data_fit, root=tiny_dicom_root, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    status, printed = run("real_data.yaml")
+    assert status == 0, printed[-3000:]
+    metrics = json.loads(next((tmp_path / "runs" / "real_data").rglob("metrics.json")).read_text())
+    assert metrics["test_episodes"] == 4 and metrics["algorithm"].startswith("finetune")
+    recommended = torch.load(tmp_path / "runs" / "real_data" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert recommended["hyper_parameters"]["algorithm"]["init_args"]["support_augment"] is True
+    status, printed = run("real_data_pretrain.yaml")
+    assert status == 0, printed[-3000:]
+    best = tmp_path / "runs" / "real_data_pretrain" / "checkpoints" / "best.ckpt"
+    assert best.is_file() and not list((tmp_path / "runs" / "real_data_pretrain").rglob("metrics.json"))  # not tested
+    status, printed = run("real_data_meta_baseline.yaml")
+    assert status == 0, printed[-3000:]
+    last = torch.load(tmp_path / "runs" / "real_data_meta_baseline" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["hyper_parameters"]["init_from"] == "runs/real_data_pretrain/checkpoints/best.ckpt"
+    assert last["hyper_parameters"]["algorithm"]["init_args"]["learn_temperature"] is True
+    assert "algorithm.log_temperature" in last["state_dict"]
+    assert next((tmp_path / "runs" / "real_data_meta_baseline").rglob("metrics.json")).is_file()
