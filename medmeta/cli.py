@@ -1,5 +1,5 @@
-"""The ``medmeta`` command: LightningCLI (fit/validate/test/predict) plus ``synth``, ``data check``,
-``evaluate`` and ``diagnose``.
+"""The ``medmeta`` command: LightningCLI (fit/validate/test) plus ``synth``, ``data check``,
+``evaluate``, ``diagnose`` and ``predict``.
 
 The CLI holds no logic of its own: it parses, links the data and model shapes, checks checkpoints
 (``medmeta.checkpoints``) before anything loads them, and reports.
@@ -174,6 +174,7 @@ class MedMetaCLI(LightningCLI):
         if checkpoint:
             console.print(f"checkpoint: {checkpoint}")
         console.print(f"metrics: {summary['metrics_file']}")
+        console.print(f"report: {Path(summary['metrics_file']).with_name('report.html')}")
         console.print(
             "also there: per_episode.csv, figures (confusion matrix, reliability, adaptation curve, episode grid) "
             "and test_episodes.json (replay with --episodes)"
@@ -283,9 +284,11 @@ def diagnose_main(argv: list[str]) -> int:
     parser.add_argument("--query", required=True, type=Path, nargs="+", help="query image files or folders")
     parser.add_argument("--out", type=Path, default=None, help="new output folder (default: diagnosis-<date-time>)")
     parser.add_argument("--steps", type=int, default=None, help="inner steps (default: the model's eval_inner_steps)")
+    parser.add_argument("--save-adapted", type=Path, default=None, metavar="DIR",
+                        help="also save the adapted model as a MONAI bundle in this new folder (for medmeta predict)")  # fmt: skip
     args = parser.parse_args(argv)
     out = args.out or Path(time.strftime("diagnosis-%Y%m%d-%H%M%S"))
-    result = diagnose(args.ckpt, args.support, args.query, out, steps=args.steps)
+    result = diagnose(args.ckpt, args.support, args.query, out, steps=args.steps, save_adapted=args.save_adapted)
     from rich.table import Table
 
     table = Table(title=f"{len(result.predictions)} query case(s)")
@@ -297,6 +300,8 @@ def diagnose_main(argv: list[str]) -> int:
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     console.print(f"report: {result.report}", highlight=False)
+    if result.bundle is not None:
+        console.print(f"adapted model (MONAI bundle): {result.bundle}", highlight=False)
     return 0
 
 
@@ -371,11 +376,61 @@ def _check_unseen_test_classes(path: Path, checkpoint: dict, test_classes: Seque
     console.print(f"[yellow]warning:[/] {escape(message)} (--allow-seen-classes)", highlight=False, soft_wrap=True)
 
 
+PREDICT_WITHOUT_BUNDLE = (
+    "medmeta predict needs --bundle DIR: an adapted model saved by `medmeta diagnose ... --save-adapted DIR`. It "
+    "predicts every case of --input PATH... and writes predictions.csv and predictions.json to --out OUT. To test a "
+    "checkpoint on its frozen test episodes, use `medmeta test` (or `medmeta evaluate`)"
+)
+
+
+def predict_main(argv: list[str]) -> int:
+    """``medmeta predict``: predict a cohort with an adapted model saved as a bundle (``diagnose --save-adapted``)."""
+    if not {"-h", "--help"} & set(argv) and not any(w == "--bundle" or w.startswith("--bundle=") for w in argv):
+        console.print(f"[bold red]medmeta: error:[/] {escape(PREDICT_WITHOUT_BUNDLE)}", highlight=False, soft_wrap=True)
+        return 2
+    from medmeta.bundle import load_bundle
+    from medmeta.predict import BATCH_SIZE, CSV_NAME, JSON_NAME, predict_cohort
+
+    parser = argparse.ArgumentParser(prog="medmeta predict", description=predict_main.__doc__)
+    parser.add_argument("--bundle", required=True, type=Path, metavar="DIR",
+                        help="an adapted model: medmeta diagnose --save-adapted DIR")  # fmt: skip
+    parser.add_argument("--input", required=True, type=Path, nargs="+", metavar="PATH",
+                        help="image files, folders (searched recursively; DICOM series folders in 3D) or CSV "
+                             "manifests with a path column")  # fmt: skip
+    parser.add_argument("--out", required=True, type=Path, metavar="OUT",
+                        help="output folder: new, or an earlier run's (its predicted cases are skipped)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N", help="cases per batch (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    bundle = load_bundle(args.bundle)
+    try:
+        result = predict_cohort(bundle, args.input, args.out, batch_size=args.batch_size, bundle_folder=args.bundle)
+    except KeyboardInterrupt:
+        console.print(f"medmeta predict: interrupted; the rows of finished batches are in {args.out / CSV_NAME}; run "
+                      "the same command again to finish", highlight=False, soft_wrap=True)  # fmt: skip
+        return 130
+    console.print(
+        f"{result.cases} case(s): {result.predicted} predicted now, {result.not_predicted} not predicted (reason in "
+        f"the warnings column), {result.with_warnings} with warnings; {result.done_before} already predicted (skipped)",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    if result.stopped:
+        console.print(
+            f"medmeta predict: stopped by a signal after the batch in flight; the rows so far are in "
+            f"{args.out / CSV_NAME}; run the same command again to predict the remaining cases",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        return 143
+    console.print(f"predictions: {args.out / CSV_NAME}, {args.out / JSON_NAME}", highlight=False, soft_wrap=True)
+    return 0
+
+
 SUBCOMMANDS = {
     "fit": "meta-train a model (LightningCLI: --config FILE, --model.*, --data.*, --trainer.*)",
     "validate": "adapt to the frozen validation episodes with a checkpoint (--ckpt_path)",
     "test": "test a checkpoint on frozen test episodes: metrics with 95% CIs, figures",
-    "predict": "query-class probabilities for the frozen test episodes",
+    "predict": "predict a cohort with an adapted model (--bundle from diagnose --save-adapted): CSV and JSON",
     "synth": "write the synthetic lesion data set (2D DICOM or 3D NIfTI)",
     "data check": "read every file of a data set: usable images, skipped files with reasons, feasible episodes",
     "evaluate": "test a checkpoint without a config (data settings read from the checkpoint)",
@@ -425,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             return diagnose_main(list(words[1:]))
         if words[:1] == ["evaluate"]:
             return evaluate_main(list(words[1:]))
+        if words[:1] == ["predict"]:
+            return predict_main(list(words[1:]))
         check_config_files(words)
         expanded = expand_short_names(words)
         if argv is None:  # LightningCLI reads sys.argv itself (given both, it warns): the short names as class paths

@@ -13,8 +13,12 @@ folders (the support folder, a query folder, or the folder of a query file).
 The probabilities come from the very function Grad-CAM differentiates (:func:`explainer`): the
 learner's own :meth:`~medmeta.algorithms.MetaLearner.predictor` for the support set (for a
 gradient-based learner, its query forward after adaptation with the checkpoint's ``norm_mode``; for
-a prototype learner, its prototype logits). Any learner that offers a predictor can be diagnosed. A query image that is constant after the intensity window carries no information:
-it is still predicted, with a warning on its row, in ``predictions.csv``/``.json`` and in the report.
+a prototype learner, its prototype logits). With ``--save-adapted``, or for a learner without a
+predictor, they come from the learner's exported adapted model
+(:meth:`~medmeta.algorithms.MetaLearner.adapted_network`: a standalone, non-transductive network,
+saved as a MONAI bundle by :mod:`medmeta.bundle`). Any learner that offers either can be diagnosed.
+A query image that is constant after the intensity window carries no information: it is still
+predicted, with a warning on its row, in ``predictions.csv``/``.json`` and in the report.
 
 Why this module is longer than 300 lines: it is one command's whole data flow (inputs, adaptation,
 explanation, outputs), and its privacy and refusal rules are easiest to check read together.
@@ -35,7 +39,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from medmeta.adapted import exported_normalisation
 from medmeta.algorithms import MetaLearner, Predictor
+from medmeta.bundle import network_definition, save_bundle
 from medmeta.checkpoints import load_trained
 from medmeta.data.loading import transform_images
 from medmeta.data.preflight import check_image, window_problem
@@ -61,14 +67,25 @@ class Diagnosis:
     report: Path
     predictions: list[dict[str, object]]
     warnings: list[str]
+    bundle: Path | None = None  # the adapted model as a MONAI bundle (``save_adapted``)
 
 
-def diagnose(ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps: int | None = None) -> Diagnosis:
-    """Adapt the checkpoint's model to the diagnoses in ``support`` and predict and explain every query case."""
-    out = Path(out).expanduser()
-    _refuse_inside_inputs(out, [Path(support), *map(Path, queries)])
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"output folder {out} exists and is not empty; choose a new --out (nothing is overwritten)")
+def diagnose(
+    ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps: int | None = None, save_adapted: Path | None = None
+) -> Diagnosis:  # fmt: skip
+    """Adapt the checkpoint's model to the diagnoses in ``support`` and predict and explain every query case.
+
+    With ``save_adapted`` the adapted model is also saved there as a MONAI bundle
+    (:mod:`medmeta.bundle`), and the probabilities reported are the saved network's.
+    """
+    out, save_adapted = Path(out).expanduser(), None if save_adapted is None else Path(save_adapted).expanduser()
+    for folder, flag in ((out, "--out"), (save_adapted, "--save-adapted")):
+        if folder is not None:
+            _refuse_inside_inputs(folder, [Path(support), *map(Path, queries)], flag)
+            if folder.exists() and any(folder.iterdir()):
+                raise DataError(f"output folder {folder} exists and is not empty; choose a new {flag} (nothing is overwritten)")
+    if save_adapted is not None and save_adapted.resolve() == out.resolve():
+        raise DataError("--save-adapted and --out must be different folders")
     module, settings = load_checkpoint(Path(ckpt))
     spatial_dims = int(settings["spatial_dims"])
     support_records, names = read_support(Path(support), spatial_dims)
@@ -78,10 +95,18 @@ def diagnose(ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps
     query_x = transform_images(query_records, source="the query cases", **_image_settings(settings))
     support_y = torch.tensor([names.index(r.label) for r in support_records])
     algorithm = adapted_algorithm(module, len(names))
-    explained = explainer(algorithm, support_x, support_y, steps)
+    exported = None  # the adapted model as a standalone network: saved, or the predictor of a learner without one
+    if save_adapted is not None or not _offers(algorithm, "predictor"):
+        exported = exported_network(algorithm, support_x, support_y, steps, ckpt, saving=save_adapted is not None)
+    explained = explainer(algorithm, support_x, support_y, steps, network=exported)
     with torch.no_grad():  # the function Grad-CAM explains below is the one that predicts
         probs = explained(query_x).softmax(-1)
     warnings += leave_one_out_warnings(algorithm, support_x, support_y, names, steps, query_x)
+    counts = {name: int((support_y == k).sum()) for k, name in enumerate(names)}
+    bundle = None if exported is None or save_adapted is None else save_bundle(
+        save_adapted, exported, network_definition(exported, module.hparams["backbone"], settings), names,
+        _image_settings(settings), _bundle_metadata(module, algorithm, exported, counts, steps),
+    )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir()
     (out / "overlays").mkdir()
@@ -103,27 +128,27 @@ def diagnose(ckpt: Path, support: Path, queries: list[Path], out: Path, *, steps
         rows.append(ReportRow(f"{case_id} ({file_id})", image, overlay, names[int(predicted[i])], probabilities,
                               tuple(case_warnings)))  # fmt: skip
     _write_predictions(out, predictions, names)
-    counts = {name: int((support_y == k).sum()) for k, name in enumerate(names)}
     header = {
         "model": f"{Path(ckpt).name} ({algorithm.label()}, {type(algorithm.model).__name__} backbone)",
         "support set": ", ".join(f"{name}: {n}" for name, n in counts.items()),
         "query cases": str(len(query_records)),
         "adaptation": algorithm.adaptation_text(steps),
-        "normalisation": _normalisation(module),
+        "normalisation": _normalisation(module) if exported is None else exported_normalisation(exported)
+        + ("; the saved model's" if bundle else "; the exported adapted model's"),
         "saliency": "Grad-CAM (MONAI) of the function that gave the probabilities, for the predicted class",
     }
     report = write_html_report(out / "report.html", title="medmeta diagnose", header=header, rows=rows, warnings=warnings)
     (out / "warnings.txt").write_text("".join(f"{w}\n" for w in warnings))
-    return Diagnosis(out, report, predictions, warnings)
+    return Diagnosis(out, report, predictions, warnings, bundle)
 
 
 def load_checkpoint(ckpt: Path) -> tuple[FewShotModule, dict[str, object]]:
     """The meta-trained module (weights only, CPU) and the image settings it was trained with."""
     module, settings = load_trained(ckpt)
-    if type(module.algorithm).predictor is MetaLearner.predictor:
+    if not (_offers(module.algorithm, "predictor") or _offers(module.algorithm, "adapted_network")):
         raise DataError(
-            f"diagnose cannot adapt and explain {module.algorithm.label()} (checkpoint {ckpt}): the learner offers no "
-            "predictor (MetaLearner.predictor)"
+            f"diagnose cannot adapt and explain {module.algorithm.label()} (checkpoint {ckpt}): the learner offers "
+            "neither a predictor (MetaLearner.predictor) nor an adapted model (MetaLearner.adapted_network)"
         )
     settings.setdefault("window", DEFAULT_WINDOW)
     for key in ("image_size", "in_channels", "spatial_dims"):
@@ -254,13 +279,18 @@ class _Explained(nn.Module):
             raise RuntimeError(f"Grad-CAM target {self.target!r} ran {len(seen)} times ({seen} rows), expected {calls}")
 
 
-def explainer(algorithm: MetaLearner, support_x: Tensor, support_y: Tensor, steps: int | None) -> _Explained:
+def explainer(
+    algorithm: MetaLearner, support_x: Tensor, support_y: Tensor, steps: int | None, *, network: nn.Module | None = None
+) -> _Explained:  # fmt: skip
     """The adapted model's query logits as a module of the query images, in eval mode.
 
     Its output is the learner's ``adapt_and_predict`` on the same support and query batch (the
     same adaptation, query forward, batch-norm mode, distance and temperature); ``diagnose``
     predicts with it and Grad-CAM differentiates it at the module named ``_Explained.TARGET``.
+    Given the exported ``network`` (``--save-adapted``) it is that network's logits instead.
     """
+    if network is not None:
+        return _Explained(network, Predictor(network), _target_layer(network)).eval()
     predictor = algorithm.predictor(support_x, support_y, steps=steps)
     if predictor is None:
         raise DataError(f"diagnose cannot explain {algorithm.label()}: the learner offers no predictor")
@@ -310,6 +340,33 @@ def _image_settings(settings: dict[str, object]) -> dict[str, object]:
     }  # fmt: skip
 
 
+def exported_network(
+    algorithm: MetaLearner, support_x: Tensor, support_y: Tensor, steps: int | None, ckpt: Path, *, saving: bool = True
+) -> nn.Module:  # fmt: skip
+    """The learner's adapted model as a standalone classifier (:meth:`MetaLearner.adapted_network`), or a clear refusal."""
+    try:
+        with torch.enable_grad():
+            return algorithm.adapted_network(support_x, support_y, steps=steps)
+    except NotImplementedError as error:
+        raise DataError(f"{'--save-adapted' if saving else 'diagnose'}: {error} (checkpoint {Path(ckpt).name})") from None
+
+
+def _offers(algorithm: MetaLearner, hook: str) -> bool:
+    """Whether the learner overrides the optional hook ``hook`` of :class:`MetaLearner`."""
+    return getattr(type(algorithm), hook) is not getattr(MetaLearner, hook)
+
+
+def _bundle_metadata(
+    module: FewShotModule, algorithm: MetaLearner, network: nn.Module, counts: dict[str, int], steps: int | None
+) -> dict[str, object]:  # fmt: skip
+    """What ``metadata.json`` says about the adaptation besides the class names and image settings (no names of files)."""
+    return {
+        "algorithm": algorithm.label(), "backbone": type(algorithm.model).__name__,
+        "adaptation": algorithm.adaptation_text(steps), "norm_mode": module.hparams["norm_mode"],
+        "normalisation": exported_normalisation(network), "support_counts": counts, "n_way_trained": int(module.hparams["n_way"]),
+    }  # fmt: skip
+
+
 def _normalisation(module: FewShotModule) -> str:
     label = module.normalisation_label()
     if "transductive" in label:
@@ -341,7 +398,7 @@ def _write_predictions(out: Path, predictions: list[dict[str, object]], names: l
             writer.writerow((p["case"], p["file_sha256_12"], p["predicted"], *probabilities, "; ".join(p["warnings"])))
 
 
-def _refuse_inside_inputs(out: Path, inputs: list[Path]) -> None:
+def _refuse_inside_inputs(out: Path, inputs: list[Path], flag: str = "--out") -> None:
     """Nothing is ever written into a user's data folder: the support folder, a query folder, a query file's folder.
 
     ``out`` may be none of them nor any folder below one of them (links resolved); it may not be
@@ -351,6 +408,6 @@ def _refuse_inside_inputs(out: Path, inputs: list[Path]) -> None:
     for path in inputs:
         folder = path.resolve() if path.is_dir() else path.resolve().parent
         if resolved == folder or folder in resolved.parents:
-            raise DataError(f"output folder {out} is inside the input folder {folder}; choose --out elsewhere")
+            raise DataError(f"output folder {out} is inside the input folder {folder}; choose {flag} elsewhere")
     if out.exists() and not out.is_dir():
-        raise DataError(f"output folder {out} is an existing file; choose a new --out")
+        raise DataError(f"output folder {out} is an existing file; choose a new {flag}")

@@ -2,6 +2,8 @@
 
 Query cases are named by the caller's opaque ``case_id``; the report never writes file paths (the
 PNGs are embedded as base64 data URIs). A content security policy forbids any external request.
+The page parts (``html_page``, ``key_value_table``, ``warnings_html``, ``data_uri``) are shared with
+the test-run report, ``medmeta.evaluation.html_report``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 DISCLAIMER = "Research tool — not a medical device; not for clinical decisions."
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-_CSS = """
+BASE_CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 24px; color: #1b1f24;
   background: #ffffff; }
 h1 { font-size: 22px; margin: 0 0 12px; }
@@ -27,7 +29,8 @@ h1 { font-size: 22px; margin: 0 0 12px; }
 .warnings { border: 1px solid #d4a72c; background: #fff8c5; color: #4d2d00; padding: 8px 14px; margin: 12px 0;
   border-radius: 6px; font-size: 14px; }
 .warnings ul { margin: 4px 0 0; padding-left: 20px; }
-table.cases { border-collapse: collapse; margin-top: 16px; }
+"""
+_CASES_CSS = """table.cases { border-collapse: collapse; margin-top: 16px; }
 table.cases th, table.cases td { border: 1px solid #d0d7de; padding: 6px 10px; vertical-align: middle; font-size: 14px; }
 table.cases thead th { background: #f6f8fa; text-align: left; }
 .case-id { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; }
@@ -56,7 +59,7 @@ class ReportRow:
     warnings: tuple[str, ...] = ()
 
 
-def _data_uri(path: Path) -> str:
+def data_uri(path: Path) -> str:
     """The PNG file at ``path`` as a base64 data URI."""
     data = Path(path).read_bytes()
     if not data.startswith(_PNG_SIGNATURE):
@@ -90,24 +93,33 @@ def _row_html(row: ReportRow) -> str:
     return (
         f'<tr class="case-row" data-case="{case}">'
         f'<td class="case-id">{case}</td>'
-        f'<td><img class="thumb" src="{_data_uri(row.image_png)}" alt="image of {case}"></td>'
-        f'<td><img class="thumb" src="{_data_uri(row.overlay_png)}" alt="Grad-CAM of {case}"></td>'
+        f'<td><img class="thumb" src="{data_uri(row.image_png)}" alt="image of {case}"></td>'
+        f'<td><img class="thumb" src="{data_uri(row.overlay_png)}" alt="Grad-CAM of {case}"></td>'
         f'<td class="predicted"><strong>{html.escape(row.predicted)}</strong>{notes}</td>'
         f"<td>{_probabilities_html(row.probabilities)}</td>"
         "</tr>"
     )
 
 
-def render_html_report(*, title: str, header: dict[str, str], rows: list[ReportRow], warnings: list[str]) -> str:
-    """The report as one HTML string (see :func:`write_html_report`)."""
-    head_rows = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in header.items()
-    )
-    warning_block = ""
-    if warnings:
-        items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
-        warning_block = f'<div class="warnings" role="alert"><strong>Warnings</strong><ul>{items}</ul></div>'
-    body_rows = "\n".join(_row_html(r) for r in rows)
+def key_value_table(rows: dict[str, str]) -> str:
+    """A ``<table class="header">`` of escaped key/value pairs (a run's settings)."""
+    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows.items())
+    return f'<table class="header">{cells}</table>'
+
+
+def warnings_html(warnings: list[str]) -> str:
+    """A yellow ``role="alert"`` box listing the escaped warnings; empty when there are none."""
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return f'<div class="warnings" role="alert"><strong>Warnings</strong><ul>{items}</ul></div>'
+
+
+def html_page(*, title: str, css: str, body: str) -> str:
+    """A whole self-contained page: CSP forbidding any request but data: images, title, disclaimer, then ``body``.
+
+    ``body`` is trusted HTML (its parts escaped by the caller); ``title`` is escaped here.
+    """
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -116,22 +128,37 @@ def render_html_report(*, title: str, header: dict[str, str], rows: list[ReportR
 <meta http-equiv="Content-Security-Policy" content="{csp}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
-<style>{_CSS}</style>
+<style>{css}</style>
 </head>
 <body>
 <h1>{html.escape(title)}</h1>
 <div class="disclaimer" role="note">{html.escape(DISCLAIMER)}</div>
-<table class="header">{head_rows}</table>
-{warning_block}
+{body}</body>
+</html>
+"""
+
+
+def write_page(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path``, creating its folder, and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def render_html_report(*, title: str, header: dict[str, str], rows: list[ReportRow], warnings: list[str]) -> str:
+    """The report as one HTML string (see :func:`write_html_report`)."""
+    body_rows = "\n".join(_row_html(r) for r in rows)
+    body = f"""{key_value_table(header)}
+{warnings_html(warnings)}
 <table class="cases">
 <thead><tr><th>Case</th><th>Image</th><th>Grad-CAM</th><th>Predicted</th><th>Probabilities</th></tr></thead>
 <tbody>
 {body_rows}
 </tbody>
 </table>
-</body>
-</html>
 """
+    return html_page(title=title, css=BASE_CSS + _CASES_CSS, body=body)
 
 
 def write_html_report(
@@ -146,8 +173,4 @@ def write_html_report(
         rows: one per query case, in display order; a row's own warnings are shown under its prediction.
         warnings: shown in a yellow box when non-empty.
     """
-    text = render_html_report(title=title, header=header, rows=rows, warnings=warnings)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_page(path, render_html_report(title=title, header=header, rows=rows, warnings=warnings))

@@ -4,7 +4,7 @@ Commands are the lines of ```bash blocks (lines ending in ``\\`` joined, ``#`` c
 trailing comments dropped, ``&&`` chains split, leading ``NAME=value`` assignments dropped). Each
 is classified by its program (``classify``):
 
-* ``medmeta fit|validate|test|predict ...``: parsed with ``--print_config`` appended (the whole
+* ``medmeta fit|validate|test ...``: parsed with ``--print_config`` appended (the whole
   LightningCLI configuration, unknown options and values of the wrong type fail); the printed
   configuration is then checked for an unknown ``data.preset``, a ``model.backbone`` that does not
   resolve (``medmeta.networks.resolve_backbone``: unknown name, class path or setting) and for a
@@ -51,7 +51,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOC_PAGES = ("data.md", "algorithms.md", "evaluation.md", "performance.md", "privacy.md", "extending.md")
 DOCS = (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test")
 SMALL_SIZE = "16"  # pixels per side for `medmeta synth` runs
 
 # command prefix -> the tests that run such a command end to end
@@ -65,7 +65,11 @@ COVERED_BY: dict[str, tuple[str, ...]] = {
     "medmeta data check": ("tests/test_cli.py::test_data_check_reports_feasibility_and_exit_codes",),
     "medmeta evaluate": ("tests/test_diagnose.py::test_evaluate_command_draws_then_replays_the_same_episodes",
                          "tests/test_reliability.py::test_full_pipeline_on_a_read_only_data_folder"),
+    "medmeta predict": ("tests/test_predict.py::test_cli_predicts_and_reports_counts_only",
+                        "tests/test_predict.py::test_sigterm_stops_after_a_batch_and_a_rerun_completes",
+                        "tests/test_predict.py::test_diagnose_save_adapted_then_predict_gives_diagnoses_probabilities"),
     "medmeta diagnose": ("tests/test_diagnose.py::test_diagnose_writes_every_output",
+                         "tests/test_bundle.py::test_saved_bundle_gives_diagnoses_probabilities_through_medmeta_and_monai",
                          "tests/test_reliability.py::test_full_pipeline_on_a_read_only_data_folder",
                          "tests/test_extending.py::test_own_learner_trains_tests_evaluates_and_diagnoses_through_the_cli"),
     "python benchmarks/maml_speed.py --quick": ("tests/test_maml_speed_benchmark.py::test_quick_run_reports_every_implementation",),
@@ -86,6 +90,7 @@ TYPOS: tuple[tuple[str, str], ...] = (
     ("medmeta data inspect /tmp/lesions", "unclassified"),
     ("medmeta evaluate --chkpt runs/x/last.ckpt", "arguments do not parse"),
     ("medmeta diagnose --ckpt x.ckpt --support s", "arguments do not parse"),
+    ("medmeta predict --bundle m --inputs cohort --out p", "arguments do not parse"),
     ("python benchmarks/maml_speed.py --quik", "arguments do not parse"),
     ("medmeta fit --config configs/quickstart.yaml --data.preset ct-lungs", "unknown preset"),
     ("medmeta fit --config configs/quickstart.yaml --model.backbone resnet13", "unknown backbone 'resnet13'"),
@@ -278,7 +283,7 @@ def _classify_medmeta(rest: list[str]) -> Plan:
         return Plan(f"run at {SMALL_SIZE} px in a temporary folder", run=rest, covered=COVERED_BY["medmeta synth"])
     if rest[:2] == ["data", "check"]:
         return Plan("run on the synthetic set written above", run=rest, covered=COVERED_BY["medmeta data check"])
-    if sub and sub[0] in ("evaluate", "diagnose"):
+    if sub and sub[0] in ("evaluate", "diagnose", "predict"):
         return Plan("arguments parsed by the command, run by the covering tests", parse=rest,
                     covered=COVERED_BY[f"medmeta {sub[0]}"])  # fmt: skip
     return Plan(f"unclassified: unknown medmeta subcommand {' '.join(rest[:2])!r}; add a rule to _classify_medmeta()")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import io
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -52,17 +55,26 @@ def _leaks(texts: list[bytes]) -> list[str]:
     return [needle.decode() for needle in needles if any(needle.lower() in text.lower() for text in texts)]
 
 
+def _png_texts(data: bytes) -> list[bytes]:
+    """A PNG's text chunks and other info as ``key=value`` bytes."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return [f"{k}={v}".encode() for k, v in {**image.info, **getattr(image, "text", {})}.items()]
+
+
 def _contents(path: Path) -> list[bytes]:
-    """The bytes of a written file, of each member of a zip archive (checkpoints), and a PNG's text chunks."""
+    """The bytes of a written file, of each member of a zip archive (checkpoints), a PNG's text chunks, and the
+    decoded images embedded in an HTML report (data URIs) with their text chunks."""
     data = path.read_bytes()
     texts = [data, str(path).encode()]
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             texts += [archive.read(name) for name in archive.namelist()] + [name.encode() for name in archive.namelist()]
     if data.startswith(b"\x89PNG"):
-        with Image.open(path) as image:
-            image.load()
-            texts += [f"{k}={v}".encode() for k, v in {**image.info, **getattr(image, "text", {})}.items()]
+        texts += _png_texts(data)
+    for embedded in re.findall(rb"data:image/png;base64,([A-Za-z0-9+/=]+)", data) if path.suffix == ".html" else []:
+        png = base64.b64decode(embedded)
+        texts += [png, *_png_texts(png)]
     return texts
 
 
@@ -118,6 +130,7 @@ def test_no_identifier_in_what_diagnose_and_evaluate_write(named_root: Path, nam
     written = [p for p in tmp_path.rglob("*") if p.is_file() and (tmp_path / "in") not in p.parents]
     names = {p.name for p in written}
     assert {"report.html", "predictions.csv", "predictions.json", "warnings.txt", "metrics.json"} <= names
+    assert any(p.name == "report.html" and tmp_path / "evaluate" in p.parents for p in written)  # the test report
     assert any(p.suffix == ".png" for p in written) and any(p.name.startswith("events.out.tfevents") for p in written)
     texts = [text for p in [*written, named_checkpoint] for text in _contents(p)]
     texts = [text.replace(str(tmp_path).encode(), b"") for text in texts]  # the test's own folder names are not ours
@@ -134,6 +147,7 @@ def test_no_tag_value_in_outputs_logs_configs_checkpoints_or_caches(identified_r
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".ckpt" for p in written) and any(p.name == "metrics.json" for p in written)
     assert any(p.name == "class_splits.json" for p in written)
+    assert any(p.name == "report.html" for p in written)  # test_after_fit's report, embedded figures decoded
     texts = [p.read_bytes() for p in written]
     texts += [check.stdout.encode(), check.stderr.encode(), run.stdout.encode(), run.stderr.encode()]
     assert _leaks(texts) == []

@@ -121,6 +121,17 @@ class MetaLearner(nn.Module, metaclass=abc.ABCMeta):
         """
         return None
 
+    def adapted_network(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> nn.Module:
+        """The model adapted to one task's support set (no task dimension) as a standalone classifier.
+
+        Maps images ``[B, C, *spatial]`` to logits ``[B, N]``, each row from its own image alone
+        (non-transductive), and its ``state_dict`` holds everything adaptation produced, so that
+        ``diagnose --save-adapted`` can save it as a bundle. The shipped learners return a
+        :class:`medmeta.adapted.AdaptedClassifier` (built with :func:`medmeta.adapted.export_classifier`).
+        The default refuses: the learner cannot export an adapted model.
+        """
+        raise NotImplementedError(f"{self.label()} cannot export an adapted model")
+
     def resize_head(self, n_classes: int) -> None:
         """Give the backbone ``n_classes`` outputs (``diagnose`` with a different number of diagnoses).
 

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from medmeta.adapted import export_classifier
+from medmeta.algorithms.augment import flipped
 from medmeta.algorithms.base import EpisodeBatch, MetaLearner, check_task_batch
-from medmeta.networks.norm import query_statistics
+from medmeta.networks.norm import query_statistics, uses_running_statistics
 
 FinetuneScope = Literal["head", "last_block"]
 
@@ -116,6 +118,48 @@ class FineTune(MetaLearner):
 
     def _adapt_one(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, steps: int) -> Tensor:
         """Detached query logits ``[N*Q, N]`` of one task; the model's own weights never change."""
+        head, tuned = self._fit(support_x, support_y, query_x, steps)
+        with torch.no_grad(), query_statistics(self.model, 0):
+            return head(functional_call(self.model.features, tuned, (query_x,), strict=False))
+
+    def adapted_network(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> nn.Module:
+        """The backbone (its last block as tuned, with ``last_block``), batch norm fixed, and the fitted linear head.
+
+        Batch norm uses the support set's statistics at the tuned weights, or with ``norm_mode:
+        running`` the checkpoint's running statistics (as the query forward). Refused with
+        ``query_entropy_weight > 0``: that adaptation depends on the query cases.
+        """
+        if self.query_entropy_weight > 0:
+            raise NotImplementedError(
+                f"{self.label()} with query_entropy_weight > 0 adapts to the query cases (transductive) and cannot "
+                "export an adapted model; set query_entropy_weight to 0"
+            )
+        head, tuned = self._fit(support_x, support_y, None, self.finetune_steps if steps is None else steps)
+        fitted_on = flipped(support_x, support_y)[0] if self.support_augment else support_x
+        return self._export(fitted_on, {"features." + name: p for name, p in tuned.items()}, head.weight, head.bias)
+
+    def _export(self, fitted_on: Tensor, params: dict[str, Tensor], weight: Tensor, bias: Tensor, *,
+                normalize: bool = False) -> nn.Module:  # fmt: skip
+        """The exported classifier: ``params`` in the backbone, a linear head ``weight [N, D]``, ``bias [N]`` on its features.
+
+        Batch norm without running statistics is fixed to the statistics of ``fitted_on``, the images the head was fitted on.
+        """
+        head = {"kind": "linear", "feature_dim": self.model.feature_dim, "normalize": normalize}
+        running = 0 if uses_running_statistics(self.model) else None
+        network = export_classifier(self.model, fitted_on, n_classes=weight.shape[0], head=head, params=params,
+                                    running_step=running)  # fmt: skip
+        with torch.no_grad():
+            network.linear.weight.copy_(weight)
+            network.linear.bias.copy_(bias)
+        return network
+
+    def _fit(
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor | None, steps: int
+    ) -> tuple[nn.Linear, dict[str, Tensor]]:
+        """The new head fitted on one support set and the tuned weights (names within ``model.features``; none for ``head``).
+
+        ``query_x`` is read only with ``query_entropy_weight > 0`` (the transductive loss).
+        """
         prefixes = self.model.last_block_prefixes() if self.finetune_scope == "last_block" else ()
         tuned = {
             name.removeprefix("features."): p.detach().clone().requires_grad_(True)
@@ -129,7 +173,7 @@ class FineTune(MetaLearner):
         n_way = int(support_y.max()) + 1
         if self.support_augment:
             support_x, support_y = flipped(support_x, support_y)
-        transductive = self.query_entropy_weight > 0
+        transductive = self.query_entropy_weight > 0 and query_x is not None
         with torch.no_grad():
             frozen_support = None if tuned else features(support_x)
             frozen_query = None if tuned or not transductive else features(query_x)
@@ -147,14 +191,5 @@ class FineTune(MetaLearner):
                     loss = loss + self.query_entropy_weight * entropy
                 loss.backward()
                 optimiser.step()
-        with torch.no_grad(), query_statistics(self.model, 0):
-            return head(features(query_x))
+        return head, {name: p.detach() for name, p in tuned.items()}
 
-
-def flipped(images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """``images [B, C, *spatial]`` and their flips along every non-empty set of spatial axes (2D: 4x, 3D: 8x), with labels."""
-    axes = list(range(2, images.dim()))
-    views = [images]
-    for mask in range(1, 2 ** len(axes)):
-        views.append(images.flip([axis for i, axis in enumerate(axes) if mask >> i & 1]))
-    return torch.cat(views), labels.repeat(len(views))

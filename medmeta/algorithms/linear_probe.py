@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medmeta.algorithms.augment import flipped
 from medmeta.algorithms.finetune import FineTune
 from medmeta.networks.norm import query_statistics
 
@@ -24,7 +25,8 @@ class LogisticRegressionProbe(FineTune):
         n_way: classes per episode (unused).
         penalty_c: inverse strength of the L2 penalty on the weights (scikit-learn's ``C``; default 1).
         max_iterations: L-BFGS iterations per support set.
-        finetune_options: ``pretrain_classes`` (and the other :class:`FineTune` settings, unused at adaptation).
+        finetune_options: ``pretrain_classes`` and ``support_augment`` (the support set's flips as
+            extra examples), as in :class:`FineTune`; its other adaptation settings are refused.
     """
 
     name = "logreg"
@@ -36,23 +38,39 @@ class LogisticRegressionProbe(FineTune):
         if max_iterations < 1:
             raise ValueError(f"max_iterations must be at least 1, got {max_iterations!r}")
         super().__init__(model, n_way, **finetune_options)
+        if self.finetune_scope != "head" or self.query_entropy_weight:
+            raise ValueError("logistic regression fits a probe on frozen features: finetune_scope must be 'head' and "
+                             "query_entropy_weight 0")  # fmt: skip
         self.penalty_c, self.max_iterations = penalty_c, max_iterations
 
     def report_settings(self) -> dict[str, object]:
-        return {"penalty_c": self.penalty_c, "max_iterations": self.max_iterations}
+        return {"penalty_c": self.penalty_c, "max_iterations": self.max_iterations, "support_augment": self.support_augment}
 
     def adaptation_text(self, steps: int | None = None) -> str:
-        return f"logistic regression (C={self.penalty_c:g}) on L2-normalised frozen features"
+        flips = " of the support set and its flips" if self.support_augment else ""
+        return f"logistic regression (C={self.penalty_c:g}) on L2-normalised frozen features{flips}"
 
     def _adapt_one(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, steps: int) -> Tensor:
         """Detached query logits ``[N*Q, N]`` of one task; ``steps`` is unused (fitted to convergence)."""
         del steps
+        weight, bias = self._fit_probe(support_x, support_y)
+        with torch.no_grad(), query_statistics(self.model, 0):
+            query = F.normalize(self.model.features(query_x).flatten(1), dim=1).double()
+        return (query @ weight + bias).to(query_x.dtype)
+
+    def adapted_network(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> nn.Module:
+        """The frozen backbone (batch norm fixed as in :class:`FineTune`) and the fitted probe on L2-normalised features."""
+        del steps
+        weight, bias = self._fit_probe(support_x, support_y)
+        return self._export(support_x, {}, weight.T.float(), bias.float(), normalize=True)
+
+    def _fit_probe(self, support_x: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
+        """The probe's weights ``[D, N]`` and bias ``[N]`` (float64) on one support set's normalised features."""
+        if self.support_augment:
+            support_x, support_y = flipped(support_x, support_y)
         with torch.no_grad():
             support = F.normalize(self.model.features(support_x).flatten(1), dim=1).double()
-            with query_statistics(self.model, 0):
-                query = F.normalize(self.model.features(query_x).flatten(1), dim=1).double()
-        weight, bias = fit_logistic_regression(support, support_y, int(support_y.max()) + 1, self.penalty_c, self.max_iterations)
-        return (query @ weight + bias).to(query_x.dtype)
+        return fit_logistic_regression(support, support_y, int(support_y.max()) + 1, self.penalty_c, self.max_iterations)
 
 
 def fit_logistic_regression(features: Tensor, labels: Tensor, n_classes: int, penalty_c: float,

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.checkpoint import checkpoint
 
+from medmeta.adapted import export_classifier
 from medmeta.algorithms.base import MetaLearner, Predictor, check_task_batch
 from medmeta.networks.norm import (
     NotVectorisable,
@@ -317,11 +318,26 @@ class MAML(MetaLearner):
     def predictor(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> Predictor:
         """The query forward with the weights adapted to this support set (``eval_inner_steps`` by default)."""
         steps = self.eval_inner_steps if steps is None else steps
+        adapted = self._adapted_weights(support_x, support_y, steps)
+        return Predictor(lambda x: self._query_forward(adapted, x, steps))
+
+    def adapted_network(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> nn.Module:
+        """The backbone with the weights after ``steps`` inner steps (and that step's norm weights), batch norm fixed.
+
+        Batch-norm statistics: the running-statistic slot of step ``steps`` with ``norm_mode:
+        running`` (as :meth:`_query_forward`), otherwise the support set's at the adapted weights.
+        """
+        steps = self.eval_inner_steps if steps is None else steps
+        adapted = self._adapted_weights(support_x, support_y, steps)
+        running = steps if uses_running_statistics(self.model) else None
+        return export_classifier(self.model, support_x, n_classes=int(support_y.max()) + 1, params=adapted, running_step=running)
+
+    def _adapted_weights(self, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
+        """Detached weights (with step ``steps``'s step parameters) after ``steps`` inner steps on one support set."""
         theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
         with torch.enable_grad():
             adapted = self.adapt(support_x, support_y, steps=steps, first_order=True, params=theta)
-        adapted = {name: p.detach() for name, p in adapted.items()}
-        return Predictor(lambda x: self._query_forward(adapted, x, steps))
+        return {name: p.detach() for name, p in adapted.items()}
 
     # --- how tasks run --------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medmeta.adapted import export_classifier, prototype_logits
+from medmeta.algorithms.augment import flipped
 from medmeta.algorithms.base import MetaLearner, Predictor, check_task_batch
 from medmeta.networks.norm import query_statistics, uses_running_statistics
 
@@ -42,6 +44,8 @@ class ProtoNet(MetaLearner):
             ``distance="cosine"`` and ``temperature=0.1`` this is Meta-Baseline's classifier
             (Chen et al., 2021, cosine similarity times a learned scale, starting at 10), usually
             meta-trained from a fine-tune pre-training (``--model.init_from``).
+        support_augment: at evaluation (``adapt_and_predict``, ``predictor``), build each prototype from
+            the support images and their flips along every spatial axis and pair of axes; training is unchanged.
     """
 
     name = "protonet"
@@ -49,7 +53,7 @@ class ProtoNet(MetaLearner):
 
     def __init__(
         self, model: nn.Module, n_way: int | None = None, *, distance: Distance = "squared_euclidean",
-        temperature: float = 1.0, learn_temperature: bool = False,
+        temperature: float = 1.0, learn_temperature: bool = False, support_augment: bool = False,
     ) -> None:  # fmt: skip
         if not isinstance(getattr(model, "features", None), nn.Module):
             raise ValueError(f"ProtoNet needs a backbone with a `features` submodule; got {type(model).__name__}")
@@ -59,7 +63,7 @@ class ProtoNet(MetaLearner):
             raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
         super().__init__(model, n_way)
         self.distance = distance
-        self.learn_temperature = learn_temperature
+        self.learn_temperature, self.support_augment = learn_temperature, support_augment
         if learn_temperature:
             self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         else:
@@ -87,13 +91,33 @@ class ProtoNet(MetaLearner):
         else:
             embeddings = self.embed(torch.cat([support_x, query_x]))
             support, query = embeddings[: support_x.shape[0]], embeddings[support_x.shape[0] :]
-        prototypes = class_prototypes(support, support_y)
-        return -self._distance(query, prototypes) / self.temperature
+        return prototype_logits(query, class_prototypes(support, support_y), self.distance, self.temperature)
 
     def predictor(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> Predictor:
         """:meth:`task_logits` of this support set; with running statistics support and query pass separately, the query last."""
         calls = 2 if uses_running_statistics(self.model) else 1
+        if self.support_augment:
+            support_x, support_y = flipped(support_x, support_y)
         return Predictor(lambda x: self.task_logits(support_x, support_y, x), backbone_calls=calls)
+
+    def adapted_network(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> nn.Module:
+        """The embedding with batch norm fixed and a prototype head (this learner's distance and temperature).
+
+        Prototypes are the mean support embeddings as :meth:`task_logits` computes them with
+        running statistics (support embedded on its own); batch norm uses the support set's
+        statistics, or with ``norm_mode: running`` the slot of step 0 (as the query forward).
+        """
+        del steps
+        if self.support_augment:  # flips keep each channel's statistics, so batch norm is fixed as without them
+            support_x, support_y = flipped(support_x, support_y)
+        with torch.no_grad():
+            prototypes = class_prototypes(self.embed(support_x), support_y)
+        head = {"kind": "prototypes", "feature_dim": prototypes.shape[1], "distance": self.distance}
+        running = 0 if uses_running_statistics(self.model) else None
+        network = export_classifier(self.model, support_x, n_classes=prototypes.shape[0], head=head, running_step=running)
+        network.prototypes.copy_(prototypes)
+        network.temperature.fill_(float(self.temperature))
+        return network
 
     def resize_head(self, n_classes: int) -> None:
         """Nothing to resize: prototypes come from the support set, the backbone's head is unused."""
@@ -102,17 +126,13 @@ class ProtoNet(MetaLearner):
     def adaptation_text(self, steps: int | None = None) -> str:
         kind = "learned temperature" if self.learn_temperature else "temperature"
         value = self.log_temperature.detach().exp().item() if self.learn_temperature else self.fixed_temperature
-        return f"class prototypes ({self.distance.replace('_', ' ')} distance, {kind} {value:.3g})"
+        flips = " of the support set and its flips" if self.support_augment else ""
+        return f"class prototypes{flips} ({self.distance.replace('_', ' ')} distance, {kind} {value:.3g})"
 
     @classmethod
     def settings_from_legacy(cls, saved: Mapping[str, Any]) -> dict[str, Any]:
         """Before plug-ins the temperature was ``protonet_temperature`` (absent: 1.0)."""
         return {"distance": saved.get("distance", "squared_euclidean"), "temperature": saved.get("protonet_temperature", 1.0)}
-
-    def _distance(self, query: Tensor, prototypes: Tensor) -> Tensor:
-        if self.distance == "cosine":
-            return 1.0 - F.normalize(query, dim=-1) @ F.normalize(prototypes, dim=-1).T
-        return (query.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(dim=-1)
 
     def outer_loss_and_logits(
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor
@@ -129,6 +149,9 @@ class ProtoNet(MetaLearner):
     ) -> Tensor:
         """Detached query logits ``[T, N*Q, N]``; ``steps`` is ignored (nothing to adapt)."""
         del steps
+        if self.support_augment:
+            views = [flipped(sx, sy) for sx, sy in zip(support_x, support_y)]
+            support_x, support_y = torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
         return self._all_task_logits(support_x, support_y, query_x).detach()
 
     def _all_task_logits(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:

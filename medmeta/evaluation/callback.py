@@ -3,8 +3,10 @@
 ``FewShotModule`` computes per-episode query probabilities (``test_results``) and logs scalars;
 this callback, which the module attaches to every trainer, writes ``metrics.json`` (means, 95% CIs,
 per-class rates, the normalisation, the episodes), ``per_episode.csv``, ``test_episodes.json``
-(the frozen episodes, to replay with ``--episodes``) and the PNG figures (also sent to TensorBoard),
-and fills ``module.test_summary``. Data flows one way: data module -> module -> this callback.
+(the frozen episodes, to replay with ``--episodes``), the PNG figures (also sent to TensorBoard) and
+``report.html`` (everything in one self-contained page, ``medmeta.evaluation.html_report``), logs
+these files as artifacts of an MLflow run when a logger is an ``MLFlowLogger``, and fills
+``module.test_summary``. Data flows one way: data module -> module -> this callback.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.episodes import ClassSplits
 from medmeta.evaluation import figures
+from medmeta.evaluation.html_report import backbone_label, checkpoint_label, image_label, worst_episodes, write_test_report
 from medmeta.evaluation.metrics import (
     PER_EPISODE_COLUMNS,
     bootstrap_ci95,
@@ -66,11 +69,7 @@ class EvaluationReport(L.Callback):
             splits is not None and seen
         ) else []  # fmt: skip
         if self.seen_test_classes:
-            logger.warning(
-                "%d test class(es) were meta-training or validation classes of the checkpoint's model (%s): their "
-                "accuracy is not few-shot accuracy on new classes (recorded in metrics.json as seen_test_classes)",
-                len(self.seen_test_classes), ", ".join(self.seen_test_classes),
-            )  # fmt: skip
+            logger.warning("%s (recorded in metrics.json as seen_test_classes)", _seen_classes_text(self.seen_test_classes))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         results = pl_module.test_results
@@ -86,6 +85,7 @@ class EvaluationReport(L.Callback):
             **pl_module.algorithm.report_settings(),
         }
         extra = {name: _per_episode(name, fn, results.probs, results.labels) for name, fn in self.metrics.items()}
+        per_episode = {**per_episode_metrics(results.probs, results.labels), **extra}
         for name, values in extra.items():
             summary[name], summary[f"{name}_ci95"] = bootstrap_ci95(values)
         if self.seen_test_classes:
@@ -105,15 +105,46 @@ class EvaluationReport(L.Callback):
             out_dir.mkdir(parents=True, exist_ok=True)
             if datamodule is not None:
                 datamodule.freeze_test_episodes(out_dir / "test_episodes.json")
-            write_per_episode_csv(
-                out_dir / "per_episode.csv", results.episode_ids, results.probs, results.labels, episode_classes, extra
-            )  # fmt: skip
+            write_per_episode_csv(out_dir / "per_episode.csv", results.episode_ids, per_episode, episode_classes)
             paths = write_figures(out_dir, results, episode_classes, float(summary["ece"]))
             log_images(trainer.loggers, paths, trainer.global_step)
             summary["figures"] = [path.name for path in paths]
             metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
+            report = write_test_report(
+                out_dir / "report.html", summary=summary, settings=run_settings(trainer, pl_module, out_dir),
+                figures=paths, worst=worst_episodes(results.episode_ids, episode_classes, per_episode),
+                extra_metrics=list(extra),
+                warnings=[_seen_classes_text(self.seen_test_classes)] if self.seen_test_classes else [],
+            )  # fmt: skip
+            log_artifacts(trainer.loggers, [metrics_path, report, out_dir / "per_episode.csv", *paths])
         summary["metrics_file"] = str(metrics_path)
         pl_module.test_summary = summary
+
+
+def _seen_classes_text(names: list[str]) -> str:
+    """The warning (log and report) about test classes the checkpoint's model was trained or validated on."""
+    return (f"{len(names)} test class(es) were meta-training or validation classes of the checkpoint's model "
+            f"({', '.join(names)}): their accuracy is not few-shot accuracy on new classes")  # fmt: skip
+
+
+def run_settings(trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path) -> dict[str, str]:
+    """The run's settings for the report: learner, backbone, normalisation, episodes, images and checkpoint."""
+    algorithm = pl_module.algorithm
+    settings = {"learner": algorithm.label()}
+    settings.update({f"learner: {k}": str(v) for k, v in algorithm.report_settings().items()})
+    settings["backbone"] = backbone_label(pl_module.hparams.get("backbone") or {})
+    settings["normalisation"] = pl_module.normalisation_label()
+    datamodule = _episodic(trainer)
+    if datamodule is not None:
+        described = datamodule.describe()
+        settings["episodes"] = f"{datamodule.n_way}-way {datamodule.k_shot}-shot, {datamodule.q_query} queries per class"
+        settings["test episodes"] = f"{described['test_episodes']}, {described['episodes_file']}, seed {datamodule.seed}"
+        settings["images"] = image_label(
+            datamodule.image_size, datamodule.spatial_dims, datamodule.in_channels, datamodule.window,
+            datamodule.preset, datamodule.spacing, datamodule.roi_size,
+        )  # fmt: skip
+    settings["checkpoint"] = checkpoint_label(trainer.ckpt_path, out_dir)
+    return settings
 
 
 def write_figures(out_dir: Path, results: Any, episode_classes: list[tuple[str, ...]], ece: float) -> list[Path]:
@@ -135,16 +166,14 @@ def write_figures(out_dir: Path, results: Any, episode_classes: list[tuple[str, 
 
 
 def write_per_episode_csv(
-    path: Path, episode_ids: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor,
-    episode_classes: list[tuple[str, ...]], extra: dict[str, torch.Tensor] | None = None,
-) -> None:  # fmt: skip
-    """One row per test episode: its index, classes and metrics (the built-in ones, then ``extra``)."""
-    per_episode = {**per_episode_metrics(probs, labels), **(extra or {})}
-    columns = (*PER_EPISODE_COLUMNS, *(extra or {}))
+    path: Path, episode_ids: torch.Tensor, per_episode: dict[str, torch.Tensor], episode_classes: list[tuple[str, ...]]
+) -> None:
+    """One row per test episode: its index, classes and metrics (the columns of ``per_episode``, in order)."""
+    columns = tuple(per_episode)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(("episode", "classes", *columns))
-        for e in range(probs.shape[0]):
+        for e in range(len(episode_ids)):
             values = [f"{float(per_episode[c][e]):.6f}" for c in columns]
             writer.writerow((int(episode_ids[e]), ";".join(episode_classes[e]), *values))
 
@@ -163,6 +192,18 @@ def log_images(loggers: list, paths: list[Path], step: int) -> None:
         image = np.asarray(Image.open(path).convert("RGB"))
         for board in boards:
             board.experiment.add_image(f"test/{path.stem}", image, step, dataformats="HWC")
+
+
+def log_artifacts(loggers: list, paths: list[Path], folder: str = "test") -> None:
+    """Copy ``paths`` into the artifacts (under ``folder``) of every MLflow logger's run; no-op without one.
+
+    MLflow is optional (``pip install medmeta[mlflow]``): without it no logger can be an ``MLFlowLogger``.
+    """
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for mlflow_logger in (lg for lg in loggers if isinstance(lg, MLFlowLogger)):
+        for path in paths:
+            mlflow_logger.experiment.log_artifact(mlflow_logger.run_id, str(path), artifact_path=folder)
 
 
 def _import_function(path: str) -> MetricFn:

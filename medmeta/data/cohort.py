@@ -1,0 +1,94 @@
+"""The cases of a cohort to predict: image files, folders, DICOM series folders (3D) and CSV manifests.
+
+Each case is named by its path relative to its input root: the folder given, the folder of a
+manifest, or (for a file given on its own) its file name. ``medmeta predict`` writes these ids
+into its outputs and skips the ids it already wrote when it resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medmeta.data.formats import DICOM_SUFFIXES, format_of
+from medmeta.data.records import resolved
+from medmeta.errors import DataError
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case of the cohort: its id (path relative to its input root) and its file or series folder."""
+
+    case_id: str
+    path: Path
+
+
+def find_cases(inputs: Sequence[Path], spatial_dims: int) -> list[Case]:
+    """The cases of ``inputs`` in order, each file or series once (links resolved); ids must be unique.
+
+    A folder is searched recursively for files of a known image format (others and hidden files
+    are ignored); in 3D a folder holding two or more DICOM files is one series, one case. A
+    ``.csv`` input is a manifest. A file is a case named by its file name.
+    """
+    cases: list[Case] = []
+    seen: set[Path] = set()
+    ids: dict[str, Path] = {}
+    for root in inputs:
+        if not root.exists():
+            raise DataError(f"input {root} does not exist")
+        if root.is_dir():
+            found = _folder_cases(root, spatial_dims)
+        elif root.suffix.lower() == ".csv":
+            found = _manifest_cases(root)
+        else:
+            found = [Case(root.name, root)]
+        for case in found:
+            real = resolved(case.path)
+            if real in seen:
+                continue
+            if case.case_id in ids:
+                raise DataError(
+                    f"two cases have the same id (their path relative to their input): one under {ids[case.case_id]}, "
+                    f"one under {root}; give their common parent folder as one input instead"
+                )
+            seen.add(real)
+            ids[case.case_id] = root
+            cases.append(case)
+    if not cases:
+        raise DataError(f"no image files found in {', '.join(map(str, inputs))}")
+    return cases
+
+
+def _folder_cases(root: Path, spatial_dims: int) -> list[Case]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and format_of(p) is not None)
+    series: set[Path] = set()
+    if spatial_dims == 3:
+        dicom_counts: dict[Path, int] = {}
+        for path in files:
+            if path.name.lower().endswith(DICOM_SUFFIXES):
+                dicom_counts[path.parent] = dicom_counts.get(path.parent, 0) + 1
+        series = {folder for folder, n in dicom_counts.items() if n > 1}
+    paths = sorted(series | {p for p in files if p.parent not in series})
+    return [Case(root.name if p == root else p.relative_to(root).as_posix(), p) for p in paths]
+
+
+def _manifest_cases(manifest: Path) -> list[Case]:
+    """The rows of a CSV manifest's ``path`` column, relative to its folder (an absolute path stays absolute)."""
+    with manifest.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in columns:
+            raise DataError(f"manifest {manifest} has no 'path' column; found {columns}")
+        cases = []
+        for number, row in enumerate(reader, start=2):
+            value = next((v or "").strip() for k, v in row.items() if k is not None and k.strip() == "path")
+            if not value:
+                raise DataError(f"manifest {manifest} row {number}: empty path")
+            given = Path(value).expanduser()
+            path = given if given.is_absolute() else manifest.parent / given
+            case_id = given.as_posix() if given.is_absolute() else Path(os.path.normpath(given)).as_posix()
+            cases.append(Case(case_id, path))
+    return cases
