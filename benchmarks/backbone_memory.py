@@ -158,7 +158,7 @@ def run_subprocess(name: str, mode: str, args: argparse.Namespace) -> dict[str, 
     if done.returncode == 0 and lines:
         return json.loads(lines[-1])
     if done.returncode == -9:
-        reason = "killed by SIGKILL (the kernel's OOM killer, when the machine ran out of memory)"
+        reason = "killed by SIGKILL (likely the kernel's OOM killer: the machine ran out of memory)"
     else:
         reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1][:300]
     return {"backbone": name, "mode": mode, "status": "failed", "reason": reason}
@@ -168,14 +168,15 @@ def _cell(row: dict[str, Any], key: str, spec: str) -> str:
     return format(row[key], spec) if row.get(key) is not None else "-"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One row per (backbone, mode): parameters, peak RSS growth, process peak, step time, gradient check."""
-    lines = ["| backbone | parameters | inner steps | peak RSS growth | process peak RSS | meta-step | "
-             "checkpointed vs stored (rel. L2) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+def markdown_table(rows: list[dict[str, Any]], total_gib: float) -> str:
+    """One row per (backbone, mode): parameters, peak RSS growth, process peak (and its share of ``total_gib``),
+    step time, gradient check."""
+    lines = [f"| backbone | parameters | inner steps | peak RSS growth | process peak RSS (share of {total_gib:.1f} GiB) | "
+             "meta-step | checkpointed vs stored (rel. L2) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         if row["status"] == "ok":
             memory = f"{row['peak_growth_mib'] / 1024:.2f} GiB"
-            peak = f"{row['process_peak_rss_mib'] / 1024:.2f} GiB"
+            peak = f"{row['process_peak_rss_mib'] / 1024:.2f} GiB ({row['process_peak_rss_mib'] / 1024 / total_gib:.0%})"
             seconds = f"{row['step_s']:.1f} s"
         else:
             memory = f"> {row['budget_gib']:.1f} GiB budget" if row["status"] == "out of memory" else row["status"]
@@ -219,7 +220,7 @@ def main() -> None:
     title = (f"Second-order MAML, one meta-step on the CPU: {case.n_way}-way {case.shots}-shot {case.queries}-query, "
              f"{case.size}x{case.size}x{case.channels}, meta-batch {case.meta_batch}, {case.inner_steps} inner steps at "
              f"lr {case.inner_lr}, task_parallel=loop, float32, transductive batch norm")  # fmt: skip
-    print(f"{title}\n\n{markdown_table(rows)}\n")
+    print(f"{title}\n\n{markdown_table(rows, machine['total_memory_gib'])}\n")
     print(f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['total_memory_gib']:.1f} GiB "
           f"({machine['total_memory_gib'] * 2**30 / 1e9:.1f} GB) total memory; "
           f"{machine['threads']} torch thread(s) per run, torch {machine['torch']}. Peak RSS growth: during the step, "
