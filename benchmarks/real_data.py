@@ -25,8 +25,10 @@ Methods (``METHODS``) are a learner with settings and how it starts:
 * from scratch, trained for ``--steps`` meta-steps (``finetune``, ``protonet``, ``maml``, ...);
 * ``reuse``: another run's selected weights (the ``finetune`` pre-training unless said otherwise),
   adapted differently at test time, with no training of its own: ``logreg``, ``logreg_augment``,
-  ``finetune_last_block``, ``finetune_augment``, ``finetune_transductive``, ``meta_baseline_augment``
-  (the ``meta_baseline`` run's weights);
+  ``finetune_last_block``, ``finetune_augment`` (support flips), ``finetune_flips`` (support flips and
+  flip-averaged queries), ``finetune_levels`` (a head on every stage's features),
+  ``finetune_levels_flips`` (both: ``configs/real_data.yaml``), ``logreg_levels_flips``,
+  ``finetune_transductive``, ``meta_baseline_augment`` (the ``meta_baseline`` run's weights);
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
   it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``anil_init``, ``maml_pp_init``).
@@ -78,6 +80,7 @@ class Method:
 
 
 META_BASELINE = {"distance": "cosine", "temperature": 0.1, "learn_temperature": True}
+FLIPS = {"support_augment": True, "query_augment": True}  # the support set's flips, and flip-averaged query predictions
 FROM_PRETRAINED = {"meta_lr": 0.001}  # a smaller outer step, not to wash out the pre-trained features
 METHODS: dict[str, Method] = {
     "finetune": Method("finetune"),
@@ -86,6 +89,10 @@ METHODS: dict[str, Method] = {
     "finetune_augment": Method("finetune", {"support_augment": True}, start="reuse"),
     "finetune_transductive": Method("finetune", {"query_entropy_weight": 1.0}, start="reuse"),
     "logreg_augment": Method("logreg", {"support_augment": True}, start="reuse"),
+    "finetune_flips": Method("finetune", FLIPS, start="reuse"),
+    "finetune_levels": Method("finetune", {"feature_levels": "all"}, start="reuse"),
+    "finetune_levels_flips": Method("finetune", {"feature_levels": "all", **FLIPS}, start="reuse"),
+    "logreg_levels_flips": Method("logreg", {"feature_levels": "all", **FLIPS}, start="reuse"),
     "protonet": Method("protonet"),
     "protonet_cosine": Method("protonet", META_BASELINE),
     "maml": Method("maml"),

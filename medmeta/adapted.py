@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medmeta.flips import flip_averaged, flip_view_count
 from medmeta.networks import build_backbone
+from medmeta.networks.levels import check_levels, embedding
 from medmeta.networks.norm import EpisodeBatchNorm, norm_kinds
 
 HEAD_KINDS = ("backbone", "linear", "prototypes")
@@ -118,9 +120,13 @@ class AdaptedClassifier(nn.Module):
         n_classes: N, the output width.
         head: ``{"kind": "backbone"}`` (logits are the backbone's output), ``{"kind": "linear",
             "feature_dim": D, "normalize": bool}`` (a linear layer on ``backbone.features``, the
-            features optionally L2-normalised) or ``{"kind": "prototypes", "feature_dim": D,
+            features optionally L2-normalised; ``"feature_levels": "all"`` puts it on every stage's
+            features, :func:`medmeta.networks.levels.multi_level_features`) or ``{"kind": "prototypes", "feature_dim": D,
             "distance": ...}`` (``-distance / temperature`` to N class prototypes).
         in_channels, spatial_dims, image_size: the image shape (for building from a spec).
+
+    ``head["query_flips"]`` (any kind): each image's prediction is the average of the class
+    probabilities of its flips (the logits are their ``log``), as the learner predicted its queries.
     """
 
     def __init__(
@@ -131,12 +137,15 @@ class AdaptedClassifier(nn.Module):
         head = dict(head or {"kind": "backbone"})
         if head.get("kind") not in HEAD_KINDS:
             raise ValueError(f"head kind must be one of {HEAD_KINDS}, got {head.get('kind')!r}")
+        if head.get("feature_levels", "last") != "last" and head["kind"] == "backbone":
+            raise ValueError("feature_levels applies to a linear or prototype head on the backbone's features")
         if head["kind"] == "prototypes" and head.get("distance") not in DISTANCES:
             raise ValueError(f"prototype distance must be one of {DISTANCES}, got {head.get('distance')!r}")
         if not isinstance(backbone, nn.Module):
             backbone = build_backbone(backbone, in_channels=in_channels, n_way=n_classes, spatial_dims=spatial_dims,
                                       image_size=image_size)  # fmt: skip
-        self.kind, self.n_classes, self.head_spec = head["kind"], n_classes, head
+        check_levels(backbone, head.get("feature_levels", "last"))
+        self.kind, self.n_classes, self.head_spec, self.spatial_dims = head["kind"], n_classes, head, spatial_dims
         if self.kind != "backbone":
             backbone.head = nn.Identity()  # the backbone's own head is unused: keep it out of the state dict
         freeze_batch_norms(backbone)
@@ -148,11 +157,21 @@ class AdaptedClassifier(nn.Module):
             self.register_buffer("temperature", torch.ones(()))
 
     def embed(self, x: Tensor) -> Tensor:
-        """Flattened features ``[B, D]`` (``backbone.features``)."""
-        return self.backbone.features(x).flatten(start_dim=1)
+        """Features ``[B, D]``: ``backbone.features`` flattened, or every stage's (``feature_levels: all``)."""
+        return embedding(self.backbone, self.backbone.features, x, self.head_spec.get("feature_levels", "last"))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, N]`` of images ``[B, C, *spatial]``; each row depends on its own image only."""
+        if self.head_spec.get("query_flips"):
+            return flip_averaged(self._logits, x)
+        return self._logits(x)
+
+    @property
+    def backbone_calls(self) -> int:
+        """Backbone forwards per :meth:`forward`: one, or one per flip view with ``query_flips`` (the image itself last)."""
+        return flip_view_count(self.spatial_dims) if self.head_spec.get("query_flips") else 1
+
+    def _logits(self, x: Tensor) -> Tensor:
         if self.kind == "backbone":
             return self.backbone(x)
         features = self.embed(x)
@@ -203,7 +222,7 @@ def export_classifier(
     """
     copied = copy.deepcopy(model)
     freeze_batch_norms(copied, running_step)
-    network = AdaptedClassifier(copied, n_classes=n_classes, head=head)
+    network = AdaptedClassifier(copied, n_classes=n_classes, head=head, spatial_dims=support_x.dim() - 2)
     own = dict(network.backbone.named_parameters())
     unknown = sorted(set(params or {}) - set(own))
     if unknown:

@@ -290,7 +290,8 @@ def explainer(
     Given the exported ``network`` (``--save-adapted``) it is that network's logits instead.
     """
     if network is not None:
-        return _Explained(network, Predictor(network), _target_layer(network)).eval()
+        calls = getattr(network, "backbone_calls", 1)  # an AdaptedClassifier averaging over flips runs it once per flip
+        return _Explained(network, Predictor(network, backbone_calls=calls), _target_layer(network)).eval()
     predictor = algorithm.predictor(support_x, support_y, steps=steps)
     if predictor is None:
         raise DataError(f"diagnose cannot explain {algorithm.label()}: the learner offers no predictor")

@@ -6,13 +6,16 @@ learn ordinary classification. At evaluation a fresh N-way linear head (and, wit
 ``finetune_scope="last_block"``, a per-task copy of the backbone's last block) is fitted on the
 support set only; the rest of the backbone is frozen (Chen et al., 2019, "A closer look at
 few-shot classification"; the strongest simple baseline in cross-domain medical few-shot studies).
-Two optional adaptation switches: ``support_augment`` adds the support images' flips as extra
-labelled examples, and ``query_entropy_weight`` makes adaptation transductive (Dhillon et al.,
-2020: the entropy of the unlabelled query predictions is minimised with the support loss).
+Optional adaptation switches: ``feature_levels="all"`` fits the head on every stage of the
+backbone, not only its last (``medmeta.networks.levels``); ``support_augment`` adds the support
+images' flips as extra labelled examples; ``query_augment`` averages each query's prediction over
+its flips; and ``query_entropy_weight`` makes adaptation transductive (Dhillon et al., 2020: the
+entropy of the unlabelled query predictions is minimised with the support loss).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -21,8 +24,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from medmeta.adapted import export_classifier
-from medmeta.algorithms.augment import flipped
+from medmeta.flips import flip_averaged, flipped
 from medmeta.algorithms.base import EpisodeBatch, MetaLearner, check_task_batch
+from medmeta.networks.levels import FeatureLevels, check_levels, embedding
 from medmeta.networks.norm import query_statistics, uses_running_statistics
 
 FinetuneScope = Literal["head", "last_block"]
@@ -41,6 +45,12 @@ class FineTune(MetaLearner):
             new head and the backbone's last block, ``model.last_block_prefixes()``).
         support_augment: also fit on each support image flipped along every spatial axis and every
             pair of axes (4x the support set in 2D), with the image's label.
+        query_augment: predict each query image as the average of the class probabilities of its
+            flip views (test-time augmentation; each prediction still depends on its own image only).
+        feature_levels: ``"last"`` (the backbone's features) or ``"all"``: the head is fitted on
+            every stage of the backbone, each summarised and L2-normalised
+            (:func:`medmeta.networks.levels.multi_level_features`); the backbone must name its
+            stages (``stage_names()``: Conv-4, ResNet-12 and ResNet-18 do).
         query_entropy_weight: above 0, add this weight times the mean entropy of the query
             predictions to the support loss (transductive: a query's prediction then depends on
             the other queries of its episode; the report says so). 0 (default) never looks at them.
@@ -50,7 +60,8 @@ class FineTune(MetaLearner):
 
     def __init__(self, model: nn.Module, n_way: int | None = None, *, pretrain_classes: int = 64,
                  finetune_steps: int = 100, finetune_lr: float = 0.01, finetune_scope: FinetuneScope = "head",
-                 support_augment: bool = False, query_entropy_weight: float = 0.0) -> None:  # fmt: skip
+                 support_augment: bool = False, query_augment: bool = False, feature_levels: FeatureLevels = "last",
+                 query_entropy_weight: float = 0.0) -> None:  # fmt: skip
         if not hasattr(model, "features") or not hasattr(model, "feature_dim"):
             raise ValueError("the fine-tune baseline needs a backbone with `features` and `feature_dim`")
         if finetune_scope not in ("head", "last_block"):
@@ -59,8 +70,10 @@ class FineTune(MetaLearner):
             raise ValueError(f"finetune_scope='last_block' needs a backbone with `last_block_prefixes`; got {type(model).__name__}")
         if not (0.0 <= query_entropy_weight < float("inf")):
             raise ValueError(f"query_entropy_weight must be 0 or positive and finite, got {query_entropy_weight!r}")
+        check_levels(model, feature_levels)
         super().__init__(model, n_way)
         self.support_augment, self.query_entropy_weight = support_augment, query_entropy_weight
+        self.query_augment, self.feature_levels = query_augment, feature_levels
         self.pretrain_head = nn.Linear(model.feature_dim, pretrain_classes)
         self.finetune_steps, self.finetune_lr, self.finetune_scope = finetune_steps, finetune_lr, finetune_scope
 
@@ -98,13 +111,18 @@ class FineTune(MetaLearner):
 
     def report_settings(self) -> dict[str, object]:
         return {"finetune_steps": self.finetune_steps, "finetune_scope": self.finetune_scope,
-                "support_augment": self.support_augment, "query_entropy_weight": self.query_entropy_weight}  # fmt: skip
+                "feature_levels": self.feature_levels, "support_augment": self.support_augment,
+                "query_augment": self.query_augment, "query_entropy_weight": self.query_entropy_weight}  # fmt: skip
 
     def adaptation_text(self, steps: int | None = None) -> str:
         scope = "a new linear head" if self.finetune_scope == "head" else "a new linear head and the last block"
         text = f"{scope} fitted with {self.finetune_steps if steps is None else steps} Adam steps"
+        if self.feature_levels == "all":
+            text += " on the features of every stage"
         if self.support_augment:
             text += " on the support set and its flips"
+        if self.query_augment:
+            text += ", each query predicted from its flips"
         if self.query_entropy_weight > 0:
             text += f", plus {self.query_entropy_weight:g} x the query predictions' entropy (transductive)"
         return text
@@ -120,7 +138,16 @@ class FineTune(MetaLearner):
         """Detached query logits ``[N*Q, N]`` of one task; the model's own weights never change."""
         head, tuned = self._fit(support_x, support_y, query_x, steps)
         with torch.no_grad(), query_statistics(self.model, 0):
-            return head(functional_call(self.model.features, tuned, (query_x,), strict=False))
+            return self._predict(lambda x: head(self._embed(x, tuned)), query_x)
+
+    def _embed(self, x: Tensor, tuned: dict[str, Tensor]) -> Tensor:
+        """The features the head sees (``feature_levels``), with the ``tuned`` weights (names within ``model.features``)."""
+        return embedding(self.model, lambda images: functional_call(self.model.features, tuned, (images,), strict=False),
+                         x, self.feature_levels)  # fmt: skip
+
+    def _predict(self, logits: Callable[[Tensor], Tensor], query_x: Tensor) -> Tensor:
+        """``logits(query_x)``, or with ``query_augment`` its average over the query's flips (:func:`flip_averaged`)."""
+        return flip_averaged(logits, query_x) if self.query_augment else logits(query_x)
 
     def adapted_network(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> nn.Module:
         """The backbone (its last block as tuned, with ``last_block``), batch norm fixed, and the fitted linear head.
@@ -144,7 +171,8 @@ class FineTune(MetaLearner):
 
         Batch norm without running statistics is fixed to the statistics of ``fitted_on``, the images the head was fitted on.
         """
-        head = {"kind": "linear", "feature_dim": self.model.feature_dim, "normalize": normalize}
+        head = {"kind": "linear", "feature_dim": weight.shape[1], "normalize": normalize,
+                "feature_levels": self.feature_levels, "query_flips": self.query_augment}
         running = 0 if uses_running_statistics(self.model) else None
         network = export_classifier(self.model, fitted_on, n_classes=weight.shape[0], head=head, params=params,
                                     running_step=running)  # fmt: skip
@@ -168,7 +196,7 @@ class FineTune(MetaLearner):
         } if prefixes else {}  # fmt: skip
 
         def features(x: Tensor) -> Tensor:
-            return functional_call(self.model.features, tuned, (x,), strict=False)
+            return self._embed(x, tuned)
 
         n_way = int(support_y.max()) + 1
         if self.support_augment:
@@ -177,7 +205,8 @@ class FineTune(MetaLearner):
         with torch.no_grad():
             frozen_support = None if tuned else features(support_x)
             frozen_query = None if tuned or not transductive else features(query_x)
-        head = nn.Linear(self.model.feature_dim, n_way).to(support_x.device)
+            feature_dim = (features(support_x) if frozen_support is None else frozen_support).shape[1]
+        head = nn.Linear(feature_dim, n_way).to(support_x.device)
         nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
         optimiser = torch.optim.Adam([*head.parameters(), *tuned.values()], lr=self.finetune_lr)
         with torch.enable_grad():
@@ -189,7 +218,7 @@ class FineTune(MetaLearner):
                     query_logits = head(features(query_x) if tuned else frozen_query)
                     entropy = -(query_logits.softmax(-1) * query_logits.log_softmax(-1)).sum(-1).mean()
                     loss = loss + self.query_entropy_weight * entropy
-                loss.backward()
+                loss.backward(inputs=[*head.parameters(), *tuned.values()])  # no .grad on the frozen weights
                 optimiser.step()
         return head, {name: p.detach() for name, p in tuned.items()}
 

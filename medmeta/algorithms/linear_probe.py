@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medmeta.algorithms.augment import flipped
+from medmeta.flips import flipped
 from medmeta.algorithms.finetune import FineTune
 from medmeta.networks.norm import query_statistics
 
@@ -25,8 +25,9 @@ class LogisticRegressionProbe(FineTune):
         n_way: classes per episode (unused).
         penalty_c: inverse strength of the L2 penalty on the weights (scikit-learn's ``C``; default 1).
         max_iterations: L-BFGS iterations per support set.
-        finetune_options: ``pretrain_classes`` and ``support_augment`` (the support set's flips as
-            extra examples), as in :class:`FineTune`; its other adaptation settings are refused.
+        finetune_options: ``pretrain_classes``, ``support_augment`` (the support set's flips as
+            extra examples), ``query_augment`` (flip-averaged query predictions) and
+            ``feature_levels``, as in :class:`FineTune`; its other adaptation settings are refused.
     """
 
     name = "logreg"
@@ -44,19 +45,24 @@ class LogisticRegressionProbe(FineTune):
         self.penalty_c, self.max_iterations = penalty_c, max_iterations
 
     def report_settings(self) -> dict[str, object]:
-        return {"penalty_c": self.penalty_c, "max_iterations": self.max_iterations, "support_augment": self.support_augment}
+        return {"penalty_c": self.penalty_c, "max_iterations": self.max_iterations, "feature_levels": self.feature_levels,
+                "support_augment": self.support_augment, "query_augment": self.query_augment}  # fmt: skip
 
     def adaptation_text(self, steps: int | None = None) -> str:
+        levels = " of every stage" if self.feature_levels == "all" else ""
         flips = " of the support set and its flips" if self.support_augment else ""
-        return f"logistic regression (C={self.penalty_c:g}) on L2-normalised frozen features{flips}"
+        queries = ", each query predicted from its flips" if self.query_augment else ""
+        return f"logistic regression (C={self.penalty_c:g}) on L2-normalised frozen features{levels}{flips}{queries}"
 
     def _adapt_one(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, steps: int) -> Tensor:
         """Detached query logits ``[N*Q, N]`` of one task; ``steps`` is unused (fitted to convergence)."""
         del steps
         weight, bias = self._fit_probe(support_x, support_y)
+        def logits(x: Tensor) -> Tensor:
+            return (F.normalize(self._embed(x, {}), dim=1).double() @ weight + bias).to(x.dtype)
+
         with torch.no_grad(), query_statistics(self.model, 0):
-            query = F.normalize(self.model.features(query_x).flatten(1), dim=1).double()
-        return (query @ weight + bias).to(query_x.dtype)
+            return self._predict(logits, query_x)
 
     def adapted_network(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> nn.Module:
         """The frozen backbone (batch norm fixed as in :class:`FineTune`) and the fitted probe on L2-normalised features."""
@@ -69,7 +75,7 @@ class LogisticRegressionProbe(FineTune):
         if self.support_augment:
             support_x, support_y = flipped(support_x, support_y)
         with torch.no_grad():
-            support = F.normalize(self.model.features(support_x).flatten(1), dim=1).double()
+            support = F.normalize(self._embed(support_x, {}), dim=1).double()
         return fit_logistic_regression(support, support_y, int(support_y.max()) + 1, self.penalty_c, self.max_iterations)
 
 

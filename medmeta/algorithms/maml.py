@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from medmeta.adapted import export_classifier
 from medmeta.algorithms.base import MetaLearner, Predictor, check_task_batch
+from medmeta.flips import flip_averaged, flip_view_count, flipped
 from medmeta.networks.norm import (
     NotVectorisable,
     composite_norms,
@@ -69,6 +70,10 @@ class MAML(MetaLearner):
             backward during the meta-backward (``torch.utils.checkpoint``) instead of keeping its
             activations. Same meta-gradient; memory grows about 3x more slowly with
             ``inner_steps`` for about 1.5x the compute (BENCHMARKS.md).
+        support_augment: at evaluation only, adapt on each support image and its flips (every
+            non-empty set of spatial axes, with the image's label; ``medmeta.flips``).
+        query_augment: at evaluation only, predict each query as the average of the class
+            probabilities of its flips (each prediction still depends on its own image only).
 
     The loss is ``self.loss_fn`` (cross-entropy; assign another function of (logits, targets) to change it).
     """
@@ -87,6 +92,8 @@ class MAML(MetaLearner):
         task_reduction: Literal["mean", "sum"] = "mean",
         task_parallel: TaskParallel = "auto",
         checkpoint_inner_steps: bool = False,
+        support_augment: bool = False,
+        query_augment: bool = False,
     ) -> None:
         if task_parallel not in ("auto", "loop", "vmap"):
             raise ValueError(f"task_parallel must be 'auto', 'loop' or 'vmap', got {task_parallel!r}")
@@ -103,6 +110,7 @@ class MAML(MetaLearner):
         self.loss_fn: LossFn = F.cross_entropy
         self.task_parallel = task_parallel
         self.checkpoint_inner_steps = checkpoint_inner_steps
+        self.support_augment, self.query_augment = support_augment, query_augment
         self._vmap_blocker: str | None = None  # why a vmap attempt had to fall back to the loop
         self._warned_fallback = False
 
@@ -113,10 +121,14 @@ class MAML(MetaLearner):
         return f"{super().label()}-{'first' if self.first_order else 'second'}-order"
 
     def report_settings(self) -> dict[str, object]:
-        return {"eval_inner_steps": self.eval_inner_steps}
+        return {"eval_inner_steps": self.eval_inner_steps, "support_augment": self.support_augment,
+                "query_augment": self.query_augment}  # fmt: skip
 
     def adaptation_text(self, steps: int | None = None) -> str:
-        return f"{self.eval_inner_steps if steps is None else steps} inner steps"
+        text = f"{self.eval_inner_steps if steps is None else steps} inner steps"
+        if self.support_augment:
+            text += " on the support set and its flips"
+        return text + (", each query predicted from its flips" if self.query_augment else "")
 
     def running_stat_slots(self) -> int:
         """One slot per query step: the query forward after ``k`` updates uses slot ``k``."""
@@ -309,17 +321,29 @@ class MAML(MetaLearner):
         theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
         curves = []
         for task in range(support_x.shape[0]):
-            states = self.trajectory(support_x[task], support_y[task], steps=steps, first_order=True, params=theta, detach=True)
+            task_x, task_y = self._evaluation_support(support_x[task], support_y[task])
+            states = self.trajectory(task_x, task_y, steps=steps, first_order=True, params=theta, detach=True)
             curves.append(torch.stack([
-                self._query_forward(state, query_x[task], k).detach() for k, state in states if every_step or k == steps
+                self._predict_queries(state, query_x[task], k).detach() for k, state in states if every_step or k == steps
             ]))  # fmt: skip
         return torch.stack(curves, dim=1)
+
+    def _evaluation_support(self, support_x: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
+        """The support set adapted on at evaluation: with its flips under ``support_augment``."""
+        return flipped(support_x, support_y) if self.support_augment else (support_x, support_y)
+
+    def _predict_queries(self, params: Params, query_x: Tensor, step: int) -> Tensor:
+        """Query logits at evaluation: :meth:`_query_forward`, averaged over the query's flips under ``query_augment``."""
+        if self.query_augment:
+            return flip_averaged(lambda x: self._query_forward(params, x, step), query_x)
+        return self._query_forward(params, query_x, step)
 
     def predictor(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> Predictor:
         """The query forward with the weights adapted to this support set (``eval_inner_steps`` by default)."""
         steps = self.eval_inner_steps if steps is None else steps
         adapted = self._adapted_weights(support_x, support_y, steps)
-        return Predictor(lambda x: self._query_forward(adapted, x, steps))
+        calls = flip_view_count(support_x.dim() - 2) if self.query_augment else 1
+        return Predictor(lambda x: self._predict_queries(adapted, x, steps), backbone_calls=calls)
 
     def adapted_network(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> nn.Module:
         """The backbone with the weights after ``steps`` inner steps (and that step's norm weights), batch norm fixed.
@@ -330,11 +354,14 @@ class MAML(MetaLearner):
         steps = self.eval_inner_steps if steps is None else steps
         adapted = self._adapted_weights(support_x, support_y, steps)
         running = steps if uses_running_statistics(self.model) else None
-        return export_classifier(self.model, support_x, n_classes=int(support_y.max()) + 1, params=adapted, running_step=running)
+        fitted_on = self._evaluation_support(support_x, support_y)[0]
+        return export_classifier(self.model, fitted_on, n_classes=int(support_y.max()) + 1, params=adapted,
+                                 running_step=running, head={"kind": "backbone", "query_flips": self.query_augment})  # fmt: skip
 
     def _adapted_weights(self, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
         """Detached weights (with step ``steps``'s step parameters) after ``steps`` inner steps on one support set."""
         theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
+        support_x, support_y = self._evaluation_support(support_x, support_y)
         with torch.enable_grad():
             adapted = self.adapt(support_x, support_y, steps=steps, first_order=True, params=theta)
         return {name: p.detach() for name, p in adapted.items()}

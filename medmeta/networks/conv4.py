@@ -40,3 +40,7 @@ class Conv4(Backbone):
     def last_block_prefixes(self) -> tuple[str, ...]:
         """Parameter-name prefixes of the last conv block (its conv and norm)."""
         return ("features.12.", "features.13.")
+
+    def stage_names(self) -> tuple[str, ...]:
+        """The modules whose outputs are the stages before the last (each block's pooling), for multi-level features."""
+        return ("features.3", "features.7", "features.11")

@@ -100,6 +100,10 @@ class ResNet12(Backbone):
         """Parameter-name prefixes of the last residual block."""
         return ("features.3.",)
 
+    def stage_names(self) -> tuple[str, ...]:
+        """The residual blocks before the last, whose outputs multi-level features read."""
+        return ("features.0", "features.1", "features.2")
+
 class ResNet18(Backbone):
     """torchvision's ResNet-18 (never downloaded), adapted to few-shot diagnosis, 2D only.
 
@@ -172,6 +176,10 @@ class ResNet18(Backbone):
     def last_block_prefixes(self) -> tuple[str, ...]:
         """Parameter-name prefixes of the last residual stage (``layer4``)."""
         return ("features.layer4.",)
+
+    def stage_names(self) -> tuple[str, ...]:
+        """The residual stages before the last, whose outputs multi-level features read."""
+        return ("features.layer1", "features.layer2", "features.layer3")
 
 
 def _check_instance_norm_size(norm: NormName, image_size: int, *, last_norm_side: int, name: str) -> None:

@@ -57,7 +57,7 @@ def test_too_many_classes_for_the_pretraining_head_is_a_clear_error() -> None:
 
 
 def test_flipped_adds_every_flip_with_its_label() -> None:
-    from medmeta.algorithms.augment import flipped
+    from medmeta.flips import flipped
 
     images, labels = torch.arange(2 * 1 * 2 * 3, dtype=torch.float).view(2, 1, 2, 3), torch.tensor([0, 1])
     views, view_labels = flipped(images, labels)
@@ -92,3 +92,36 @@ def test_query_entropy_makes_adaptation_transductive_and_only_then() -> None:
     assert "transductive" in _finetune(query_entropy_weight=0.5).adaptation_text()
     with pytest.raises(ValueError, match="query_entropy_weight"):
         _finetune(query_entropy_weight=-1.0)
+
+
+def test_query_augment_averages_the_probabilities_of_every_flip_and_is_flip_invariant() -> None:
+    sx, sy, qx, _, _, _ = _episode(side=16)
+    plain, averaged = _finetune(norm="group"), _finetune(norm="group", query_augment=True)
+    with torch.no_grad():
+        got = averaged.adapt_and_predict(sx, sy, qx)
+        views = [qx, qx.flip(-2), qx.flip(-1), qx.flip([-2, -1])]
+        by_hand = torch.stack([plain.adapt_and_predict(sx, sy, v).softmax(-1) for v in views]).mean(0)
+        flipped_queries = averaged.adapt_and_predict(sx, sy, qx.flip(-1))
+    torch.testing.assert_close(got.softmax(-1), by_hand)
+    torch.testing.assert_close(flipped_queries, got)  # a query and its mirror image get the same prediction
+    assert "each query predicted from its flips" in averaged.adaptation_text()
+
+
+@pytest.mark.parametrize("scope", ["head", "last_block"])
+def test_feature_levels_all_fits_the_head_on_every_stage_and_freezes_the_rest(scope: str) -> None:
+    sx, sy, qx, _, _, _ = _episode(side=16)
+    algo = _finetune(feature_levels="all", finetune_scope=scope, finetune_steps=3)
+    before = {k: v.clone() for k, v in algo.state_dict().items()}
+    head, _ = algo._fit(sx[0], sy[0], None, 3)
+    assert head.in_features == 3 * 2 * 4 + algo.model.feature_dim  # three stages (mean, std of 4 channels) + final
+    with torch.no_grad():
+        logits = algo.adapt_and_predict(sx, sy, qx)
+    assert logits.shape == (2, 6, 3) and torch.isfinite(logits).all()
+    assert all(torch.equal(before[k], v) for k, v in algo.state_dict().items())
+    assert all(p.grad is None for p in algo.parameters())  # adaptation leaves no gradients on the frozen weights
+    assert "every stage" in algo.adaptation_text() and algo.report_settings()["feature_levels"] == "all"
+
+
+def test_feature_levels_is_checked() -> None:
+    with pytest.raises(ValueError, match="feature_levels must be one of"):
+        _finetune(feature_levels="every")

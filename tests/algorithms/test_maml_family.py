@@ -61,3 +61,26 @@ def test_maml_through_the_module_equals_the_sequential_reference_with_batch_norm
     ours, theirs = torch.autograd.grad(loss, params), torch.autograd.grad(reference, params)
     for name, a, b in zip([n for n, _ in module.model.named_parameters()], ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)
+def test_evaluation_flips_adapt_on_the_support_flips_and_average_the_query_flips(cls: type[MAML]) -> None:
+    """``support_augment`` and ``query_augment`` change evaluation only: by hand, the same; training, untouched."""
+    from medmeta.flips import flipped
+
+    plain, augmented = _learner(cls), _learner(cls)
+    augmented.support_augment = augmented.query_augment = True
+    sx, sy, qx, qy = random_episodes(tasks=2, side=8)
+    torch.testing.assert_close(augmented.outer_loss_and_logits(sx, sy, qx, qy)[0], plain.outer_loss_and_logits(sx, sy, qx, qy)[0],
+                               rtol=0.0, atol=0.0)  # fmt: skip
+    got = augmented.adapt_and_predict(sx, sy, qx)
+    support = [flipped(sx[t], sy[t]) for t in range(2)]
+    fx, fy = torch.stack([s[0] for s in support]), torch.stack([s[1] for s in support])
+    views = [qx, qx.flip(-2), qx.flip(-1), qx.flip([-2, -1])]
+    by_hand = torch.stack([plain.adapt_and_predict(fx, fy, view).softmax(-1) for view in views]).mean(0)
+    torch.testing.assert_close(got.softmax(-1), by_hand)
+    torch.testing.assert_close(augmented.adapt_and_predict(sx, sy, qx.flip(-1)), got)  # a mirror image, the same prediction
+    predictor = augmented.predictor(sx[0], sy[0])
+    assert predictor.backbone_calls == 4
+    torch.testing.assert_close(predictor.forward(qx[0]), got[0])
+    assert "flips" in augmented.adaptation_text() and augmented.report_settings()["query_augment"] is True

@@ -147,7 +147,7 @@ def test_a_learned_temperature_is_meta_learned_and_kept_in_the_state_dict() -> N
 
 def test_support_augmentation_builds_prototypes_from_the_flips_at_evaluation_only() -> None:
     """Prototypes of the support set and its flips: equal to hand-made prototypes over the flipped views."""
-    from medmeta.algorithms.augment import flipped
+    from medmeta.flips import flipped
 
     algo = ProtoNet(FlatIdentity(), support_augment=True)
     g = torch.Generator().manual_seed(0)
