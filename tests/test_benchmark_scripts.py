@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,3 +119,18 @@ def test_real_data_script_quick_run(tmp_path: Path) -> None:
     assert [(r["protocol"], r["method"], r["test_episodes"]) for r in results] == [("R2", "finetune", 8), ("R2", "maml", 8)]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["best_val_acc"] is not None for r in results)
     assert (tmp_path / "out" / "real_data.png").is_file() and "| R2 | maml | 1 |" in (tmp_path / "out" / "real_data.md").read_text()
+
+
+def test_configs_real_data_is_the_measured_recommended_method() -> None:
+    """The shipped starting configuration adapts, trains and shapes episodes as the benchmark row it cites."""
+    real_data = _real_data_module()
+    config = yaml.safe_load((REPO / "configs" / "real_data.yaml").read_text())
+    method = real_data.METHODS[real_data.RECOMMENDED]
+    assert method.source == "finetune" and config["model"]["algorithm"]["class_path"].endswith(".FineTune")
+    init_args = config["model"]["algorithm"]["init_args"]
+    assert {key: init_args.get(key) for key in method.settings} == method.settings
+    assert config["trainer"]["max_steps"] == 300 and config["model"]["meta_lr"] == 0.003  # compare.module_settings
+    assert config["model"]["backbone"]["init_args"]["hidden_channels"] == 32
+    data = config["data"]
+    assert (data["n_way"], data["k_shot"], data["q_query"], data["image_size"], data["in_channels"], data["preset"]) == (
+        real_data.N_WAY, 5, real_data.Q_QUERY, real_data.IMAGE_SIZE, 3, "photo")

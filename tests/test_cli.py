@@ -349,14 +349,15 @@ def _real_data_fit(config: str, root: Path, cwd: Path, capsys: pytest.CaptureFix
 def test_the_real_data_configs_and_the_two_stage_recipe_run_as_documented(
     tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """configs/real_data.yaml fits and tests; stage 2 of the Meta-Baseline recipe starts from stage 1's selected weights."""
+    """configs/real_data.yaml fits and tests; both stage-2 configs (Meta-Baseline, MAML) start from stage 1's selected weights."""
     run = partial(_real_data_fit, root=tiny_dicom_root, cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
     status, printed = run("real_data.yaml")
     assert status == 0, printed[-3000:]
     metrics = json.loads(next((tmp_path / "runs" / "real_data").rglob("metrics.json")).read_text())
     assert metrics["test_episodes"] == 4 and metrics["algorithm"].startswith("finetune")
     recommended = torch.load(tmp_path / "runs" / "real_data" / "checkpoints" / "best.ckpt", weights_only=True)
-    assert recommended["hyper_parameters"]["algorithm"]["init_args"]["support_augment"] is True
+    adaptation = recommended["hyper_parameters"]["algorithm"]["init_args"]
+    assert (adaptation["feature_levels"], adaptation["support_augment"], adaptation["query_augment"]) == ("all", True, True)
     status, printed = run("real_data_pretrain.yaml")
     assert status == 0, printed[-3000:]
     best = tmp_path / "runs" / "real_data_pretrain" / "checkpoints" / "best.ckpt"
@@ -368,3 +369,10 @@ def test_the_real_data_configs_and_the_two_stage_recipe_run_as_documented(
     assert last["hyper_parameters"]["algorithm"]["init_args"]["learn_temperature"] is True
     assert "algorithm.log_temperature" in last["state_dict"]
     assert next((tmp_path / "runs" / "real_data_meta_baseline").rglob("metrics.json")).is_file()
+    status, printed = run("real_data_maml.yaml")  # the other stage 2: second-order MAML from the same pre-training
+    assert status == 0, printed[-3000:]
+    last = torch.load(tmp_path / "runs" / "real_data_maml" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["hyper_parameters"]["init_from"] == "runs/real_data_pretrain/checkpoints/best.ckpt"
+    assert last["hyper_parameters"]["algorithm"]["init_args"]["eval_inner_steps"] == 20
+    assert json.loads(next((tmp_path / "runs" / "real_data_maml").rglob("metrics.json")).read_text())["algorithm"] == (
+        "maml-second-order")
