@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,3 +134,27 @@ def test_configs_real_data_is_the_measured_recommended_method() -> None:
     data = config["data"]
     assert (data["n_way"], data["k_shot"], data["q_query"], data["image_size"], data["in_channels"], data["preset"]) == (
         real_data.N_WAY, 5, real_data.Q_QUERY, real_data.IMAGE_SIZE, 3, "photo")
+
+
+def test_adaptation_steps_counts_meta_val_accuracy_after_each_step(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """benchmarks/adaptation_steps.py on a MAML checkpoint: the curve from 0 steps, its CIs and the suggestion rule."""
+    from tests.test_bundle import _checkpoint
+
+    ckpt = _checkpoint(tiny_dicom_root, tmp_path, "maml", inner_steps=1)
+    done = _run(str(REPO / "benchmarks" / "adaptation_steps.py"), str(ckpt), "--max-steps", "3", "--every", "1",
+                "--episodes", "4", "--out", str(tmp_path / "steps.json"), cwd=tmp_path, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    curve = json.loads((tmp_path / "steps.json").read_text())
+    assert curve["episodes"] == 4 and len(curve["accuracy_after_step"]) == len(curve["ci95"]) == 4
+    assert f"suggested eval_inner_steps: {curve['suggested_steps']} " in done.stdout
+    assert [line.split()[0] for line in done.stdout.splitlines()[:4]] == ["0", "1", "2", "3"]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from adaptation_steps import suggested_steps
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    mean = torch.tensor([25.0, 59.1, 66.4, 68.0, 68.4, 68.7, 68.9, 68.8])  # R1's meta-val curve at 0, 5, ..., 35 steps
+    assert suggested_steps(mean, 0.5, list(range(8))) == 4 and suggested_steps(mean, 0.0, list(range(8))) == 6
+    refused = _run(str(REPO / "benchmarks" / "adaptation_steps.py"), str(_checkpoint(tiny_dicom_root, tmp_path / "p", "protonet")),
+                   "--max-steps", "2", cwd=tmp_path, timeout=300)  # fmt: skip
+    assert refused.returncode != 0 and "has no inner steps to count" in refused.stderr
