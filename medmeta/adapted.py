@@ -121,8 +121,9 @@ class AdaptedClassifier(nn.Module):
         head: ``{"kind": "backbone"}`` (logits are the backbone's output), ``{"kind": "linear",
             "feature_dim": D, "normalize": bool}`` (a linear layer on ``backbone.features``, the
             features optionally L2-normalised; ``"feature_levels": "all"`` puts it on every stage's
-            features, :func:`medmeta.networks.levels.multi_level_features`) or ``{"kind": "prototypes", "feature_dim": D,
-            "distance": ...}`` (``-distance / temperature`` to N class prototypes).
+            features, :func:`medmeta.networks.levels.multi_level_features`) or ``{"kind":
+            "prototypes", "feature_dim": D, "distance": ...}`` (``-distance / temperature`` to N
+            class prototypes).
         in_channels, spatial_dims, image_size: the image shape (for building from a spec).
 
     ``head["query_flips"]`` (any kind): each image's prediction is the average of the class

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medmeta.flips import flipped
 from medmeta.algorithms.finetune import FineTune
+from medmeta.flips import flipped
 from medmeta.networks.norm import query_statistics
 
 
@@ -58,6 +58,7 @@ class LogisticRegressionProbe(FineTune):
         """Detached query logits ``[N*Q, N]`` of one task; ``steps`` is unused (fitted to convergence)."""
         del steps
         weight, bias = self._fit_probe(support_x, support_y)
+
         def logits(x: Tensor) -> Tensor:
             return (F.normalize(self._embed(x, {}), dim=1).double() @ weight + bias).to(x.dtype)
 
