@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -30,8 +31,8 @@ def flip_averaged(logits: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
     unflipped images go last, so the last of the ``len(flip_views(images))`` forwards sees them as
     they are (Grad-CAM reads that forward's activations).
     """
-    probabilities = torch.stack([logits(view).softmax(dim=-1) for view in reversed(flip_views(images))])
-    return probabilities.mean(dim=0).log()
+    log_probabilities = torch.stack([logits(view).log_softmax(dim=-1) for view in reversed(flip_views(images))])
+    return torch.logsumexp(log_probabilities, dim=0) - math.log(len(log_probabilities))  # no log(0) when all underflow
 
 
 def flip_view_count(spatial_dims: int) -> int:

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from medmeta.adapted import export_classifier
-from medmeta.flips import flip_averaged, flipped
 from medmeta.algorithms.base import EpisodeBatch, MetaLearner, check_task_batch
+from medmeta.flips import flip_averaged, flipped
 from medmeta.networks.levels import FeatureLevels, check_levels, embedding
 from medmeta.networks.norm import query_statistics, uses_running_statistics
 

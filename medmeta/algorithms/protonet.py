@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medmeta.adapted import export_classifier, prototype_logits
-from medmeta.flips import flipped
 from medmeta.algorithms.base import MetaLearner, Predictor, check_task_batch
+from medmeta.flips import flipped
 from medmeta.networks.norm import query_statistics, uses_running_statistics
 
 Distance = Literal["squared_euclidean", "cosine"]

@@ -125,3 +125,12 @@ def test_feature_levels_all_fits_the_head_on_every_stage_and_freezes_the_rest(sc
 def test_feature_levels_is_checked() -> None:
     with pytest.raises(ValueError, match="feature_levels must be one of"):
         _finetune(feature_levels="every")
+
+
+def test_flip_averaged_log_probabilities_stay_finite_when_every_view_is_certain() -> None:
+    """A class every flip rules out gets a very negative logit, never -inf (a validation loss stays finite)."""
+    from medmeta.flips import flip_averaged
+
+    averaged = flip_averaged(lambda x: torch.tensor([[1e4, -1e4]]).expand(x.shape[0], 2), torch.rand(3, 1, 4, 4))
+    assert torch.isfinite(averaged).all() and torch.allclose(averaged.softmax(-1), torch.tensor([[1.0, 0.0]]).expand(3, 2))
+    assert torch.isfinite(F.cross_entropy(averaged, torch.tensor([1, 1, 1])))
