@@ -81,17 +81,19 @@ class Method:
 
 META_BASELINE = {"distance": "cosine", "temperature": 0.1, "learn_temperature": True}
 FLIPS = {"support_augment": True, "query_augment": True}  # the support set's flips, and flip-averaged query predictions
+ADAM = {"finetune_optimizer": "adam"}  # the head fitted with Adam: the baseline before gradient descent was selected on meta-val
 FROM_PRETRAINED = {"meta_lr": 0.001}  # a smaller outer step, not to wash out the pre-trained features
 METHODS: dict[str, Method] = {
     "finetune": Method("finetune"),
     "logreg": Method("logreg", start="reuse"),
-    "finetune_last_block": Method("finetune", {"finetune_scope": "last_block"}, start="reuse"),
-    "finetune_augment": Method("finetune", {"support_augment": True}, start="reuse"),
-    "finetune_transductive": Method("finetune", {"query_entropy_weight": 1.0}, start="reuse"),
+    "finetune_adam": Method("finetune", ADAM, start="reuse"),
+    "finetune_last_block": Method("finetune", {"finetune_scope": "last_block", **ADAM}, start="reuse"),
+    "finetune_augment": Method("finetune", {"support_augment": True, **ADAM}, start="reuse"),
+    "finetune_transductive": Method("finetune", {"query_entropy_weight": 1.0, **ADAM}, start="reuse"),
     "logreg_augment": Method("logreg", {"support_augment": True}, start="reuse"),
-    "finetune_flips": Method("finetune", FLIPS, start="reuse"),
-    "finetune_levels": Method("finetune", {"feature_levels": "all"}, start="reuse"),
-    "finetune_levels_flips": Method("finetune", {"feature_levels": "all", **FLIPS}, start="reuse"),
+    "finetune_flips": Method("finetune", {**FLIPS, **ADAM}, start="reuse"),
+    "finetune_levels": Method("finetune", {"feature_levels": "all", **ADAM}, start="reuse"),
+    "finetune_levels_flips": Method("finetune", {"feature_levels": "all", **FLIPS, **ADAM}, start="reuse"),
     "logreg_levels_flips": Method("logreg", {"feature_levels": "all", **FLIPS}, start="reuse"),
     "protonet": Method("protonet"),
     "protonet_cosine": Method("protonet", META_BASELINE),
@@ -106,6 +108,8 @@ METHODS: dict[str, Method] = {
     # maml_init's weights adapted with 20 inner steps instead of 10: the fewest steps within 0.5 points of the best
     # meta-val accuracy on both protocols (meta-val, 50 episodes, steps 5..40: BENCHMARKS.md); the test domain was not used
     "maml_init_steps20": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20}, start="reuse", source="maml_init"),
+    "maml_init_steps20_flips": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20, **FLIPS}, start="reuse",
+                                      source="maml_init"),
     "anil_init": Method("anil", FROM_PRETRAINED, start="two_stage"),
     "maml_pp_init": Method("maml_pp", {"eval_inner_steps": 20, **FROM_PRETRAINED}, start="two_stage"),
 }

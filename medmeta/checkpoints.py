@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from medmeta.algorithms import LEGACY_MODULE_SETTINGS, legacy_algorithm_spec
+from medmeta.algorithms import LEGACY_MODULE_SETTINGS, legacy_algorithm_spec, saved_algorithm_spec
 from medmeta.errors import DataError
 from medmeta.networks import LEGACY_MODULE_SETTINGS as LEGACY_BACKBONE_SETTINGS
 from medmeta.networks import legacy_backbone_spec
@@ -120,11 +120,17 @@ def model_hparams(checkpoint: Mapping[str, object]) -> dict[str, object]:
 
     Checkpoints written before learners and backbones were plug-ins hold flat settings
     (``algorithm: <short name>``, ``inner_lr``, ``hidden_channels`` ...); they are translated here, so
-    they load like new ones. Lightning's own bookkeeping keys are dropped.
+    they load like new ones. A learner setting added after the checkpoint was written takes the value
+    that reproduces it (``MetaLearner.settings_added``). Lightning's own bookkeeping keys are dropped.
     """
     saved = {k: v for k, v in dict(checkpoint["hyper_parameters"]).items() if k not in ("_instantiator", "_class_path")}
     moved = set(LEGACY_MODULE_SETTINGS) | set(LEGACY_BACKBONE_SETTINGS)
     if not isinstance(saved.get("backbone"), str) or not moved & set(saved):
+        if isinstance(saved.get("algorithm"), Mapping) and "class_path" in saved["algorithm"]:
+            try:
+                saved["algorithm"] = saved_algorithm_spec(saved["algorithm"])  # settings added since: their old value
+            except ValueError:
+                pass  # a learner that cannot be built: rebuilding the module refuses it, naming the file
         return saved
     try:
         algorithm, backbone = legacy_algorithm_spec(saved), legacy_backbone_spec(saved)

@@ -61,11 +61,29 @@ def test_a_checkpoint_with_the_old_flat_hyperparameters_loads(tmp_path: Path, al
                **{"inner_lr": 0.4, "inner_steps": 5, "eval_inner_steps": 10, **steps})  # fmt: skip
     loaded, _ = load_trained(_checkpoint(tmp_path / "old.ckpt", module, old))
     _same_weights(module, loaded)
-    assert loaded.hparams["algorithm"] == module.hparams["algorithm"]
+    expected = dict(module.hparams)
+    if algorithm == "finetune":  # a setting added since: the value old runs used, not today's default
+        expected["algorithm"] = {**expected["algorithm"],
+                                 "init_args": {**expected["algorithm"]["init_args"], "finetune_optimizer": "adam"}}  # fmt: skip
+        assert loaded.algorithm.finetune_optimizer == "adam" and module.algorithm.finetune_optimizer == "sgd"
+    assert loaded.hparams["algorithm"] == expected["algorithm"]
     assert loaded.hparams["backbone"] == module.hparams["backbone"]
-    assert dict(loaded.hparams) == dict(module.hparams)
+    assert dict(loaded.hparams) == expected
     if algorithm != "finetune":
         assert loaded.algorithm.eval_inner_steps == 3 and loaded.algorithm.inner_lr == 0.1
+
+
+def test_a_setting_added_since_a_checkpoint_takes_the_value_it_was_written_with(tmp_path: Path) -> None:
+    """A plug-in spec checkpoint from before ``finetune_optimizer`` existed fitted its heads with Adam, and still does."""
+    module = module_for("finetune", n_way=3, image_size=8, hidden_channels=4, pixel_baseline=False)
+    hparams = dict(module.hparams)
+    older = {k: v for k, v in hparams["algorithm"]["init_args"].items() if k != "finetune_optimizer"}
+    loaded, _ = load_trained(_checkpoint(tmp_path / "older.ckpt", module,
+                                         {**hparams, "algorithm": {**hparams["algorithm"], "init_args": older}}))  # fmt: skip
+    assert loaded.algorithm.finetune_optimizer == "adam"
+    _same_weights(module, loaded)
+    today, _ = load_trained(_checkpoint(tmp_path / "today.ckpt", module))
+    assert today.algorithm.finetune_optimizer == "sgd" and dict(today.hparams) == hparams  # today's checkpoints name theirs
 
 
 def test_old_hyperparameters_translate_to_plain_specs() -> None:

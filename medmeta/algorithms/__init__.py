@@ -57,7 +57,19 @@ def build_algorithm(spec: object, model: nn.Module, n_way: int) -> MetaLearner:
 def legacy_algorithm_spec(saved: Mapping[str, Any]) -> dict[str, Any]:
     """The algorithm spec of a checkpoint's flat hyperparameters from before plug-ins (``algorithm: maml`` ...)."""
     cls, _ = resolve_algorithm(saved["algorithm"])
-    return algorithm_spec({"class_path": class_path(cls), "init_args": cls.settings_from_legacy(saved)})
+    return saved_algorithm_spec({"class_path": class_path(cls), "init_args": cls.settings_from_legacy(saved)})
+
+
+def saved_algorithm_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The complete spec of a learner stored in a checkpoint (``{"class_path", "init_args"}``).
+
+    A setting the checkpoint lacks because it was added later takes the value that reproduces the
+    checkpoint (the learner's ``settings_added``); the rest of the missing ones take today's defaults.
+    """
+    cls, _ = resolve_algorithm(spec)
+    stored = dict(spec.get("init_args") or {})
+    before = {name: value for name, value in cls.settings_added.items() if name not in stored}
+    return algorithm_spec({"class_path": class_path(cls), "init_args": {**before, **stored}})
 
 
 def legacy_setting_name(key: str) -> str | None:
@@ -75,5 +87,5 @@ def legacy_setting_name(key: str) -> str | None:
 __all__ = [
     "ANIL", "EpisodeBatch", "FineTune", "LogisticRegressionProbe", "MAML", "MAMLPlusPlus", "MANN", "MetaLearner", "MetaSGD", "Predictor", "ProtoNet",
     "DEFAULT_ALGORITHM", "SHORT_NAMES", "algorithm_spec", "build_algorithm", "legacy_algorithm_spec", "legacy_setting_name",
-    "pixel_nearest_neighbour", "resolve_algorithm",
+    "pixel_nearest_neighbour", "resolve_algorithm", "saved_algorithm_spec",
 ]  # fmt: skip

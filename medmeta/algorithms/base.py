@@ -62,10 +62,14 @@ class MetaLearner(nn.Module, metaclass=abc.ABCMeta):
         transductive_batches: what batch norm's batch statistics are computed over in transductive
             mode, for reports (``"each task's support and query images together"`` for a learner that
             embeds them in one pass).
+        settings_added: settings added after checkpoints of the learner were first written, each
+            with the value that reproduces such a checkpoint (its behaviour before the setting
+            existed); a checkpoint that lacks one gets this value on loading, not today's default.
     """
 
     name: ClassVar[str] = ""
     transductive_batches: ClassVar[str] = "each adaptation/query batch"
+    settings_added: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, model: nn.Module, n_way: int | None = None) -> None:
         super().__init__()

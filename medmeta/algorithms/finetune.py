@@ -30,6 +30,7 @@ from medmeta.networks.levels import FeatureLevels, check_levels, embedding
 from medmeta.networks.norm import query_statistics, uses_running_statistics
 
 FinetuneScope = Literal["head", "last_block"]
+FinetuneOptimizer = Literal["sgd", "adam"]
 
 
 class FineTune(MetaLearner):
@@ -40,7 +41,11 @@ class FineTune(MetaLearner):
         n_way: classes per episode (unused: the new head has the support set's classes).
         pretrain_classes: size of the pre-training head; at least the number of meta-train classes.
         finetune_steps: optimisation steps of the new head on each support set.
-        finetune_lr: learning rate of those steps (Adam).
+        finetune_lr: learning rate of those steps.
+        finetune_optimizer: ``"sgd"`` (default: full-batch gradient descent, as Chen et al.'s
+            baseline, selected on meta-val in ``BENCHMARKS.md``) or ``"adam"`` (per-coordinate step
+            sizes: better for ``feature_levels="all"``, whose levels are each L2-normalised).
+            Checkpoints written before this setting existed used Adam, and still do.
         finetune_scope: ``"head"`` (linear probe on frozen features) or ``"last_block"`` (the
             new head and the backbone's last block, ``model.last_block_prefixes()``).
         support_augment: also fit on each support image flipped along every spatial axis and every
@@ -57,15 +62,19 @@ class FineTune(MetaLearner):
     """
 
     name = "finetune"
+    settings_added = {"finetune_optimizer": "adam"}  # what checkpoints written before the setting existed used
 
     def __init__(self, model: nn.Module, n_way: int | None = None, *, pretrain_classes: int = 64,
                  finetune_steps: int = 100, finetune_lr: float = 0.01, finetune_scope: FinetuneScope = "head",
+                 finetune_optimizer: FinetuneOptimizer = "sgd",
                  support_augment: bool = False, query_augment: bool = False, feature_levels: FeatureLevels = "last",
                  query_entropy_weight: float = 0.0) -> None:  # fmt: skip
         if not hasattr(model, "features") or not hasattr(model, "feature_dim"):
             raise ValueError("the fine-tune baseline needs a backbone with `features` and `feature_dim`")
         if finetune_scope not in ("head", "last_block"):
             raise ValueError(f"finetune_scope must be 'head' or 'last_block', got {finetune_scope!r}")
+        if finetune_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"finetune_optimizer must be 'sgd' or 'adam', got {finetune_optimizer!r}")
         if finetune_scope == "last_block" and not hasattr(model, "last_block_prefixes"):
             raise ValueError(f"finetune_scope='last_block' needs a backbone with `last_block_prefixes`; got {type(model).__name__}")
         if not (0.0 <= query_entropy_weight < float("inf")):
@@ -76,6 +85,7 @@ class FineTune(MetaLearner):
         self.query_augment, self.feature_levels = query_augment, feature_levels
         self.pretrain_head = nn.Linear(model.feature_dim, pretrain_classes)
         self.finetune_steps, self.finetune_lr, self.finetune_scope = finetune_steps, finetune_lr, finetune_scope
+        self.finetune_optimizer = finetune_optimizer
 
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Pre-training on the batch's images by their meta-train class ids (``support_class``, ``query_class``)."""
@@ -110,13 +120,15 @@ class FineTune(MetaLearner):
         return loss, torch.gather(query_logits, 2, index)
 
     def report_settings(self) -> dict[str, object]:
-        return {"finetune_steps": self.finetune_steps, "finetune_scope": self.finetune_scope,
+        return {"finetune_steps": self.finetune_steps, "finetune_optimizer": self.finetune_optimizer,
+                "finetune_scope": self.finetune_scope,
                 "feature_levels": self.feature_levels, "support_augment": self.support_augment,
                 "query_augment": self.query_augment, "query_entropy_weight": self.query_entropy_weight}  # fmt: skip
 
     def adaptation_text(self, steps: int | None = None) -> str:
         scope = "a new linear head" if self.finetune_scope == "head" else "a new linear head and the last block"
-        text = f"{scope} fitted with {self.finetune_steps if steps is None else steps} Adam steps"
+        optimiser = {"sgd": "gradient-descent", "adam": "Adam"}[self.finetune_optimizer]
+        text = f"{scope} fitted with {self.finetune_steps if steps is None else steps} {optimiser} steps"
         if self.feature_levels == "all":
             text += " on the features of every stage"
         if self.support_augment:
@@ -208,7 +220,8 @@ class FineTune(MetaLearner):
             feature_dim = (features(support_x) if frozen_support is None else frozen_support).shape[1]
         head = nn.Linear(feature_dim, n_way).to(support_x.device)
         nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
-        optimiser = torch.optim.Adam([*head.parameters(), *tuned.values()], lr=self.finetune_lr)
+        optimiser_class = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[self.finetune_optimizer]
+        optimiser = optimiser_class([*head.parameters(), *tuned.values()], lr=self.finetune_lr)
         with torch.enable_grad():
             for _ in range(steps):
                 optimiser.zero_grad()

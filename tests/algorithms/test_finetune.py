@@ -38,8 +38,9 @@ def test_pretraining_loss_and_query_logits_follow_the_class_ids() -> None:
     assert algo.model.head.weight.grad is None and algo.pretrain_head.weight.grad is not None
 
 
-def test_adaptation_fits_a_new_head_and_leaves_the_backbone_alone() -> None:
-    algo = _finetune(finetune_steps=200, finetune_lr=0.05)
+@pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 2.0), ("adam", 0.05)])
+def test_adaptation_fits_a_new_head_and_leaves_the_backbone_alone(optimizer: str, lr: float) -> None:
+    algo = _finetune(finetune_steps=200, finetune_lr=lr, finetune_optimizer=optimizer)
     sx, sy, _, _, _, _ = _episode()
     before = {k: v.clone() for k, v in algo.state_dict().items()}
     with torch.no_grad():
@@ -47,6 +48,35 @@ def test_adaptation_fits_a_new_head_and_leaves_the_backbone_alone() -> None:
     assert support_logits.shape == (2, 6, 3)
     assert (support_logits.argmax(-1) == sy).all()  # the new head separates its own support set
     assert all(torch.equal(before[k], v) for k, v in algo.state_dict().items())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_the_head_is_fitted_by_the_chosen_optimiser_on_the_frozen_features(optimizer: str) -> None:
+    """The query logits equal a zero-initialised head fitted by hand with that optimiser on the same features."""
+    from medmeta.networks.norm import query_statistics
+
+    algo = _finetune(finetune_steps=5, finetune_lr=0.3, finetune_optimizer=optimizer)
+    sx, sy, qx, _, _, _ = _episode(tasks=1)
+    with torch.no_grad():
+        support = algo.model.features(sx[0]).flatten(1)
+        with query_statistics(algo.model, 0):
+            query = algo.model.features(qx[0]).flatten(1)
+    weight, bias = torch.zeros(3, support.shape[1], requires_grad=True), torch.zeros(3, requires_grad=True)
+    optimiser = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]([weight, bias], lr=0.3)
+    for _ in range(5):
+        optimiser.zero_grad()
+        F.cross_entropy(support @ weight.T + bias, sy[0]).backward()
+        optimiser.step()
+    expected = (query @ weight.T + bias).detach()
+    assert torch.allclose(algo.adapt_and_predict(sx, sy, qx)[0], expected, atol=1e-5)
+    other = _finetune(finetune_steps=5, finetune_lr=0.3, finetune_optimizer={"sgd": "adam", "adam": "sgd"}[optimizer])
+    assert not torch.allclose(other.adapt_and_predict(sx, sy, qx)[0], expected, atol=1e-3)  # the setting matters
+    assert ("gradient-descent" if optimizer == "sgd" else "Adam") in algo.adaptation_text()
+
+
+def test_an_unknown_optimiser_is_refused() -> None:
+    with pytest.raises(ValueError, match="finetune_optimizer must be 'sgd' or 'adam'"):
+        _finetune(finetune_optimizer="lbfgs")
 
 
 def test_too_many_classes_for_the_pretraining_head_is_a_clear_error() -> None:
