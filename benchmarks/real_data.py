@@ -25,10 +25,12 @@ Methods (``METHODS``) are a learner with settings and how it starts:
 * from scratch, trained for ``--steps`` meta-steps (``finetune``, ``protonet``, ``maml``, ...);
 * ``reuse``: another run's selected weights (the ``finetune`` pre-training unless said otherwise),
   adapted differently at test time, with no training of its own: ``logreg``, ``logreg_augment``,
+  ``finetune_adam`` (the baseline's head fitted with Adam, as before gradient descent became the default),
   ``finetune_last_block``, ``finetune_augment`` (support flips), ``finetune_flips`` (support flips and
   flip-averaged queries), ``finetune_levels`` (a head on every stage's features),
   ``finetune_levels_flips`` (both: ``configs/real_data.yaml``), ``logreg_levels_flips``,
-  ``finetune_transductive``, ``meta_baseline_augment`` (the ``meta_baseline`` run's weights);
+  ``finetune_transductive``, ``meta_baseline_augment`` (the ``meta_baseline`` run's weights),
+  ``maml_init_steps20`` and ``maml_init_steps20_flips`` (the ``maml_init`` run's weights);
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
   it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``anil_init``, ``maml_pp_init``).

@@ -31,6 +31,9 @@ from medmeta.networks.norm import query_statistics, uses_running_statistics
 
 FinetuneScope = Literal["head", "last_block"]
 FinetuneOptimizer = Literal["sgd", "adam"]
+OPTIMISERS: dict[str, tuple[type[torch.optim.Optimizer], str]] = {  # setting -> (optimiser, its name in reports)
+    "sgd": (torch.optim.SGD, "gradient-descent"), "adam": (torch.optim.Adam, "Adam"),
+}
 
 
 class FineTune(MetaLearner):
@@ -73,7 +76,7 @@ class FineTune(MetaLearner):
             raise ValueError("the fine-tune baseline needs a backbone with `features` and `feature_dim`")
         if finetune_scope not in ("head", "last_block"):
             raise ValueError(f"finetune_scope must be 'head' or 'last_block', got {finetune_scope!r}")
-        if finetune_optimizer not in ("sgd", "adam"):
+        if finetune_optimizer not in OPTIMISERS:
             raise ValueError(f"finetune_optimizer must be 'sgd' or 'adam', got {finetune_optimizer!r}")
         if finetune_scope == "last_block" and not hasattr(model, "last_block_prefixes"):
             raise ValueError(f"finetune_scope='last_block' needs a backbone with `last_block_prefixes`; got {type(model).__name__}")
@@ -127,8 +130,7 @@ class FineTune(MetaLearner):
 
     def adaptation_text(self, steps: int | None = None) -> str:
         scope = "a new linear head" if self.finetune_scope == "head" else "a new linear head and the last block"
-        optimiser = {"sgd": "gradient-descent", "adam": "Adam"}[self.finetune_optimizer]
-        text = f"{scope} fitted with {self.finetune_steps if steps is None else steps} {optimiser} steps"
+        text = f"{scope} fitted with {self.finetune_steps if steps is None else steps} {OPTIMISERS[self.finetune_optimizer][1]} steps"
         if self.feature_levels == "all":
             text += " on the features of every stage"
         if self.support_augment:
@@ -220,8 +222,7 @@ class FineTune(MetaLearner):
             feature_dim = (features(support_x) if frozen_support is None else frozen_support).shape[1]
         head = nn.Linear(feature_dim, n_way).to(support_x.device)
         nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
-        optimiser_class = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[self.finetune_optimizer]
-        optimiser = optimiser_class([*head.parameters(), *tuned.values()], lr=self.finetune_lr)
+        optimiser = OPTIMISERS[self.finetune_optimizer][0]([*head.parameters(), *tuned.values()], lr=self.finetune_lr)
         with torch.enable_grad():
             for _ in range(steps):
                 optimiser.zero_grad()
