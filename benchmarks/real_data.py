@@ -30,7 +30,8 @@ Methods (``METHODS``) are a learner with settings and how it starts:
   flip-averaged queries), ``finetune_levels`` (a head on every stage's features),
   ``finetune_levels_flips`` (both: ``configs/real_data.yaml``), ``logreg_levels_flips``,
   ``finetune_transductive``, ``meta_baseline_augment`` (the ``meta_baseline`` run's weights),
-  ``maml_init_steps20`` and ``maml_init_steps20_flips`` (the ``maml_init`` run's weights);
+  ``maml_init_steps20``, ``maml_init_steps20_qflips`` (flip-averaged queries) and
+  ``maml_init_steps20_flips`` (support flips too) (the ``maml_init`` run's weights);
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
   it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``anil_init``, ``maml_pp_init``).
@@ -112,10 +113,14 @@ METHODS: dict[str, Method] = {
     "maml_init_steps20": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20}, start="reuse", source="maml_init"),
     "maml_init_steps20_flips": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20, **FLIPS}, start="reuse",
                                       source="maml_init"),
+    # flip-averaged queries only: the support set (and so the cost of the 20 inner steps) stays as it is
+    "maml_init_steps20_qflips": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20, "query_augment": True},
+                                       start="reuse", source="maml_init"),
     "anil_init": Method("anil", FROM_PRETRAINED, start="two_stage"),
     "maml_pp_init": Method("maml_pp", {"eval_inner_steps": 20, **FROM_PRETRAINED}, start="two_stage"),
 }
 RECOMMENDED = "finetune_levels_flips"  # what configs/real_data.yaml ships (tests/test_benchmark_scripts.py keeps them equal)
+BEST_MAML = "maml_init_steps20"  # what configs/real_data_maml.yaml ships: the best MAML row on meta-val (the same test keeps them equal)
 DEFAULT_METHODS = ("finetune", "logreg", "protonet", "maml", "maml_pp", "anil", "meta_sgd", "meta_baseline", "maml_init")
 PRETRAIN = "pretrain"  # the two-stage methods' first stage: a fine-tune pre-training of steps // 2
 N_WAY, Q_QUERY, IMAGE_SIZE = 4, 15, 64

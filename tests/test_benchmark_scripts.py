@@ -136,6 +136,20 @@ def test_configs_real_data_is_the_measured_recommended_method() -> None:
         real_data.N_WAY, 5, real_data.Q_QUERY, real_data.IMAGE_SIZE, 3, "photo")
 
 
+def test_configs_real_data_maml_is_the_measured_best_maml_method() -> None:
+    """The shipped MAML stage 2 adapts and trains as the benchmark's best MAML row (chosen on meta-val)."""
+    real_data = _real_data_module()
+    config = yaml.safe_load((REPO / "configs" / "real_data_maml.yaml").read_text())
+    method = real_data.METHODS[real_data.BEST_MAML]
+    assert method.learner == "maml" and real_data.METHODS[method.source].start == "two_stage"
+    assert config["model"]["algorithm"]["class_path"].endswith(".MAML")
+    init_args = config["model"]["algorithm"]["init_args"]
+    expected = {**real_data.module_settings("maml")["algorithm"]["init_args"], **method.settings}
+    expected.pop("meta_lr")  # a module setting
+    assert {key: init_args.get(key) for key in expected} == expected
+    assert config["model"]["meta_lr"] == method.settings["meta_lr"] and config["trainer"]["max_steps"] == 150
+
+
 def test_adaptation_steps_counts_meta_val_accuracy_after_each_step(tiny_dicom_root: Path, tmp_path: Path) -> None:
     """benchmarks/adaptation_steps.py on a MAML checkpoint: the curve from 0 steps, its CIs and the suggestion rule."""
     from tests.test_bundle import _checkpoint
