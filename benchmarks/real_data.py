@@ -30,8 +30,8 @@ Methods (``METHODS``) are a learner with settings and how it starts:
   flip-averaged queries), ``finetune_levels`` (a head on every stage's features),
   ``finetune_levels_flips`` (both: ``configs/real_data.yaml``), ``logreg_levels_flips``,
   ``finetune_transductive``, ``meta_baseline_augment`` (the ``meta_baseline`` run's weights),
-  ``maml_init_steps20``, ``maml_init_steps20_qflips`` (flip-averaged queries) and
-  ``maml_init_steps20_flips`` (support flips too) (the ``maml_init`` run's weights);
+  and, on the ``maml_init`` run's weights, ``maml_init_steps20``, ``maml_init_steps20_qflips``
+  (flip-averaged queries) and ``maml_init_steps20_flips`` (support flips as well);
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
   it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``anil_init``, ``maml_pp_init``).
