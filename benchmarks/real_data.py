@@ -31,10 +31,12 @@ Methods (``METHODS``) are a learner with settings and how it starts:
   ``finetune_levels_flips`` (both: ``configs/real_data.yaml``), ``logreg_levels_flips``,
   ``finetune_transductive``, ``meta_baseline_augment`` (the ``meta_baseline`` run's weights),
   and, on the ``maml_init`` run's weights, ``maml_init_steps20``, ``maml_init_steps20_qflips``
-  (flip-averaged queries) and ``maml_init_steps20_flips`` (support flips as well);
+  (flip-averaged queries) and ``maml_init_steps20_flips`` (support flips as well), and on the
+  ``proto_maml_init`` run's weights ``proto_maml_init_steps20``;
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
-  it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``anil_init``, ``maml_pp_init``).
+  it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``proto_maml_init``: Proto-MAML, ``anil_init``,
+  ``maml_pp_init``).
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ METHODS: dict[str, Method] = {
     # flip-averaged queries only: the support set (and so the cost of the 20 inner steps) stays as it is
     "maml_init_steps20_qflips": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20, "query_augment": True},
                                        start="reuse", source="maml_init"),
+    # the head of every task starts from the support prototypes (Proto-MAML), the rest as maml_init
+    "proto_maml_init": Method("proto_maml", FROM_PRETRAINED, start="two_stage"),
+    "proto_maml_init_steps20": Method("proto_maml", {**FROM_PRETRAINED, "eval_inner_steps": 20}, start="reuse",
+                                      source="proto_maml_init"),
     "anil_init": Method("anil", FROM_PRETRAINED, start="two_stage"),
     "maml_pp_init": Method("maml_pp", {"eval_inner_steps": 20, **FROM_PRETRAINED}, start="two_stage"),
 }

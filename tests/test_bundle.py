@@ -30,6 +30,7 @@ LEARNERS = {
     "anil": {"inner_steps": 1, "eval_inner_steps": 2},
     "meta_sgd": {"inner_steps": 1},
     "maml_pp": {"inner_steps": 2, "eval_inner_steps": 3},
+    "proto_maml": {"inner_steps": 2},
     "protonet": {"distance": "cosine", "temperature": 0.1, "learn_temperature": True},
     "finetune": {"finetune_steps": 5, "pretrain_classes": 4, "finetune_scope": "last_block"},
     "logreg": {"pretrain_classes": 4, "max_iterations": 25},

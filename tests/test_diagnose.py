@@ -26,7 +26,7 @@ from tests.test_report import _chromium, _chromium_exe
 # every algorithm diagnose accepts, in each batch-norm mode, and ProtoNet with both distances
 VARIANTS = [
     (algorithm, norm_mode, distance)
-    for algorithm in ("maml", "maml_pp", "meta_sgd", "anil", "protonet")
+    for algorithm in ("maml", "maml_pp", "meta_sgd", "anil", "proto_maml", "protonet")
     for norm_mode in ("transductive", "running")
     for distance in (("squared_euclidean", "cosine") if algorithm == "protonet" else ("squared_euclidean",))
 ]

@@ -22,10 +22,13 @@ from medmeta.algorithms.maml_pp import MAMLPlusPlus
 from medmeta.algorithms.mann import MANN
 from medmeta.algorithms.meta_sgd import MetaSGD
 from medmeta.algorithms.pixel_nn import pixel_nearest_neighbour
+from medmeta.algorithms.proto_maml import ProtoMAML
 from medmeta.algorithms.protonet import ProtoNet
 from medmeta.plugins import class_path, resolve, spec_of
 
-SHIPPED: tuple[type[MetaLearner], ...] = (MAML, MAMLPlusPlus, MetaSGD, ANIL, ProtoNet, MANN, FineTune, LogisticRegressionProbe)
+SHIPPED: tuple[type[MetaLearner], ...] = (
+    MAML, MAMLPlusPlus, MetaSGD, ANIL, ProtoMAML, ProtoNet, MANN, FineTune, LogisticRegressionProbe,
+)  # fmt: skip
 SHORT_NAMES: dict[str, type[MetaLearner]] = {cls.name: cls for cls in SHIPPED}
 DEFAULT_ALGORITHM: type[MetaLearner] = MAML  # second-order MAML, the learner medmeta is built around
 
@@ -85,7 +88,7 @@ def legacy_setting_name(key: str) -> str | None:
 
 
 __all__ = [
-    "ANIL", "EpisodeBatch", "FineTune", "LogisticRegressionProbe", "MAML", "MAMLPlusPlus", "MANN", "MetaLearner", "MetaSGD", "Predictor", "ProtoNet",
+    "ANIL", "EpisodeBatch", "FineTune", "LogisticRegressionProbe", "MAML", "MAMLPlusPlus", "MANN", "MetaLearner", "MetaSGD", "Predictor", "ProtoMAML", "ProtoNet",
     "DEFAULT_ALGORITHM", "SHORT_NAMES", "algorithm_spec", "build_algorithm", "legacy_algorithm_spec", "legacy_setting_name",
     "pixel_nearest_neighbour", "resolve_algorithm", "saved_algorithm_spec",
 ]  # fmt: skip

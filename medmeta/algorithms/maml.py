@@ -8,10 +8,11 @@ the exact second-order meta-gradient into ``model.parameters()``.
 :meth:`MAML.trajectory` is the only inner loop: training, evaluation and the adaptation curve
 all walk it. Its variants (each in its own file) override hooks: the step's update and rate
 (:meth:`MAML.inner_update`: learned rates), the weights the inner loop adapts
-(:meth:`MAML.adaptable_parameters`: the head only), the support input (:meth:`MAML.support_input`:
-features computed once), extra per-step parameters (:meth:`MAML.step_parameters`: per-step norm
-weights), the query loss weight of each step (:meth:`MAML.step_loss_weights`) and the order
-(:meth:`MAML.uses_first_order`).
+(:meth:`MAML.adaptable_parameters`: the head only), where they start on a task
+(:meth:`MAML.initial_weights`: a head from the support prototypes), the support input
+(:meth:`MAML.support_input`: features computed once), extra per-step parameters
+(:meth:`MAML.step_parameters`: per-step norm weights), the query loss weight of each step
+(:meth:`MAML.step_loss_weights`) and the order (:meth:`MAML.uses_first_order`).
 
 Why this module is longer than 300 lines: it is the MAML family's one inner loop (the trajectory
 and its hooks, training in a loop or under vmap, evaluation), kept in one place so that every variant
@@ -144,6 +145,10 @@ class MAML(MetaLearner):
         """The weights the inner loop adapts (all of the backbone's)."""
         return dict(self.model.named_parameters())
 
+    def initial_weights(self, params: Params, support_x: Tensor, support_y: Tensor) -> Params:
+        """The weights the inner loop starts from on one task: θ itself (Proto-MAML: the head set from the support set)."""
+        return params
+
     def support_input(self, support_x: Tensor) -> Tensor:
         """What the inner loss sees of the support images (a head-only variant: their features, computed once)."""
         return support_x
@@ -186,6 +191,9 @@ class MAML(MetaLearner):
         _require_grad_mode()
         if steps > 0:
             self._check_inner_loop_norms()
+        params = self.initial_weights(params, support_x, support_y)
+        if detach:
+            params = {name: p.detach() for name, p in params.items()}
         support_x = self.support_input(support_x)
         checkpointed = self.checkpoint_inner_steps and not first_order and torch.is_grad_enabled()
         support_grad = grad(self._step_support_loss)
@@ -228,6 +236,9 @@ class MAML(MetaLearner):
         names = list(params)
 
         def one_step(x: Tensor, y: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+            # views: each weight a variable of its own, as under torch.func.grad, even where one was computed
+            # from others (Proto-MAML's head from the body's weights); their gradients then stay partial ones
+            tensors = tuple(t.view_as(t) for t in tensors)
             current = dict(zip(names, tensors))
             loss = self._step_support_loss(current, self.step_parameters(step), x, y)
             grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)

@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medmeta.algorithms import ANIL, MAML, MAMLPlusPlus, MetaSGD
+from medmeta.algorithms import ANIL, MAML, MAMLPlusPlus, MetaSGD, ProtoMAML
 from medmeta.networks import Conv4
 from tests.algorithms.episodes import random_episodes
 from tests.algorithms.test_maml import reference_outer_loss
 from tests.algorithms.test_maml_pp import _randomise
 from tests.conftest import module_for
 
-FAMILY = [MAML, MetaSGD, ANIL, MAMLPlusPlus]
+FAMILY = [MAML, MetaSGD, ANIL, MAMLPlusPlus, ProtoMAML]
 
 
 def _learner(cls: type[MAML]) -> MAML:
