@@ -83,13 +83,14 @@ class ProtoMAML(MAML):
     def _check_support_classes(self, support_y: Tensor) -> None:
         """Refuse support sets (``[N*K]`` or ``[T, N*K]``) without an example of every head class or with labels beyond them."""
         n = self.model.head.out_features
-        labels = support_y.reshape(-1, support_y.shape[-1]) if support_y.dim() else support_y.reshape(1, 1)
-        if bool((labels < 0).any()) or bool((labels >= n).any()):
+        labels = support_y.reshape(-1, support_y.shape[-1])
+        counts = (labels.unsqueeze(-1) == torch.arange(n, device=labels.device)).sum(dim=1)  # [T, N]
+        if bool((counts.sum(dim=1) == labels.shape[1]).all() & (counts > 0).all()):  # one check on the usual path
+            return
+        if bool(((labels < 0) | (labels >= n)).any()):
             got = labels.unique().tolist()
             raise ValueError(f"Proto-MAML: support labels must be in 0..{n - 1} (the head's classes); got {got}")
-        for task, row in enumerate(labels):
-            missing = sorted(set(range(n)) - set(row.tolist()))
-            if missing:
-                which = f"the support set of task {task}" if support_y.dim() > 1 else "the support set"
-                raise ValueError(f"Proto-MAML: {which} has no example of classes {missing}: "
-                                 "every class needs one for its prototype")  # fmt: skip
+        task = int((counts == 0).any(dim=1).nonzero()[0])
+        missing = (counts[task] == 0).nonzero().flatten().tolist()
+        which = f"the support set of task {task}" if support_y.dim() > 1 else "the support set"
+        raise ValueError(f"Proto-MAML: {which} has no example of classes {missing}: every class needs one for its prototype")
