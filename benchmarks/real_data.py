@@ -35,8 +35,8 @@ Methods (``METHODS``) are a learner with settings and how it starts:
   ``proto_maml_init`` run's weights ``proto_maml_init_steps20``;
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
-  it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``proto_maml_init``: Proto-MAML, ``anil_init``,
-  ``maml_pp_init``).
+  it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``maml_zero_init``: MAML with the head
+  zeroed at the start of every task and 20 test steps, ``proto_maml_init``: Proto-MAML, ``anil_init``, ``maml_pp_init``).
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ METHODS: dict[str, Method] = {
     "maml_init_steps20_qflips": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20, "query_augment": True},
                                        start="reuse", source="maml_init"),
     # the head of every task starts from the support prototypes (Proto-MAML), the rest as maml_init
+    "maml_zero_init": Method("maml", {**FROM_PRETRAINED, "zero_head": True, "eval_inner_steps": 20}, start="two_stage"),
     "proto_maml_init": Method("proto_maml", FROM_PRETRAINED, start="two_stage"),
     "proto_maml_init_steps20": Method("proto_maml", {**FROM_PRETRAINED, "eval_inner_steps": 20}, start="reuse",
                                       source="proto_maml_init"),

@@ -94,7 +94,7 @@ def test_old_hyperparameters_translate_to_plain_specs() -> None:
         "class_path": "medmeta.algorithms.maml.MAML",
         "init_args": {"inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 2, "first_order": True,
                       "task_reduction": "mean", "task_parallel": "auto", "checkpoint_inner_steps": False,
-                      "support_augment": False, "query_augment": False},  # settings added since: what old runs did
+                      "support_augment": False, "query_augment": False, "zero_head": False},  # settings added since: what old runs did
     }  # fmt: skip
     assert hparams["backbone"] == {
         "class_path": "medmeta.networks.conv4.Conv4", "init_args": {"hidden_channels": 8, "norm": "batch"}

@@ -26,7 +26,7 @@ class ANIL(MAML):
         model: the network with ``features`` and ``head`` submodules; its parameters are θ.
         n_way: classes per episode (unused).
         maml_options: ``inner_lr``, ``inner_steps``, ``eval_inner_steps``, ``first_order``,
-            ``task_reduction``, ``task_parallel``, ``checkpoint_inner_steps``, as in :class:`MAML`.
+            ``task_reduction``, ``task_parallel``, ``checkpoint_inner_steps``, ``zero_head``, as in :class:`MAML`.
     """
 
     name = "anil"

@@ -9,7 +9,7 @@ the exact second-order meta-gradient into ``model.parameters()``.
 all walk it. Its variants (each in its own file) override hooks: the step's update and rate
 (:meth:`MAML.inner_update`: learned rates), the weights the inner loop adapts
 (:meth:`MAML.adaptable_parameters`: the head only), where they start on a task
-(:meth:`MAML.initial_weights`: a head from the support prototypes), the support input
+(:meth:`MAML.initial_weights`: a zero head, or one from the support prototypes), the support input
 (:meth:`MAML.support_input`: features computed once), extra per-step parameters
 (:meth:`MAML.step_parameters`: per-step norm weights), the query loss weight of each step
 (:meth:`MAML.step_loss_weights`) and the order (:meth:`MAML.uses_first_order`).
@@ -45,6 +45,7 @@ from medmeta.networks.norm import (
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 TaskParallel = Literal["auto", "loop", "vmap"]
+HEAD = "head."  # the linear head's parameter names within the backbone (``zero_head``)
 
 
 class MAML(MetaLearner):
@@ -75,6 +76,11 @@ class MAML(MetaLearner):
             non-empty set of spatial axes, with the image's label; ``medmeta.flips``).
         query_augment: at evaluation only, predict each query as the average of the class
             probabilities of its flips (each prediction still depends on its own image only).
+        zero_head: start every task's inner loop from a zero linear head (the "zeroing trick" of
+            Kao et al., ICLR 2022), in meta-training and at evaluation: the first inner step then
+            fits the head alone, along the support set's class means, and the body adapts from
+            the second step on. The meta-learned ``model.head`` is never used (only its shape);
+            the backbone needs a linear ``head``.
 
     The loss is ``self.loss_fn`` (cross-entropy; assign another function of (logits, targets) to change it).
     """
@@ -95,6 +101,7 @@ class MAML(MetaLearner):
         checkpoint_inner_steps: bool = False,
         support_augment: bool = False,
         query_augment: bool = False,
+        zero_head: bool = False,
     ) -> None:
         if task_parallel not in ("auto", "loop", "vmap"):
             raise ValueError(f"task_parallel must be 'auto', 'loop' or 'vmap', got {task_parallel!r}")
@@ -102,6 +109,8 @@ class MAML(MetaLearner):
             raise ValueError("inner_steps and eval_inner_steps must be >= 0")
         if task_reduction not in ("mean", "sum"):
             raise ValueError(f"task_reduction must be 'mean' or 'sum', got {task_reduction!r}")
+        if zero_head and not isinstance(getattr(model, "head", None), nn.Linear):
+            raise ValueError(f"zero_head needs a backbone with a linear `head`; {type(model).__name__} has none")
         super().__init__(model, n_way)
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
@@ -112,6 +121,7 @@ class MAML(MetaLearner):
         self.task_parallel = task_parallel
         self.checkpoint_inner_steps = checkpoint_inner_steps
         self.support_augment, self.query_augment = support_augment, query_augment
+        self.zero_head = zero_head
         self._vmap_blocker: str | None = None  # why a vmap attempt had to fall back to the loop
         self._warned_fallback = False
 
@@ -123,10 +133,10 @@ class MAML(MetaLearner):
 
     def report_settings(self) -> dict[str, object]:
         return {"eval_inner_steps": self.eval_inner_steps, "support_augment": self.support_augment,
-                "query_augment": self.query_augment}  # fmt: skip
+                "query_augment": self.query_augment, "zero_head": self.zero_head}  # fmt: skip
 
     def adaptation_text(self, steps: int | None = None) -> str:
-        text = f"{self.eval_inner_steps if steps is None else steps} inner steps"
+        text = ("zero head, then " if self.zero_head else "") + f"{self.eval_inner_steps if steps is None else steps} inner steps"
         if self.support_augment:
             text += " on the support set and its flips"
         return text + (", each query predicted from its flips" if self.query_augment else "")
@@ -136,8 +146,8 @@ class MAML(MetaLearner):
         return self.inner_steps + 1
 
     def cuda_graph_safe(self) -> bool:
-        """Second order only: the recorded meta-step is the second-order one."""
-        return not self.first_order
+        """Second order only (the recorded meta-step is the second-order one), and not with ``zero_head`` (not checked on a GPU)."""
+        return not self.first_order and not self.zero_head
 
     # --- hooks of the inner loop ------------------------------------------------------------------
 
@@ -146,8 +156,10 @@ class MAML(MetaLearner):
         return dict(self.model.named_parameters())
 
     def initial_weights(self, params: Params, support_x: Tensor, support_y: Tensor) -> Params:
-        """The weights the inner loop starts from on one task: θ itself (Proto-MAML: the head set from the support set)."""
-        return params
+        """The weights the inner loop starts from on one task: θ, with the head zeroed under ``zero_head`` (Proto-MAML: set from the support set)."""
+        if not self.zero_head:
+            return params
+        return {name: torch.zeros_like(p) if name.startswith(HEAD) else p for name, p in params.items()}
 
     def support_input(self, support_x: Tensor) -> Tensor:
         """What the inner loss sees of the support images (a head-only variant: their features, computed once)."""
@@ -237,8 +249,9 @@ class MAML(MetaLearner):
 
         def one_step(x: Tensor, y: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
             # views: each weight a variable of its own, as under torch.func.grad, even where one was computed
-            # from others (Proto-MAML's head from the body's weights); their gradients then stay partial ones
-            tensors = tuple(t.view_as(t) for t in tensors)
+            # from others (Proto-MAML's head from the body's weights); their gradients then stay partial ones.
+            # A weight that starts as a constant (a zero head) becomes a variable of the step the same way.
+            tensors = tuple(t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in tensors)
             current = dict(zip(names, tensors))
             loss = self._step_support_loss(current, self.step_parameters(step), x, y)
             grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)

@@ -39,7 +39,7 @@ class MAMLPlusPlus(MAML):
     Args:
         model, n_way: as in :class:`MAML`.
         maml_options: ``inner_lr``, ``inner_steps``, ``eval_inner_steps``, ``first_order`` (always first order when ``True``),
-            ``task_reduction``, ``task_parallel``, ``checkpoint_inner_steps``, as in :class:`MAML`.
+            ``task_reduction``, ``task_parallel``, ``checkpoint_inner_steps``, ``zero_head``, as in :class:`MAML`.
         multi_step_loss: outer loss is a weighted sum of the query losses after every inner step.
         multi_step_loss_epochs: epochs over which the weights anneal onto the last step.
         per_step_norm_weights: a copy of every norm layer's weight and bias per inner step.

@@ -29,7 +29,7 @@ class MetaSGD(MAML):
         n_way: classes per episode (unused).
         inner_lr: initial value of every learning-rate element.
         maml_options: ``inner_steps``, ``eval_inner_steps``, ``first_order``, ``task_reduction``,
-            ``task_parallel``, ``checkpoint_inner_steps``, as in :class:`MAML`.
+            ``task_parallel``, ``checkpoint_inner_steps``, ``zero_head``, as in :class:`MAML`.
     """
 
     name = "meta_sgd"

@@ -34,7 +34,7 @@ class ProtoMAML(MAML):
         n_way: classes per episode (unused: the head has them).
         maml_options: ``inner_lr``, ``inner_steps``, ``eval_inner_steps``, ``first_order``,
             ``task_reduction``, ``task_parallel``, ``checkpoint_inner_steps``, ``support_augment``,
-            ``query_augment``, as in :class:`MAML`.
+            ``query_augment``, as in :class:`MAML` (not ``zero_head``: the head starts from the prototypes).
     """
 
     name = "proto_maml"
@@ -44,6 +44,8 @@ class ProtoMAML(MAML):
             raise ValueError(
                 f"Proto-MAML needs a backbone with a `features` submodule and a linear `head`; got {type(model).__name__}"
             )
+        if maml_options.get("zero_head"):
+            raise ValueError("Proto-MAML sets the head from the support prototypes: zero_head does not apply to it")
         super().__init__(model, n_way, **maml_options)
 
     def cuda_graph_safe(self) -> bool:
