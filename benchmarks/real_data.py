@@ -18,7 +18,10 @@ colour grey instead), each rescaled to [0, 1] (the ``photo`` intensity preset). 
 is selected on meta-val accuracy only (the best validation checkpoint), and is tested on the same
 frozen test episodes. Each finished run is kept in ``--out``/results, and a re-run with the same
 ``--out`` skips it (so an interrupted benchmark resumes; delete the folder to start over). Writes ``real_data.json``, ``real_data.md`` (mean ± 95% CI, wall time, peak
-memory) and ``real_data.png`` (bars with CI whiskers).
+memory) and ``real_data.png`` (bars with CI whiskers). ``environment.json`` records the Python, the
+platform, the CPU and every installed package's version; a later invocation with the same ``--out``
+in another environment is refused (its rows would not be comparable: the same code has given
+figures 4 points apart after the packages were resolved again), unless ``--allow-new-environment``.
 
 Methods (``METHODS``) are a learner with settings and how it starts:
 
@@ -43,9 +46,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -251,6 +256,45 @@ def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Name
     return results
 
 
+def environment() -> dict[str, object]:
+    """What the figures depend on besides the code: Python, platform, CPU, torch's threads and every installed package's version."""
+    import torch
+
+    packages = {dist.metadata["Name"].lower(): dist.version for dist in importlib.metadata.distributions() if dist.metadata["Name"]}
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()  # fmt: skip
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "packages": dict(sorted(packages.items()))}  # fmt: skip
+
+
+def check_environment(out: Path, current: dict[str, object], *, allow_new: bool) -> list[str]:
+    """Record ``current`` in ``<out>/environment.json``; refuse one that differs from the recorded one unless ``allow_new``.
+
+    Returns what differs (empty when nothing does). Rows resumed from an earlier invocation are
+    only comparable with new ones when both ran in the same environment.
+    """
+    path = out / "environment.json"
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=2) + "\n")
+        return []
+    recorded = json.loads(path.read_text())
+    changed = [f"{key}: {recorded.get(key)} -> {current.get(key)}" for key in ("python", "cpu", "cuda") if recorded.get(key) != current.get(key)]
+    old, new = recorded.get("packages", {}), current["packages"]
+    changed += [f"{name}: {old.get(name, 'absent')} -> {new.get(name, 'absent')}" for name in sorted({*old, *new})
+                if old.get(name) != new.get(name)]  # fmt: skip
+    if changed and not allow_new:
+        raise SystemExit(
+            f"{out} holds results from another environment ({path}); their rows would not be comparable with new ones:\n  "
+            + "\n  ".join(changed[:20]) + "\nuse a new --out, or --allow-new-environment to add rows anyway (the change is recorded)"
+        )
+    if changed:
+        recorded.setdefault("later", []).append(current)
+        path.write_text(json.dumps(recorded, indent=2) + "\n")
+    return changed
+
+
 def write_outputs(results: list[dict[str, object]], out: Path) -> None:
     """``real_data.json``, ``real_data.md`` and ``real_data.png`` (accuracy bars with 95% CI whiskers)."""
     import matplotlib
@@ -297,6 +341,8 @@ def main() -> None:
                         help="a learner, backbone or module setting for every method that has it (e.g. hidden_channels=64)")
     parser.add_argument("--jobs", type=int, default=1, help="(protocol, shots) pairs run side by side (one CPU thread each)")
     parser.add_argument("--out", type=Path, default=Path("runs/real_data"))
+    parser.add_argument("--allow-new-environment", action="store_true",
+                        help="add rows to an --out whose earlier rows ran with other package versions, Python or CPU")
     parser.add_argument("--single", nargs=3, metavar=("PROTOCOL", "METHOD", "SHOTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -313,6 +359,9 @@ def main() -> None:
         protocol, method, shots = args.single
         print(json.dumps(run_one(args.out / f"{protocol}.csv", method, int(shots), args)))
         return
+    changed = check_environment(args.out, environment(), allow_new=args.allow_new_environment)
+    if changed:
+        print(f"warning: the environment changed since earlier rows in {args.out}: {'; '.join(changed[:5])}", file=sys.stderr)
     for protocol in args.protocols:
         build_protocol(protocol, args.data, args.out)
     groups = [(protocol, shots) for protocol in args.protocols for shots in args.shots]

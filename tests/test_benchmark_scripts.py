@@ -121,6 +121,23 @@ def test_real_data_script_quick_run(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "real_data.png").is_file() and "| R2 | maml | 1 |" in (tmp_path / "out" / "real_data.md").read_text()
 
 
+def test_real_data_refuses_to_mix_rows_from_another_environment(tmp_path: Path) -> None:
+    """A resumed --out whose rows ran with other package versions is refused, naming what changed, unless allowed."""
+    real_data = _real_data_module()
+    current = real_data.environment()
+    assert current["packages"]["torch"] == torch.__version__.split("+")[0] and current["python"] == sys.version.split()[0]
+    assert real_data.check_environment(tmp_path, current, allow_new=False) == []  # recorded
+    assert json.loads((tmp_path / "environment.json").read_text()) == current
+    assert real_data.check_environment(tmp_path, current, allow_new=False) == []  # the same environment resumes
+    other = {**current, "packages": {**current["packages"], "numpy": "0.0.1", "pillow": None}}
+    other["packages"].pop("pillow")
+    with pytest.raises(SystemExit, match=r"(?s)another environment.*numpy: .* -> 0\.0\.1.*pillow: .* -> absent.*--allow-new-environment"):
+        real_data.check_environment(tmp_path, other, allow_new=False)
+    changed = real_data.check_environment(tmp_path, other, allow_new=True)
+    assert changed == [f"numpy: {current['packages']['numpy']} -> 0.0.1", f"pillow: {current['packages']['pillow']} -> absent"]
+    assert json.loads((tmp_path / "environment.json").read_text())["later"] == [other]
+
+
 def test_configs_real_data_is_the_measured_recommended_method() -> None:
     """The shipped starting configuration adapts, trains and shapes episodes as the benchmark row it cites."""
     real_data = _real_data_module()
