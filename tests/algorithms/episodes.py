@@ -15,3 +15,20 @@ def random_episodes(
     sy = torch.arange(n_way).repeat_interleave(k).expand(tasks, -1).clone()
     qy = torch.arange(n_way).repeat_interleave(q).expand(tasks, -1).clone()
     return sx, sy, qx, qy
+
+
+BODY = "features."  # the body's parameter names within medmeta's backbones (the head is "head.")
+
+
+def body_grads(loss: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
+    """The gradient of ``loss`` in each of the body's parameters (those under ``features.``)."""
+    return list(torch.autograd.grad(loss, [p for n, p in model.named_parameters() if n.startswith(BODY)]))
+
+
+def assert_matches_reference(ours: torch.Tensor, reference: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
+    """Meta-losses equal (rtol 1e-10), and their meta-gradients in the body; returns the reference's gradients."""
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=0.0)
+    expected = body_grads(reference, model)
+    for a, b in zip(body_grads(ours, model), expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    return expected

@@ -10,11 +10,8 @@ from torch.func import functional_call
 
 from medmeta.algorithms import ANIL, MAML, ProtoMAML
 from medmeta.networks import Conv4
-from tests.algorithms.episodes import random_episodes
+from tests.algorithms.episodes import BODY, assert_matches_reference, body_grads, random_episodes
 from tests.conftest import module_for
-
-BODY = "features."
-
 
 def _model(seed: int = 0) -> Conv4:
     torch.manual_seed(seed)
@@ -54,10 +51,6 @@ def reference_outer_loss(model: Conv4, sx, sy, qx, qy, *, lr: float, steps: int,
     return total / sx.shape[0]
 
 
-def _body_grads(loss: torch.Tensor, model: nn.Module) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(loss, [p for n, p in model.named_parameters() if n.startswith(BODY)]))
-
-
 @pytest.mark.parametrize(("steps", "how"), [(1, "loop"), (3, "loop"), (3, "vmap"), (3, "checkpointed")])
 def test_meta_loss_and_gradient_match_the_sequential_reference(steps: int, how: str) -> None:
     model = _model()
@@ -66,15 +59,12 @@ def test_meta_loss_and_gradient_match_the_sequential_reference(steps: int, how: 
     learner = MAML(model, 3, inner_lr=0.5, inner_steps=steps, zero_head=True, **options)
     ours = learner.outer_loss(sx, sy, qx, qy)
     reference = reference_outer_loss(model, sx, sy, qx, qy, lr=0.5, steps=steps)
-    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=0.0)
-    expected = _body_grads(reference, model)
-    for a, b in zip(_body_grads(ours, model), expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    expected = assert_matches_reference(ours, reference, model)
     plain = MAML(model, 3, inner_lr=0.5, inner_steps=steps).outer_loss(sx, sy, qx, qy)
     assert (plain - ours).abs() > 1e-3  # the meta-learned head would have given another loss
     if steps > 1:  # the second-order terms matter (after one step from a zero head the body has not moved)
         first = MAML(model, 3, inner_lr=0.5, inner_steps=steps, zero_head=True, first_order=True).outer_loss(sx, sy, qx, qy)
-        diff = [a - b for a, b in zip(_body_grads(first, model), expected)]
+        diff = [a - b for a, b in zip(body_grads(first, model), expected)]
         assert torch.cat([d.flatten() for d in diff]).norm() > 1e-6
 
 
@@ -83,9 +73,7 @@ def test_anil_with_a_zero_head_matches_the_reference() -> None:
     sx, sy, qx, qy = random_episodes(tasks=2, side=12)
     ours = ANIL(model, 3, inner_lr=0.5, inner_steps=2, zero_head=True, task_parallel="loop").outer_loss(sx, sy, qx, qy)
     reference = reference_outer_loss(model, sx, sy, qx, qy, lr=0.5, steps=2, body=False)
-    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=0.0)
-    for a, b in zip(_body_grads(ours, model), _body_grads(reference, model), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    assert_matches_reference(ours, reference, model)
 
 
 def test_the_first_step_fits_the_head_alone_along_the_class_means() -> None:
@@ -121,7 +109,7 @@ def test_the_module_meta_gradient_is_the_reference_and_leaves_the_meta_learned_h
     loss.backward()
     reference = reference_outer_loss(module.model, sx, sy, qx, qy, lr=0.3, steps=2)
     for (name, p), g in zip([(n, p) for n, p in module.model.named_parameters() if n.startswith(BODY)],
-                            _body_grads(reference, module.model), strict=True):  # fmt: skip
+                            body_grads(reference, module.model), strict=True):  # fmt: skip
         torch.testing.assert_close(p.grad, g, rtol=1e-7, atol=1e-12, msg=name)
     assert module.model.head.weight.grad is None and module.model.head.bias.grad is None
     assert module.algorithm.adaptation_text(20) == "zero head, then 20 inner steps"

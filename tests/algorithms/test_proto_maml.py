@@ -10,11 +10,8 @@ from torch.func import functional_call
 
 from medmeta.algorithms import ProtoMAML
 from medmeta.networks import Conv4
-from tests.algorithms.episodes import random_episodes
+from tests.algorithms.episodes import BODY, assert_matches_reference, body_grads, random_episodes
 from tests.conftest import module_for
-
-BODY = "features."
-
 
 def _model(seed: int = 0) -> Conv4:
     torch.manual_seed(seed)
@@ -50,10 +47,6 @@ def reference_outer_loss(model: Conv4, sx, sy, qx, qy, *, lr: float, steps: int)
     return total / sx.shape[0]
 
 
-def _body_grads(loss: torch.Tensor, model: nn.Module) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(loss, [p for n, p in model.named_parameters() if n.startswith(BODY)]))
-
-
 @pytest.mark.parametrize(("steps", "how"), [(0, "loop"), (1, "loop"), (2, "loop"), (2, "vmap"), (2, "checkpointed")])
 def test_meta_loss_and_gradient_match_the_sequential_reference(steps: int, how: str) -> None:
     model = _model()
@@ -62,13 +55,10 @@ def test_meta_loss_and_gradient_match_the_sequential_reference(steps: int, how: 
     learner = ProtoMAML(model, 3, inner_lr=0.5, inner_steps=steps, **options)
     ours = learner.outer_loss(sx, sy, qx, qy)
     reference = reference_outer_loss(model, sx, sy, qx, qy, lr=0.5, steps=steps)
-    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=0.0)
-    expected = _body_grads(reference, model)
-    for a, b in zip(_body_grads(ours, model), expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    expected = assert_matches_reference(ours, reference, model)
     if steps:  # the second-order terms matter: first order is a different meta-gradient
         first = ProtoMAML(model, 3, inner_lr=0.5, inner_steps=steps, first_order=True).outer_loss(sx, sy, qx, qy)
-        diff = [a - b for a, b in zip(_body_grads(first, model), expected)]
+        diff = [a - b for a, b in zip(body_grads(first, model), expected)]
         assert torch.cat([d.flatten() for d in diff]).norm() > 1e-6
 
 
@@ -83,7 +73,7 @@ def test_the_module_meta_gradient_leaves_the_meta_learned_head_unused() -> None:
     loss.backward()
     reference = reference_outer_loss(module.model, sx, sy, qx, qy, lr=0.3, steps=2)
     for (name, p), g in zip([(n, p) for n, p in module.model.named_parameters() if n.startswith(BODY)],
-                            _body_grads(reference, module.model), strict=True):  # fmt: skip
+                            body_grads(reference, module.model), strict=True):  # fmt: skip
         torch.testing.assert_close(p.grad, g, rtol=1e-7, atol=1e-12, msg=name)
     assert module.model.head.weight.grad is None and module.model.head.bias.grad is None
 
