@@ -32,3 +32,11 @@ def assert_matches_reference(ours: torch.Tensor, reference: torch.Tensor, model:
     for a, b in zip(body_grads(ours, model), expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
     return expected
+
+
+def assert_body_grads_are_the_reference_and_head_unused(model: torch.nn.Module, reference: torch.Tensor) -> None:
+    """After a module's ``backward``: each body parameter's ``.grad`` is the reference's gradient; the head has none."""
+    body = [(n, p) for n, p in model.named_parameters() if n.startswith(BODY)]
+    for (name, p), g in zip(body, body_grads(reference, model), strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-7, atol=1e-12, msg=name)
+    assert model.head.weight.grad is None and model.head.bias.grad is None
