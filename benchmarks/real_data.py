@@ -123,8 +123,9 @@ METHODS: dict[str, Method] = {
     # flip-averaged queries only: the support set (and so the cost of the 20 inner steps) stays as it is
     "maml_init_steps20_qflips": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20, "query_augment": True},
                                        start="reuse", source="maml_init"),
-    # the head of every task starts from the support prototypes (Proto-MAML), the rest as maml_init
+    # every task's inner loop starts from a zero head (the zeroing trick), in meta-training and at test
     "maml_zero_init": Method("maml", {**FROM_PRETRAINED, "zero_head": True, "eval_inner_steps": 20}, start="two_stage"),
+    # the head of every task starts from the support prototypes (Proto-MAML), the rest as maml_init
     "proto_maml_init": Method("proto_maml", FROM_PRETRAINED, start="two_stage"),
     "proto_maml_init_steps20": Method("proto_maml", {**FROM_PRETRAINED, "eval_inner_steps": 20}, start="reuse",
                                       source="proto_maml_init"),
@@ -257,12 +258,13 @@ def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Name
 
 
 def environment() -> dict[str, object]:
-    """What the figures depend on besides the code: Python, platform, CPU, torch's threads and every installed package's version."""
+    """What the figures depend on besides the code: Python, platform, CPU, GPU and every installed package's version."""
     import torch
 
     packages = {dist.metadata["Name"].lower(): dist.version for dist in importlib.metadata.distributions() if dist.metadata["Name"]}
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()  # fmt: skip
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    cpu = models[0] if models else platform.processor()
     return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "packages": dict(sorted(packages.items()))}  # fmt: skip
