@@ -146,7 +146,7 @@ class MAML(MetaLearner):
         return self.inner_steps + 1
 
     def cuda_graph_safe(self) -> bool:
-        """Second order only (the recorded meta-step is the second-order one), and not with ``zero_head`` (not checked on a GPU)."""
+        """Second order only (the recorded meta-step is the second-order one); not with ``zero_head`` (unchecked on a GPU)."""
         return not self.first_order and not self.zero_head
 
     # --- hooks of the inner loop ------------------------------------------------------------------
@@ -156,7 +156,7 @@ class MAML(MetaLearner):
         return dict(self.model.named_parameters())
 
     def initial_weights(self, params: Params, support_x: Tensor, support_y: Tensor) -> Params:
-        """The weights the inner loop starts from on one task: θ, with the head zeroed under ``zero_head`` (Proto-MAML: set from the support set)."""
+        """The weights the inner loop starts from on one task: θ, its head zeroed under ``zero_head`` (Proto-MAML: from the prototypes)."""
         if not self.zero_head:
             return params
         return {name: torch.zeros_like(p) if name.startswith(HEAD) else p for name, p in params.items()}
