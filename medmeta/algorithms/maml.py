@@ -136,7 +136,9 @@ class MAML(MetaLearner):
                 "query_augment": self.query_augment, "zero_head": self.zero_head}  # fmt: skip
 
     def adaptation_text(self, steps: int | None = None) -> str:
-        text = ("zero head, then " if self.zero_head else "") + f"{self.eval_inner_steps if steps is None else steps} inner steps"
+        text = f"{self.eval_inner_steps if steps is None else steps} inner steps"
+        if self.zero_head:
+            text = "zero head, then " + text
         if self.support_augment:
             text += " on the support set and its flips"
         return text + (", each query predicted from its flips" if self.query_augment else "")
