@@ -39,7 +39,9 @@ Methods (``METHODS``) are a learner with settings and how it starts:
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
   it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``maml_zero_init``: MAML with the head
-  zeroed at the start of every task and 20 test steps, ``proto_maml_init``: Proto-MAML, ``anil_init``, ``maml_pp_init``).
+  zeroed at the start of every task and 20 test steps, ``maml_levels_init`` and ``maml_levels_init_lr05``:
+  MAML on a backbone giving every stage's features, 20 test steps, inner step 0.05 or 0.5,
+  ``proto_maml_init``: Proto-MAML, ``anil_init``, ``maml_pp_init``).
 """
 
 from __future__ import annotations
@@ -125,6 +127,12 @@ METHODS: dict[str, Method] = {
                                        start="reuse", source="maml_init"),
     # every task's inner loop starts from a zero head (the zeroing trick), in meta-training and at test
     "maml_zero_init": Method("maml", {**FROM_PRETRAINED, "zero_head": True, "eval_inner_steps": 20}, start="two_stage"),
+    # the backbone gives every stage's features (feature_levels: all, as the recommended fine-tuning's head sees), so
+    # MAML's inner loop adapts a head on them; 20 test steps. The features are L2-normalised per level, which makes
+    # every gradient about 15-20 times smaller than on the plain Conv-4's: hence also a 10 times larger inner step
+    "maml_levels_init": Method("maml", {**FROM_PRETRAINED, "feature_levels": "all", "eval_inner_steps": 20}, start="two_stage"),
+    "maml_levels_init_lr05": Method("maml", {**FROM_PRETRAINED, "feature_levels": "all", "eval_inner_steps": 20, "inner_lr": 0.5},
+                                    start="two_stage"),
     # the head of every task starts from the support prototypes (Proto-MAML), the rest as maml_init
     "proto_maml_init": Method("proto_maml", FROM_PRETRAINED, start="two_stage"),
     "proto_maml_init_steps20": Method("proto_maml", {**FROM_PRETRAINED, "eval_inner_steps": 20}, start="reuse",

@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 
+from medmeta.algorithms import SHORT_NAMES as LEARNERS
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.synthetic import generate_synthetic_dataset
 from medmeta.module import FewShotModule
@@ -16,7 +17,7 @@ from medmeta.module import FewShotModule
 torch.set_num_threads(2)
 
 MODULE_ARGUMENTS = frozenset(inspect.signature(FewShotModule).parameters)
-BACKBONE_SETTINGS = ("hidden_channels", "norm")  # Conv4's and the ResNets' own settings
+BACKBONE_SETTINGS = ("hidden_channels", "norm", "feature_levels")  # Conv4's and the ResNets' own settings
 
 
 def spec(class_path: str, **init_args: object) -> dict[str, object]:
@@ -28,11 +29,13 @@ def module_for(algorithm: str = "maml", backbone: str = "conv4", **settings: obj
     """A ``FewShotModule`` for tests, with the settings sorted into their places.
 
     ``FewShotModule``'s own arguments (``n_way``, ``image_size``, ``norm_mode``, ...) are passed as
-    they are, ``hidden_channels`` and ``norm`` go into the backbone's ``init_args`` and every other
-    keyword into the learner's ``init_args``: ``module_for("anil", n_way=3, hidden_channels=4, inner_steps=1)``.
+    they are, ``hidden_channels``, ``norm`` and ``feature_levels`` (unless the learner has its own)
+    go into the backbone's ``init_args`` and every other keyword into the learner's ``init_args``:
+    ``module_for("anil", n_way=3, hidden_channels=4, inner_steps=1)``.
     """
     own = {k: v for k, v in settings.items() if k in MODULE_ARGUMENTS}
-    network = {k: v for k, v in settings.items() if k in BACKBONE_SETTINGS}
+    learner_settings = LEARNERS[algorithm].settings() if algorithm in LEARNERS else {}
+    network = {k: v for k, v in settings.items() if k in BACKBONE_SETTINGS and k not in learner_settings}
     learner = {k: v for k, v in settings.items() if k not in own and k not in network}
     return FewShotModule(algorithm=spec(algorithm, **learner), backbone=spec(backbone, **network), **own)
 

@@ -39,6 +39,7 @@ LEARNERS = {
                               "query_augment": True},
     "maml+flips": {"inner_steps": 2, "support_augment": True, "query_augment": True},
     "maml+zero_head": {"inner_steps": 2, "zero_head": True},
+    "maml+levels": {"inner_steps": 2, "feature_levels": "all"},  # a backbone giving every stage's features
     "anil+flips": {"inner_steps": 1, "eval_inner_steps": 2, "support_augment": True, "query_augment": True},
     "logreg+levels+flips": {"pretrain_classes": 4, "max_iterations": 25, "feature_levels": "all", "query_augment": True},
 }

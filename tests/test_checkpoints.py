@@ -97,7 +97,8 @@ def test_old_hyperparameters_translate_to_plain_specs() -> None:
                       "support_augment": False, "query_augment": False, "zero_head": False},  # settings added since: what old runs did
     }  # fmt: skip
     assert hparams["backbone"] == {
-        "class_path": "medmeta.networks.conv4.Conv4", "init_args": {"hidden_channels": 8, "norm": "batch"}
+        "class_path": "medmeta.networks.conv4.Conv4",
+        "init_args": {"hidden_channels": 8, "norm": "batch", "feature_levels": "last"},  # added since: what old runs had
     }
     parameters = inspect.signature(FewShotModule).parameters  # settings added since default to what old runs did
     assert set(hparams) <= set(parameters)

@@ -3,7 +3,11 @@
 A backbone maps images ``[B, C, *spatial]`` to ``n_way`` logits as ``head(features(x))``, with
 ``features(x)`` the embedding ``[B, feature_dim]``. medmeta fills the episode shape (the arguments
 of :class:`Backbone`) from the data; a subclass adds its own settings as keyword arguments and
-passes ``**shape`` on.
+passes ``**shape`` on, then sets its trunk with :meth:`Backbone.set_features`.
+
+Every such backbone takes ``feature_levels``: ``"all"`` makes ``features`` give every stage's
+summary beside the last stage's features (``medmeta.networks.levels``), so that any learner, MAML's
+inner loop included, adapts a head on them.
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ from typing import Literal
 import torch
 from torch import nn
 
+from medmeta.networks.levels import LEVELS, FeatureLevels, MultiLevelSequential
 from medmeta.networks.norm import EpisodeBatchNorm, EpisodeInstanceNorm
 
 NormName = Literal["batch", "group", "instance"]
 
 
 class Backbone(nn.Module):
-    """The episode shape and ``forward = head(features(x))``; subclasses set ``features``, ``feature_dim`` and ``head``.
+    """The episode shape and ``forward = head(features(x))``; subclasses call :meth:`set_features`.
 
     Args:
+        feature_levels: ``"last"``: ``features`` is the trunk's output; ``"all"``: every stage's
+            (``stage_names()``) per-channel mean and standard deviation and the trunk's output, each
+            L2-normalised and concatenated (:class:`~medmeta.networks.levels.MultiLevelSequential`).
         in_channels: image channels.
         n_way: number of output classes (the head size).
         spatial_dims: 2 for images, 3 for volumes.
@@ -35,13 +43,33 @@ class Backbone(nn.Module):
 
     def __init__(
         self, *, in_channels: int = 1, n_way: int = 5, spatial_dims: int = 2, image_size: int = 32,
-        running_stat_steps: int = 0,
+        running_stat_steps: int = 0, feature_levels: FeatureLevels = "last",
     ) -> None:  # fmt: skip
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if feature_levels not in LEVELS:
+            raise ValueError(f"feature_levels must be one of {LEVELS}, got {feature_levels!r}")
+        self.feature_levels = feature_levels
         self.in_channels, self.n_way, self.spatial_dims = in_channels, n_way, spatial_dims
         self.image_size, self.running_stat_steps = image_size, running_stat_steps
+
+    def set_features(self, trunk: nn.Sequential, feature_dim: int, stage_channels: tuple[int, ...]) -> None:
+        """Set ``features`` (``trunk``, multi-level under ``feature_levels="all"``), ``feature_dim`` and a new ``head``.
+
+        ``feature_dim`` is the trunk's output width; ``stage_channels`` the channels of the stages
+        that ``stage_names()`` names (children of ``trunk`` as ``features.<child>``), in order.
+        """
+        if self.feature_levels == "all":
+            stages = [name.removeprefix("features.") for name in self.stage_names()]
+            trunk = MultiLevelSequential(trunk, stages)
+            feature_dim += 2 * sum(stage_channels)
+        self.features, self.feature_dim = trunk, feature_dim
+        self.head = nn.Linear(feature_dim, self.n_way)
+
+    def stage_names(self) -> tuple[str, ...]:
+        """The modules (``features.<child>``) whose outputs are the stages before the last; none by default."""
+        return ()
 
     def norm_layer(self, norm: NormName, channels: int) -> nn.Module:
         """A normalisation layer of ``channels`` for this backbone's dimensions (see :func:`norm_layer`)."""

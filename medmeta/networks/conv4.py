@@ -17,7 +17,7 @@ class Conv4(Backbone):
         hidden_channels: channels of every conv block (64 in Finn et al., 2017).
         norm: ``"batch"``, ``"group"`` or ``"instance"``.
         shape: ``in_channels``, ``n_way``, ``spatial_dims``, ``image_size`` (sizes the head) and
-            ``running_stat_steps``, as in :class:`~medmeta.networks.backbone.Backbone`.
+            ``running_stat_steps``, and ``feature_levels``, as in :class:`~medmeta.networks.backbone.Backbone`.
     """
 
     def __init__(self, *, hidden_channels: int = 64, norm: NormName = "batch", **shape: Any) -> None:
@@ -33,9 +33,8 @@ class Conv4(Backbone):
                 pool(kernel_size=2, ceil_mode=True),
             ]
             channels, side = hidden_channels, -(-side // 2)
-        self.features = nn.Sequential(*blocks, nn.Flatten())
-        self.feature_dim = hidden_channels * side**self.spatial_dims
-        self.head = nn.Linear(self.feature_dim, self.n_way)
+        self.set_features(nn.Sequential(*blocks, nn.Flatten()), hidden_channels * side**self.spatial_dims,
+                          stage_channels=(hidden_channels,) * 3)  # fmt: skip
 
     def last_block_prefixes(self) -> tuple[str, ...]:
         """Parameter-name prefixes of the last conv block (its conv and norm)."""

@@ -8,8 +8,9 @@ under functional inner loops (``torch.func.functional_call``) with the statistic
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,8 +69,8 @@ class ResNet12(Backbone):
             at side ``ceil(size / 8)``).
         widths: explicit block widths, e.g. ``(64, 160, 320, 640)``; overrides ``hidden_channels``.
         shape: ``in_channels``, ``n_way``, ``spatial_dims``, ``image_size`` (only checked against
-            instance norm: the global pool makes the network independent of it) and
-            ``running_stat_steps``, as in :class:`~medmeta.networks.backbone.Backbone`.
+            instance norm: the global pool makes the network independent of it),
+            ``running_stat_steps`` and ``feature_levels``, as in :class:`~medmeta.networks.backbone.Backbone`.
     """
 
     def __init__(
@@ -89,9 +90,7 @@ class ResNet12(Backbone):
             blocks.append(_ResNet12Block(channels, width, spatial_dims=self.spatial_dims, norm=lambda c: self.norm_layer(norm, c)))
             channels = width
         pool = Pool[Pool.ADAPTIVEAVG, self.spatial_dims](1)
-        self.features = nn.Sequential(*blocks, pool, nn.Flatten())
-        self.feature_dim = widths[-1]
-        self.head = nn.Linear(self.feature_dim, self.n_way)
+        self.set_features(nn.Sequential(*blocks, pool, nn.Flatten()), widths[-1], stage_channels=widths[:3])
         for module in self.features.modules():
             if isinstance(module, (nn.Conv2d, nn.Conv3d)):
                 nn.init.kaiming_normal_(module.weight, a=0.1, mode="fan_out", nonlinearity="leaky_relu")
@@ -107,8 +106,8 @@ class ResNet12(Backbone):
 class ResNet18(Backbone):
     """torchvision's ResNet-18 (never downloaded), adapted to few-shot diagnosis, 2D only.
 
-    ``features`` is the torchvision trunk with ``fc`` replaced by an identity (so it ends with
-    the global average pool and flatten, ``[B, 512]``); ``head`` is ``Linear(512, n_way)``. The
+    ``features`` is the torchvision trunk's children in sequence (their names kept) with ``fc``
+    replaced by an identity (so it ends with the global average pool and flatten, ``[B, 512]``); ``head`` is ``Linear(512, n_way)``. The
     first conv takes ``in_channels`` and every BatchNorm2d becomes the medmeta norm choice.
 
     Args:
@@ -122,7 +121,8 @@ class ResNet18(Backbone):
             shapes (``fc``, a first conv with other channels, running statistics) are skipped
             with a logged warning.
         shape: ``in_channels``, ``n_way``, ``spatial_dims`` (must be 2), ``image_size`` (only checked
-            against instance norm) and ``running_stat_steps``, as in :class:`~medmeta.networks.backbone.Backbone`.
+            against instance norm), ``running_stat_steps`` and ``feature_levels``, as in
+            :class:`~medmeta.networks.backbone.Backbone`.
     """
 
     def __init__(
@@ -141,9 +141,10 @@ class ResNet18(Backbone):
         trunk.conv1 = nn.Conv2d(self.in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(trunk.conv1.weight, mode="fan_out", nonlinearity="relu")
         trunk.fc = nn.Identity()
-        self.features = trunk
-        self.feature_dim = 512
-        self.head = nn.Linear(self.feature_dim, self.n_way)
+        # torchvision's forward as a sequence of the same named children (the weights keep their names)
+        children = [*trunk.named_children()]
+        sequential = nn.Sequential(OrderedDict([*children[:-1], ("flatten", nn.Flatten()), children[-1]]))
+        self.set_features(sequential, 512, stage_channels=(64, 128, 256))
         if weights_path is not None:
             self.load_trunk_weights(weights_path)
 

@@ -118,3 +118,22 @@ def test_adapt_and_predict_works_under_no_grad_and_refuses_inference_mode() -> N
     assert not torch.allclose(adapted_logits, unadapted)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode: false"):
         algo.adapt_and_predict(sx, sy, qx)
+
+
+def test_meta_gradient_through_every_stage_s_features_matches_the_reference_with_a_dead_channel() -> None:
+    """A backbone with ``feature_levels="all"``: the inner loop adapts a head on each stage's mean and std.
+
+    The first conv's first channel is zero, so after batch norm and ReLU it is constant over every
+    image: its standard deviation is where a plain ``std`` gives a NaN second derivative.
+    """
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, n_way=3, hidden_channels=8, image_size=12, norm="batch", feature_levels="all").double()
+    with torch.no_grad():
+        model.features[0].weight[0] = 0.0
+    sx, sy, qx, qy = _episodes()
+    reference = reference_meta_gradient(model, sx, sy, qx, qy, lr=0.3, steps=2)
+    assert all(torch.isfinite(g).all() for g in reference)
+    model.zero_grad()
+    MAML(model, inner_lr=0.3, inner_steps=2).outer_loss(sx, sy, qx, qy).backward()
+    assert _relative([p.grad for p in model.parameters()], reference) < 1e-5
+    assert model.head.weight.grad.shape == (3, 3 * 2 * 8 + 8)  # three stages' mean and std, then the last stage

@@ -29,6 +29,11 @@ def test_a_medmeta_checkpoint_gives_its_backbone_and_a_new_head(trained_checkpoi
     assert torch.equal(model.head.weight, fresh_head) and model.head.out_features == 4
     assert done.head == 2 and done.loaded == len(model.state_dict()) - 2
 
+    levelled = Conv4(in_channels=1, n_way=4, hidden_channels=8, image_size=16, feature_levels="all")  # a wider head
+    done = initialise_backbone(levelled, trained_checkpoint)
+    assert done.loaded == len(levelled.state_dict()) - 2 and levelled.head.in_features == 3 * 2 * 8 + 8
+    assert torch.equal(levelled.features[12].weight, saved["algorithm.model.features.12.weight"])
+
 
 def test_torchvision_and_medicalnet_style_state_dicts(tmp_path: Path) -> None:
     torch.manual_seed(0)
