@@ -25,7 +25,9 @@ figures 4 points apart after the packages were resolved again), unless ``--allow
 
 Methods (``METHODS``) are a learner with settings and how it starts:
 
-* from scratch, trained for ``--steps`` meta-steps (``finetune``, ``protonet``, ``maml``, ...);
+* from scratch, trained for ``--steps`` meta-steps (``finetune``, ``protonet``, ``maml``, ...;
+  ``finetune_levels_pretrained_flips``: the fine-tune learner on a backbone giving every stage's
+  features, so its pre-training head sees them too, adapted as ``finetune_levels_flips``);
 * ``reuse``: another run's selected weights (the ``finetune`` pre-training unless said otherwise),
   adapted differently at test time, with no training of its own: ``logreg``, ``logreg_augment``,
   ``finetune_adam`` (the baseline's head fitted with Adam, as before gradient descent became the default),
@@ -83,10 +85,11 @@ PROTOCOLS = {  # protocol -> split -> domains
 
 @dataclass(frozen=True)
 class Method:
-    """A compared method: a learner (registry short name), its settings, and how it starts."""
+    """A compared method: a learner (registry short name), its settings, its backbone's, and how it starts."""
 
     learner: str
     settings: dict[str, object] = field(default_factory=dict)
+    backbone: dict[str, object] = field(default_factory=dict)  # the backbone's init_args beyond the compared ones
     start: str = "scratch"  # "scratch", "reuse" (another method's selected weights, test only) or "two_stage"
     source: str = "finetune"  # the method whose weights "reuse" tests
 
@@ -94,6 +97,7 @@ class Method:
 META_BASELINE = {"distance": "cosine", "temperature": 0.1, "learn_temperature": True}
 FLIPS = {"support_augment": True, "query_augment": True}  # the support set's flips, and flip-averaged query predictions
 ADAM = {"finetune_optimizer": "adam"}  # the head fitted with Adam: the baseline before gradient descent was selected on meta-val
+LEVELS = {"feature_levels": "all"}  # a backbone giving every stage's features (medmeta.networks.levels)
 FROM_PRETRAINED = {"meta_lr": 0.001}  # a smaller outer step, not to wash out the pre-trained features
 METHODS: dict[str, Method] = {
     "finetune": Method("finetune"),
@@ -130,9 +134,11 @@ METHODS: dict[str, Method] = {
     # the backbone gives every stage's features (feature_levels: all, as the recommended fine-tuning's head sees), so
     # MAML's inner loop adapts a head on them; 20 test steps. The features are L2-normalised per level, which makes
     # every gradient about 15-20 times smaller than on the plain Conv-4's: hence also a 10 times larger inner step
-    "maml_levels_init": Method("maml", {**FROM_PRETRAINED, "feature_levels": "all", "eval_inner_steps": 20}, start="two_stage"),
-    "maml_levels_init_lr05": Method("maml", {**FROM_PRETRAINED, "feature_levels": "all", "eval_inner_steps": 20, "inner_lr": 0.5},
+    "maml_levels_init": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20}, LEVELS, start="two_stage"),
+    "maml_levels_init_lr05": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20, "inner_lr": 0.5}, LEVELS,
                                     start="two_stage"),
+    # the pre-training's own head on every stage's features too (the backbone's), then adapted as finetune_levels_flips
+    "finetune_levels_pretrained_flips": Method("finetune", {**FLIPS, **ADAM}, LEVELS),
     # the head of every task starts from the support prototypes (Proto-MAML), the rest as maml_init
     "proto_maml_init": Method("proto_maml", FROM_PRETRAINED, start="two_stage"),
     "proto_maml_init_steps20": Method("proto_maml", {**FROM_PRETRAINED, "eval_inner_steps": 20}, start="reuse",
@@ -193,6 +199,7 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
     settings = module_settings(spec.learner, options)
     if args.backbone:
         settings["backbone"]["class_path"] = args.backbone
+    settings["backbone"]["init_args"].update(spec.backbone)
     source = {"reuse": spec.source, "two_stage": PRETRAIN}.get(spec.start)
     if source:
         settings["init_from"] = str(best_checkpoint(args.out, manifest.stem, source, shots))

@@ -147,7 +147,8 @@ def test_configs_real_data_is_the_measured_recommended_method() -> None:
     init_args = config["model"]["algorithm"]["init_args"]
     assert {key: init_args.get(key) for key in method.settings} == method.settings
     assert config["trainer"]["max_steps"] == 300 and config["model"]["meta_lr"] == 0.003  # compare.module_settings
-    assert config["model"]["backbone"]["init_args"]["hidden_channels"] == 32
+    backbone = config["model"]["backbone"]["init_args"]
+    assert backbone["hidden_channels"] == 32 and {key: backbone.get(key) for key in method.backbone} == method.backbone
     data = config["data"]
     assert (data["n_way"], data["k_shot"], data["q_query"], data["image_size"], data["in_channels"], data["preset"]) == (
         real_data.N_WAY, 5, real_data.Q_QUERY, real_data.IMAGE_SIZE, 3, "photo")

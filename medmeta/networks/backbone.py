@@ -27,14 +27,14 @@ class Backbone(nn.Module):
     """The episode shape and ``forward = head(features(x))``; subclasses call :meth:`set_features`.
 
     Args:
-        feature_levels: ``"last"``: ``features`` is the trunk's output; ``"all"``: every stage's
-            (``stage_names()``) per-channel mean and standard deviation and the trunk's output, each
-            L2-normalised and concatenated (:class:`~medmeta.networks.levels.MultiLevelSequential`).
         in_channels: image channels.
         n_way: number of output classes (the head size).
         spatial_dims: 2 for images, 3 for volumes.
         image_size: input side length.
         running_stat_steps: per-step running-statistic slots of batch norm (0: transductive).
+        feature_levels: ``"last"``: ``features`` is the trunk's output; ``"all"``: every stage's
+            (``stage_names()``) per-channel mean and standard deviation and the trunk's output, each
+            L2-normalised and concatenated (:class:`~medmeta.networks.levels.MultiLevelSequential`).
     """
 
     features: nn.Module
@@ -61,15 +61,16 @@ class Backbone(nn.Module):
         that ``stage_names()`` names (children of ``trunk`` as ``features.<child>``), in order.
         """
         if self.feature_levels == "all":
-            stages = [name.removeprefix("features.") for name in self.stage_names()]
-            trunk = MultiLevelSequential(trunk, stages)
+            names = self.stage_names() if callable(getattr(self, "stage_names", None)) else ()
+            if not names or len(names) != len(stage_channels):
+                raise ValueError(
+                    f"feature_levels='all' needs {type(self).__name__}.stage_names() to name the {len(stage_channels)} "
+                    f"stages before the last (got {tuple(names)}); use feature_levels='last'"
+                )
+            trunk = MultiLevelSequential(trunk, [name.removeprefix("features.") for name in names])
             feature_dim += 2 * sum(stage_channels)
         self.features, self.feature_dim = trunk, feature_dim
         self.head = nn.Linear(feature_dim, self.n_way)
-
-    def stage_names(self) -> tuple[str, ...]:
-        """The modules (``features.<child>``) whose outputs are the stages before the last; none by default."""
-        return ()
 
     def norm_layer(self, norm: NormName, channels: int) -> nn.Module:
         """A normalisation layer of ``channels`` for this backbone's dimensions (see :func:`norm_layer`)."""

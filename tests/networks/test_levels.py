@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from medmeta.algorithms import FineTune
-from medmeta.networks import Conv4, build_backbone
+from medmeta.networks import Backbone, Conv4, build_backbone
 from medmeta.networks.levels import STD_EPS, MultiLevelSequential, check_levels, embedding, multi_level_features, stage_summary
 from medmeta.networks.resnet import ResNet12, ResNet18
 
@@ -126,6 +126,14 @@ def test_levels_twice_a_stage_that_is_not_a_child_or_an_unknown_setting_are_refu
     FineTune(levelled)  # its head on the backbone's (multi-level) features
     with pytest.raises(ValueError, match=r"stages \['9'\] are not children of the trunk"):
         MultiLevelSequential(nn.Sequential(nn.Identity(), nn.Flatten()), ["0", "9"])
+    class Unnamed(Backbone):  # a backbone of one's own that names no stages
+        def __init__(self, **shape: object) -> None:
+            super().__init__(**shape)
+            self.set_features(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), 2 * 14 * 14, stage_channels=(2,))
+
+    Unnamed(image_size=16)
+    with pytest.raises(ValueError, match=r"feature_levels='all' needs Unnamed.stage_names\(\) to name the 1 stages"):
+        Unnamed(image_size=16, feature_levels="all")
     with pytest.raises(ValueError, match="feature_levels must be one of"):
         build_backbone({"class_path": "conv4", "init_args": {"feature_levels": "every"}}, in_channels=1, n_way=2,
                        spatial_dims=2, image_size=16)  # fmt: skip
