@@ -133,7 +133,7 @@ METHODS: dict[str, Method] = {
     "maml_zero_init": Method("maml", {**FROM_PRETRAINED, "zero_head": True, "eval_inner_steps": 20}, start="two_stage"),
     # the backbone gives every stage's features (feature_levels: all, as the recommended fine-tuning's head sees), so
     # MAML's inner loop adapts a head on them; 20 test steps. The features are L2-normalised per level, which makes
-    # every gradient about 15-20 times smaller than on the plain Conv-4's: hence also a 10 times larger inner step
+    # its gradients 14 to 23 times smaller than on the plain Conv-4's (BENCHMARKS.md): hence also a 10 times larger inner step
     "maml_levels_init": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20}, LEVELS, start="two_stage"),
     "maml_levels_init_lr05": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20, "inner_lr": 0.5}, LEVELS,
                                     start="two_stage"),

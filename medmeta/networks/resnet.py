@@ -107,8 +107,9 @@ class ResNet18(Backbone):
     """torchvision's ResNet-18 (never downloaded), adapted to few-shot diagnosis, 2D only.
 
     ``features`` is the torchvision trunk's children in sequence (their names kept) with ``fc``
-    replaced by an identity (so it ends with the global average pool and flatten, ``[B, 512]``); ``head`` is ``Linear(512, n_way)``. The
-    first conv takes ``in_channels`` and every BatchNorm2d becomes the medmeta norm choice.
+    replaced by an identity (so it ends with the global average pool and flatten, ``[B, 512]``);
+    ``head`` is ``Linear(512, n_way)``. The first conv takes ``in_channels`` and every BatchNorm2d
+    becomes the medmeta norm choice.
 
     Args:
         hidden_channels: accepted like the other backbones'; torchvision's widths (64-128-256-512)
