@@ -135,7 +135,7 @@ def diagnose(
         "adaptation": algorithm.adaptation_text(steps),
         "normalisation": _normalisation(module) if exported is None else exported_normalisation(exported)
         + ("; the saved model's" if bundle else "; the exported adapted model's"),
-        "saliency": "Grad-CAM (MONAI) of the function that gave the probabilities, for the predicted class",
+        "saliency": saliency_text(algorithm),
     }
     report = write_html_report(out / "report.html", title="medmeta diagnose", header=header, rows=rows, warnings=warnings)
     (out / "warnings.txt").write_text("".join(f"{w}\n" for w in warnings))
@@ -306,6 +306,15 @@ def _target_layer(model: nn.Module) -> str:
         raise DataError("the backbone has no convolution to explain with Grad-CAM")
     after = [name for name, m in names[convs[-1]:] if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU))]
     return after[0] if after else names[convs[-1]][0]
+
+
+def saliency_text(algorithm: MetaLearner) -> str:
+    """The report's saliency line: what Grad-CAM shows, and what it leaves out when the head sees every stage."""
+    text = "Grad-CAM (MONAI) of the function that gave the probabilities, for the predicted class"
+    if "all" in (getattr(algorithm.model, "feature_levels", "last"), getattr(algorithm, "feature_levels", "last")):
+        text += ("; at the last convolution only: the head also sees each earlier stage's per-channel mean and standard "
+                 "deviation (feature_levels: all), whose part in the prediction the map does not show")  # fmt: skip
+    return text
 
 
 def constant_images(images: Tensor) -> list[bool]:

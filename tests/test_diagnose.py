@@ -18,7 +18,8 @@ from PIL import Image
 import medmeta.diagnose
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.data.loading import transform_images
-from medmeta.diagnose import _image_settings, adapted_algorithm, diagnose, load_checkpoint, read_queries, read_support
+from medmeta.diagnose import (_image_settings, adapted_algorithm, diagnose, load_checkpoint, read_queries, read_support,
+                              saliency_text)
 from medmeta.errors import DataError
 from tests.conftest import module_for
 from tests.test_report import _chromium, _chromium_exe
@@ -278,3 +279,16 @@ def test_a_support_case_that_is_constant_after_the_window_is_refused(
         diagnose(trained_checkpoint, support, [queries], tmp_path / "out")
     assert str(flat) in str(error.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("learner", "settings", "caveat"),
+    [("maml", {}, False), ("maml", {"feature_levels": "all"}, True),  # the backbone's every stage
+     ("finetune", {"pretrain_classes": 4}, False), ("finetune", {"pretrain_classes": 4, "feature_levels": "all"}, True)],
+)
+def test_the_report_says_grad_cam_leaves_out_the_earlier_stages_a_head_sees(learner: str, settings: dict, caveat: bool) -> None:
+    """Grad-CAM follows the last convolution; a head on every stage also sees what the map cannot show."""
+    algorithm = module_for(learner, n_way=2, image_size=16, hidden_channels=4, pixel_baseline=False, **settings).algorithm
+    text = saliency_text(algorithm)
+    assert text.startswith("Grad-CAM (MONAI) of the function that gave the probabilities")
+    assert ("at the last convolution only: the head also sees each earlier stage" in text) is caveat
