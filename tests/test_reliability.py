@@ -290,7 +290,7 @@ def test_untrusted_checkpoints_are_refused_with_clear_errors(tiny_dicom_root: Pa
         assert result.returncode == 2 and "cannot load checkpoint" in result.stdout and "Traceback" not in result.stderr
     assert not marker.exists()
     with pytest.raises(DataError, match=r"different model: backbone=medmeta\.networks\.conv4\.Conv4\(hidden_channels=8, "
-                       r"norm='batch'\) \(this run: medmeta\.networks\.resnet\.ResNet12\(hidden_channels=8"):
+                       r"norm='batch', feature_levels='last'\) \(this run: medmeta\.networks\.resnet\.ResNet12\(hidden_channels=8"):
         check_checkpoint(good, module_for(backbone="resnet12", n_way=3, image_size=16, hidden_channels=8).hparams)
 
 

@@ -6,7 +6,7 @@ of :class:`Backbone`) from the data; a subclass adds its own settings as keyword
 passes ``**shape`` on, then sets its trunk with :meth:`Backbone.set_features`.
 
 Every such backbone takes ``feature_levels``: ``"all"`` makes ``features`` give every stage's
-summary beside the last stage's features (``medmeta.networks.levels``), so that any learner, MAML's
+summary beside the last stage's features (``medmeta.networks.levels``), so that any learner, its
 inner loop included, adapts a head on them.
 """
 

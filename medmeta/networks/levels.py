@@ -11,7 +11,7 @@ separately, so each level weighs the same whatever its width.
 
 A learner can put its head on these features at adaptation (the fine-tune baseline's
 ``feature_levels``), or the backbone can give them as its own ``features`` (a backbone's
-``feature_levels="all"``, :class:`MultiLevelSequential`), so that every learner, MAML's inner loop
+``feature_levels="all"``, :class:`MultiLevelSequential`), so that every learner, an inner loop
 included, adapts a head on every stage.
 """
 
@@ -67,7 +67,7 @@ def stage_summary(stage: Tensor) -> Tensor:
     """``[B, 2C]``: a stage output ``[B, C, *spatial]`` as its per-channel mean and standard deviation, L2-normalised.
 
     The standard deviation is ``sqrt(var + STD_EPS)``: a channel constant over an image (a dead ReLU)
-    would otherwise give a NaN second derivative, and so a NaN MAML meta-gradient.
+    would otherwise give a NaN second derivative, and so a NaN second-order meta-gradient.
     """
     var, mean = torch.var_mean(stage, dim=tuple(range(2, stage.dim())), correction=0)
     return F.normalize(torch.cat([mean, (var + STD_EPS).sqrt()], dim=1), dim=1)

@@ -48,8 +48,8 @@ def _per_episode(run: Path) -> list[dict[str, str]]:
 def test_report_states_the_settings_results_and_worst_episodes(test_run: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     text = (test_run / "report.html").read_text(encoding="utf-8")
     metrics = json.loads((test_run / "metrics.json").read_text())
-    for setting in ("maml-second-order", "learner: eval_inner_steps</th><td>1", "Conv4 (hidden_channels=8, norm=batch)",
-                    metrics["normalisation"], "3-way 1-shot, 2 queries per class", f"{TEST_EPISODES}, drawn (seed, split, index), seed 0",
+    for setting in ("maml-second-order", "learner: eval_inner_steps</th><td>1",
+                    "Conv4 (hidden_channels=8, norm=batch, feature_levels=last)", metrics["normalisation"], "3-way 1-shot, 2 queries per class", f"{TEST_EPISODES}, drawn (seed, split, index), seed 0",
                     "2D 16×16 px, 1 channel, window [-1100, 400]", "checkpoint</th><td>model.ckpt"):  # fmt: skip
         assert setting in text, setting
     accuracy = f"{100 * metrics['accuracy']:.1f}% ± {100 * metrics['accuracy_ci95']:.1f}%"
