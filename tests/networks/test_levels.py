@@ -69,7 +69,7 @@ def test_a_backbone_without_stage_names_or_an_unknown_level_is_refused() -> None
         check_levels(Conv4(in_channels=1, n_way=2, hidden_channels=4, image_size=16), "every")
 
 
-BACKBONES = {  # a backbone class, its settings, and the 3D case where it has one
+BACKBONES = {  # a backbone class and its settings (small widths)
     "conv4": (Conv4, {"hidden_channels": 4}),
     "resnet12": (ResNet12, {"hidden_channels": 2}),
     "resnet18": (ResNet18, {}),
@@ -126,6 +126,7 @@ def test_levels_twice_a_stage_that_is_not_a_child_or_an_unknown_setting_are_refu
     FineTune(levelled)  # its head on the backbone's (multi-level) features
     with pytest.raises(ValueError, match=r"stages \['9'\] are not children of the trunk"):
         MultiLevelSequential(nn.Sequential(nn.Identity(), nn.Flatten()), ["0", "9"])
+
     class Unnamed(Backbone):  # a backbone of one's own that names no stages
         def __init__(self, **shape: object) -> None:
             super().__init__(**shape)
