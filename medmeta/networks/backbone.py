@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from medmeta.networks.levels import LEVELS, FeatureLevels, MultiLevelSequential
+from medmeta.networks.levels import FeatureLevels, MultiLevelSequential, check_level_name
 from medmeta.networks.norm import EpisodeBatchNorm, EpisodeInstanceNorm
 
 NormName = Literal["batch", "group", "instance"]
@@ -48,8 +48,7 @@ class Backbone(nn.Module):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if feature_levels not in LEVELS:
-            raise ValueError(f"feature_levels must be one of {LEVELS}, got {feature_levels!r}")
+        check_level_name(feature_levels)
         self.feature_levels = feature_levels
         self.in_channels, self.n_way, self.spatial_dims = in_channels, n_way, spatial_dims
         self.image_size, self.running_stat_steps = image_size, running_stat_steps

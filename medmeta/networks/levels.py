@@ -30,10 +30,15 @@ LEVELS = ("last", "all")
 STD_EPS = 1e-5  # added to each channel's variance before its square root (as batch norm does)
 
 
-def check_levels(model: nn.Module, levels: str) -> None:
-    """Refuse an unknown ``levels``, or ``"all"`` on a backbone that does not name its stages."""
+def check_level_name(levels: str) -> None:
+    """Refuse a ``feature_levels`` that is not one of :data:`LEVELS`."""
     if levels not in LEVELS:
         raise ValueError(f"feature_levels must be one of {LEVELS}, got {levels!r}")
+
+
+def check_levels(model: nn.Module, levels: str) -> None:
+    """Refuse an unknown ``levels``, ``"all"`` twice, or ``"all"`` on a backbone that does not name its stages."""
+    check_level_name(levels)
     if levels == "all" and getattr(model, "feature_levels", "last") == "all":
         raise ValueError(
             f"feature_levels='all' twice: the {type(model).__name__} backbone already gives every stage's features "
