@@ -121,6 +121,19 @@ def test_real_data_script_quick_run(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "real_data.png").is_file() and "| R2 | maml | 1 |" in (tmp_path / "out" / "real_data.md").read_text()
 
 
+@REAL_DATA
+@pytest.mark.slow
+def test_real_data_script_compares_another_backbone(tmp_path: Path) -> None:
+    """``--backbone`` and ``--set`` (BENCHMARKS.md's wider Conv-4 and ResNet-12 rows) reach every method, recorded per row."""
+    done = _run(str(REPO / "benchmarks" / "real_data.py"), "--quick", "--protocols", "R1", "--algorithms", "finetune",
+                "finetune_levels_flips", "--shots", "1", "--backbone", "resnet12", "--set", "hidden_channels=8",
+                "--out", str(tmp_path / "out"), cwd=tmp_path, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "real_data.json").read_text())
+    assert [r["method"] for r in results] == ["finetune", "finetune_levels_flips"]
+    assert all(r["backbone"] == {"class_path": "resnet12", "init_args": {"hidden_channels": 8}} for r in results)
+
+
 def test_real_data_refuses_to_mix_rows_from_another_environment(tmp_path: Path) -> None:
     """A resumed --out whose rows ran with other package versions is refused, naming what changed, unless allowed."""
     real_data = _real_data_module()
