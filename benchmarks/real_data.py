@@ -5,6 +5,7 @@ Usage:
     python benchmarks/real_data.py --protocols R1 --shots 5 --algorithms finetune maml --out runs/r1
     python benchmarks/real_data.py --algorithms finetune meta_baseline --jobs 2 --out runs/mb   # R1 and R2 side by side
     python benchmarks/real_data.py --quick --out /tmp/real_quick                # a few steps and episodes
+    python benchmarks/real_data.py --algorithms finetune finetune_levels_flips --seed 1 --out runs/real_data  # another seed
 
 Data: ``../shared/data/mednist-mini`` and ``../shared/data/realdev`` (``--data``), read only. Each
 protocol is written as one CSV manifest with a ``split`` column into ``--out`` (class-disjoint:
@@ -22,6 +23,10 @@ memory) and ``real_data.png`` (bars with CI whiskers). ``environment.json`` reco
 platform, the CPU and every installed package's version; a later invocation with the same ``--out``
 in another environment is refused (its rows would not be comparable: the same code has given
 figures 4 points apart after the packages were resolved again), unless ``--allow-new-environment``.
+``--seed`` (default 0) seeds the weights' initialisation and the training's randomness; the class
+splits and every episode stay those of seed 0, so every seed is tested on the same frozen test
+episodes. Runs of another seed are kept beside seed 0's in the same ``--out`` (``...-seed1``), and
+a ``reuse`` or ``two_stage`` method adapts the weights of its own seed.
 
 Methods (``METHODS``) are a learner with settings and how it starts:
 
@@ -184,7 +189,7 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
     from medmeta.networks.initialise import initialise_backbone
 
     logging.disable(logging.WARNING)
-    L.seed_everything(0)
+    L.seed_everything(args.seed)  # the weights and the training; the episodes are the data module's (seed 0)
     spec = METHODS.get(method, Method("finetune"))  # PRETRAIN is the fine-tune learner
     steps = {"scratch": args.steps, "reuse": 0, "two_stage": args.steps - args.steps // 2}[spec.start]
     if method == PRETRAIN:
@@ -202,13 +207,14 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
     settings["backbone"]["init_args"].update(spec.backbone)
     source = {"reuse": spec.source, "two_stage": PRETRAIN}.get(spec.start)
     if source:
-        settings["init_from"] = str(best_checkpoint(args.out, manifest.stem, source, shots))
+        settings["init_from"] = str(best_checkpoint(args.out, manifest.stem, source, shots, args.seed))
     model = FewShotModule(**settings)
-    best = ModelCheckpoint(monitor="val/acc", mode="max", dirpath=args.out / "checkpoints" / f"{manifest.stem}-{method}-{shots}")
+    name = run_name(manifest.stem, method, shots, args.seed)
+    best = ModelCheckpoint(monitor="val/acc", mode="max", dirpath=args.out / "checkpoints" / name)
     trainer = L.Trainer(
         max_steps=max(steps, 1), val_check_interval=max(1, steps // 4), check_val_every_n_epoch=None,
         num_sanity_val_steps=0, inference_mode=False, logger=False, callbacks=[best], enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=args.out / f"{manifest.stem}-{method}-{shots}shot",
+        enable_model_summary=False, default_root_dir=args.out / f"{manifest.stem}-{method}-{shots}shot{seed_suffix(args.seed)}",
     )  # fmt: skip
     start = time.perf_counter()
     if steps:
@@ -225,7 +231,8 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
         trainer.test(model, data, verbose=False)
     summary = model.test_summary
     return {
-        "protocol": manifest.stem, "method": method, "shots": shots, "steps": args.steps, "start": spec.start,
+        "protocol": manifest.stem, "method": method, "shots": shots, "seed": args.seed, "steps": args.steps,
+        "start": spec.start,
         "test_episodes": summary["test_episodes"], "accuracy": summary["accuracy"], "ci95": summary["accuracy_ci95"],
         "best_val_acc": float(best.best_model_score) if best.best_model_score is not None else None,
         "wall_s": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -233,11 +240,22 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
     }  # fmt: skip
 
 
-def best_checkpoint(out: Path, protocol: str, method: str, shots: int) -> Path:
-    """The meta-val-selected checkpoint of an earlier run of ``method`` in ``out``."""
-    found = sorted((out / "checkpoints" / f"{protocol}-{method}-{shots}").glob("*.ckpt"))
+def run_name(protocol: str, method: str, shots: int, seed: int) -> str:
+    """The name of one run's results and checkpoints in ``--out``: seed 0's carries no seed (as before seeds)."""
+    return f"{protocol}-{method}-{shots}{seed_suffix(seed)}"
+
+
+def seed_suffix(seed: int) -> str:
+    """``""`` for seed 0, else ``"-seed<N>"``."""
+    return f"-seed{seed}" if seed else ""
+
+
+def best_checkpoint(out: Path, protocol: str, method: str, shots: int, seed: int = 0) -> Path:
+    """The meta-val-selected checkpoint of an earlier run of ``method`` with ``seed`` in ``out``."""
+    found = sorted((out / "checkpoints" / run_name(protocol, method, shots, seed)).glob("*.ckpt"))
     if len(found) != 1:
-        raise SystemExit(f"expected one selected checkpoint of {method} for {protocol} {shots}-shot under {out}, found {len(found)}")
+        raise SystemExit(f"expected one selected checkpoint of {method} (seed {seed}) for {protocol} {shots}-shot "
+                         f"under {out}, found {len(found)}")  # fmt: skip
     return found[0]
 
 
@@ -251,13 +269,14 @@ def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Name
     order.sort(key=lambda m: (0 if m in (PRETRAIN, "finetune") else 2 if METHODS[m].start == "reuse" else 1))
     results = []
     for method in order:
-        saved = args.out / "results" / f"{protocol}-{method}-{shots}.json"
+        saved = args.out / "results" / f"{run_name(protocol, method, shots, args.seed)}.json"
         if saved.is_file():  # done by an earlier, interrupted invocation with the same --out
             results.append(json.loads(saved.read_text()))
             continue
         command = [sys.executable, __file__, "--single", protocol, method, str(shots), "--data", str(args.data),
                    "--steps", str(args.steps), "--val-episodes", str(args.val_episodes), "--test-episodes",
-                   str(args.test_episodes), "--in-channels", str(args.in_channels), "--out", str(args.out),
+                   str(args.test_episodes), "--in-channels", str(args.in_channels), "--seed", str(args.seed),
+                   "--out", str(args.out),
                    *(["--backbone", args.backbone] if args.backbone else []),
                    *[f"--set={key}={value}" for key, value in args.raw_settings]]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
@@ -267,7 +286,7 @@ def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Name
         results.append(r)
         saved.parent.mkdir(exist_ok=True)
         saved.write_text(json.dumps(r) + "\n")
-        print(f"{protocol} {method:22s} {shots}-shot  {100 * r['accuracy']:5.1f}% ± {100 * r['ci95']:.1f}  "
+        print(f"{protocol} {method:22s} {shots}-shot seed {args.seed}  {100 * r['accuracy']:5.1f}% ± {100 * r['ci95']:.1f}  "
               f"val {100 * (r['best_val_acc'] or 0):5.1f}%  {r['wall_s']:6.1f} s  peak {r['peak_rss_mb']:6.0f} MB", flush=True)  # fmt: skip
     return results
 
@@ -320,8 +339,8 @@ def write_outputs(results: list[dict[str, object]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     (out / "real_data.json").write_text(json.dumps(results, indent=2) + "\n")
-    rows = ["| protocol | method | shots | accuracy ± 95% CI | wall time | peak memory |", "|---|---|---|---|---|---|"]
-    rows += [f"| {r['protocol']} | {r['method']} | {r['shots']} | {100 * r['accuracy']:.1f}% ± {100 * r['ci95']:.1f}% | "
+    rows = ["| protocol | method | shots | seed | accuracy ± 95% CI | wall time | peak memory |", "|---|---|---|---|---|---|---|"]
+    rows += [f"| {r['protocol']} | {r['method']} | {r['shots']} | {r.get('seed', 0)} | {100 * r['accuracy']:.1f}% ± {100 * r['ci95']:.1f}% | "
              f"{r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MB |" for r in results]  # fmt: skip
     (out / "real_data.md").write_text("\n".join(rows) + "\n")
     groups = sorted({(r["protocol"], r["shots"]) for r in results})
@@ -352,6 +371,8 @@ def main() -> None:
     parser.add_argument("--val-episodes", type=int, default=100)
     parser.add_argument("--test-episodes", type=int, default=600)
     parser.add_argument("--in-channels", type=int, default=3, choices=(1, 3))
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights and the training (the episodes stay seed 0's); kept apart in --out")
     parser.add_argument("--quick", action="store_true", help="4 steps, 4 val and 8 test episodes (a smoke test)")
     parser.add_argument("--backbone", help="backbone class path or short name for every method (default: Conv-4, 32 channels)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="raw_settings",

@@ -118,7 +118,17 @@ def test_real_data_script_quick_run(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "out" / "real_data.json").read_text())
     assert [(r["protocol"], r["method"], r["test_episodes"]) for r in results] == [("R2", "finetune", 8), ("R2", "maml", 8)]
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["best_val_acc"] is not None for r in results)
-    assert (tmp_path / "out" / "real_data.png").is_file() and "| R2 | maml | 1 |" in (tmp_path / "out" / "real_data.md").read_text()
+    assert (tmp_path / "out" / "real_data.png").is_file() and "| R2 | maml | 1 | 0 |" in (tmp_path / "out" / "real_data.md").read_text()
+    first = (tmp_path / "out" / "results" / "R2-finetune-1.json").read_text()
+    # another seed in the same --out trains again beside seed 0 (same test episodes), and does not overwrite it
+    done = _run(str(REPO / "benchmarks" / "real_data.py"), "--quick", "--protocols", "R2", "--algorithms", "finetune",
+                "--shots", "1", "--seed", "1", "--out", str(tmp_path / "out"), cwd=tmp_path, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (seeded,) = json.loads((tmp_path / "out" / "real_data.json").read_text())
+    assert seeded["seed"] == 1 and seeded["test_episodes"] == 8
+    assert (tmp_path / "out" / "results" / "R2-finetune-1-seed1.json").is_file()
+    assert (tmp_path / "out" / "results" / "R2-finetune-1.json").read_text() == first
+    assert len(list((tmp_path / "out" / "checkpoints" / "R2-finetune-1-seed1").glob("*.ckpt"))) == 1
 
 
 @REAL_DATA
@@ -132,6 +142,20 @@ def test_real_data_script_compares_another_backbone(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "out" / "real_data.json").read_text())
     assert [r["method"] for r in results] == ["finetune", "finetune_levels_flips"]
     assert all(r["backbone"] == {"class_path": "resnet12", "init_args": {"hidden_channels": 8}} for r in results)
+
+
+def test_real_data_keeps_each_seed_apart(tmp_path: Path) -> None:
+    """Seed 0's runs keep their names; another seed's runs, and the weights its methods reuse, are its own."""
+    real_data = _real_data_module()
+    assert real_data.run_name("R1", "finetune", 5, 0) == "R1-finetune-5"
+    assert real_data.run_name("R1", "finetune", 5, 2) == "R1-finetune-5-seed2"
+    for name in ("R1-finetune-5", "R1-finetune-5-seed2"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "best.ckpt").write_bytes(b"")
+    assert real_data.best_checkpoint(tmp_path, "R1", "finetune", 5).parent.name == "R1-finetune-5"
+    assert real_data.best_checkpoint(tmp_path, "R1", "finetune", 5, 2).parent.name == "R1-finetune-5-seed2"
+    with pytest.raises(SystemExit, match=r"finetune \(seed 1\) for R1 5-shot"):
+        real_data.best_checkpoint(tmp_path, "R1", "finetune", 5, 1)
 
 
 def test_real_data_refuses_to_mix_rows_from_another_environment(tmp_path: Path) -> None:
