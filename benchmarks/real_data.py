@@ -385,6 +385,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.val_episodes, args.test_episodes = 4, 4, 8
+    if not 0 <= args.seed <= 2**32 - 1:  # Lightning would replace a seed out of this range by a random one
+        parser.error(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     missing = [DOMAINS[d][0] for d in DOMAINS if not (args.data / DOMAINS[d][0] / "manifest.csv").is_file()]
     if missing:
         parser.error(f"the data sets {', '.join(missing)} are not under {args.data} (--data)")

@@ -158,6 +158,13 @@ def test_real_data_keeps_each_seed_apart(tmp_path: Path) -> None:
         real_data.best_checkpoint(tmp_path, "R1", "finetune", 5, 1)
 
 
+def test_real_data_refuses_a_seed_lightning_would_replace(tmp_path: Path) -> None:
+    """A seed outside Lightning's range would silently become a random one: refused before anything runs."""
+    done = _run(str(REPO / "benchmarks" / "real_data.py"), "--seed", "-1", "--out", str(tmp_path / "out"), cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "--seed must be between 0 and 2**32 - 1, got -1" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_real_data_refuses_to_mix_rows_from_another_environment(tmp_path: Path) -> None:
     """A resumed --out whose rows ran with other package versions is refused, naming what changed, unless allowed."""
     real_data = _real_data_module()
