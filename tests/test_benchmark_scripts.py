@@ -129,6 +129,8 @@ def test_real_data_script_quick_run(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "results" / "R2-finetune-1-seed1.json").is_file()
     assert (tmp_path / "out" / "results" / "R2-finetune-1.json").read_text() == first
     assert len(list((tmp_path / "out" / "checkpoints" / "R2-finetune-1-seed1").glob("*.ckpt"))) == 1
+    episodes = [(tmp_path / "out" / run / "test_episodes.json").read_text() for run in ("R2-finetune-1shot", "R2-finetune-1shot-seed1")]
+    assert episodes[0] == episodes[1]  # the seed changes the weights, never the frozen test episodes
 
 
 @REAL_DATA
