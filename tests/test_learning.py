@@ -29,7 +29,15 @@ def lesion_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Meta-SGD 42.3%, ANIL 49.5%, ProtoNet 47.2%, fine-tune baseline 57.5% (55.6% with an Adam head); pixel nearest-neighbour 22.8%.
 # The MANN leaves chance later (21.1% at 150 steps, 50.4% at 300, 50.9% at 400 with meta_lr 1e-3, as in
 # configs/mann.yaml), so it trains 400 steps here.
-@pytest.mark.parametrize("algorithm", ["maml", "meta_sgd", "anil", "protonet", "mann", "finetune"])
+# The default run keeps second-order MAML, ProtoNet and the fine-tune baseline; Meta-SGD and
+# ANIL (MAML's inner loop with learned rates or the head only) and the MANN (400 steps) took about a fifth of the default run's
+# time on 2 cores, so they run with -m slow.
+SLOW = pytest.mark.slow
+LEARNERS = ["maml", pytest.param("meta_sgd", marks=SLOW), pytest.param("anil", marks=SLOW), "protonet",
+            pytest.param("mann", marks=SLOW), "finetune"]  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", LEARNERS)
 def test_short_meta_training_beats_chance_and_pixel_baseline(lesion_root: Path, tmp_path: Path, algorithm: str) -> None:
     L.seed_everything(0)
     steps = 400 if algorithm == "mann" else 150
