@@ -18,7 +18,7 @@ Images are 64x64 with 3 channels (colour sets as RGB, grey sets repeated; ``--in
 colour grey instead), each rescaled to [0, 1] (the ``photo`` intensity preset). Every learner trains for the same number of meta-steps on the same episodes,
 is selected on meta-val accuracy only (the best validation checkpoint), and is tested on the same
 frozen test episodes. Each finished run is kept in ``--out``/results, and a re-run with the same
-``--out`` skips it (so an interrupted benchmark resumes; delete the folder to start over). Writes ``real_data.json``, ``real_data.md`` (mean ± 95% CI, wall time, peak
+``--out`` skips it (so an interrupted benchmark resumes; delete the folder to start over). Writes this invocation's rows as ``real_data.json``, ``real_data.md`` (mean ± 95% CI, wall time, peak
 memory) and ``real_data.png`` (bars with CI whiskers). ``environment.json`` records the Python, the
 platform, the CPU and every installed package's version; a later invocation with the same ``--out``
 in another environment is refused (its rows would not be comparable: the same code has given
@@ -26,7 +26,9 @@ figures 4 points apart after the packages were resolved again), unless ``--allow
 ``--seed`` (default 0) seeds the weights' initialisation and the training's randomness; the class
 splits and every episode stay those of seed 0, so every seed is tested on the same frozen test
 episodes. Runs of another seed are kept beside seed 0's in the same ``--out`` (``...-seed1``), and
-a ``reuse`` or ``two_stage`` method adapts the weights of its own seed.
+a ``reuse`` or ``two_stage`` method adapts the weights of its own seed. ``seeds.md`` summarises every
+row in ``--out``, of every seed: each method's accuracy per seed, its mean and sd, and its gain over
+``finetune`` of the same seed (the training seed moves a method by more than its CI over episodes).
 
 Methods (``METHODS``) are a learner with settings and how it starts:
 
@@ -360,6 +362,41 @@ def write_outputs(results: list[dict[str, object]], out: Path) -> None:
     fig.savefig(out / "real_data.png", dpi=120)
 
 
+def seed_summary(results: list[dict[str, object]], baseline: str = "finetune") -> str:
+    """Markdown: each method's test accuracy on every seed in ``results``, their mean and sd, and its gain over ``baseline``.
+
+    The gain is paired: each seed's row minus the baseline's row of the same protocol, shots and
+    seed (all seeds share the frozen test episodes), over the seeds both ran. The training seed moves
+    a method far more than its 95% CI over episodes says (BENCHMARKS.md), so methods are compared here.
+    """
+    import statistics
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.mean(values):+.1f}" if len(values) < 2 else f"{statistics.mean(values):+.1f} (sd {statistics.stdev(values):.1f})"
+
+    def mean(values: list[float]) -> str:
+        return spread(values).lstrip("+")
+
+    by_run = {(r["protocol"], r["shots"], r["method"], r.get("seed", 0)): 100 * r["accuracy"] for r in results}
+    rows = [f"| protocol | shots | method | seeds | accuracy per seed | mean (sd) | gain over {baseline} per seed | mean gain (sd) |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for protocol, shots, method in sorted({key[:3] for key in by_run}, key=lambda k: (k[0], k[1], k[2] != baseline, k[2])):
+        seeds = sorted(seed for (p, k, m, seed) in by_run if (p, k, m) == (protocol, shots, method))
+        accuracy = [by_run[protocol, shots, method, seed] for seed in seeds]
+        paired = [seed for seed in seeds if (protocol, shots, baseline, seed) in by_run]
+        gains = [by_run[protocol, shots, method, seed] - by_run[protocol, shots, baseline, seed] for seed in paired]
+        shown = method != baseline and gains
+        rows.append(f"| {protocol} | {shots} | {method} | {', '.join(map(str, seeds))} | "
+                    f"{' / '.join(f'{a:.1f}' for a in accuracy)} | {mean(accuracy)} | "
+                    f"{' / '.join(f'{g:+.1f}' for g in gains) if shown else ''} | {spread(gains) if shown else ''} |")  # fmt: skip
+    return "\n".join(rows) + "\n"
+
+
+def saved_results(out: Path) -> list[dict[str, object]]:
+    """Every row in ``<out>/results``: all seeds and invocations, not only the last one's."""
+    return [json.loads(path.read_text()) for path in sorted((out / "results").glob("*.json"))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA, help="folder holding mednist-mini/ and realdev/ (read only)")
@@ -411,7 +448,8 @@ def main() -> None:
         done = [pool.submit(run_group, protocol, shots, args.algorithms, args) for protocol, shots in groups]
         results = [r for future in done for r in future.result()]
     write_outputs(results, args.out)
-    print(f"wrote {args.out / 'real_data.md'} and {args.out / 'real_data.png'}")
+    (args.out / "seeds.md").write_text(seed_summary(saved_results(args.out)))
+    print(f"wrote {args.out / 'real_data.md'} and {args.out / 'real_data.png'} (this run), {args.out / 'seeds.md'} (every seed in --out)")
 
 
 if __name__ == "__main__":

@@ -131,6 +131,7 @@ def test_real_data_script_quick_run(tmp_path: Path) -> None:
     assert len(list((tmp_path / "out" / "checkpoints" / "R2-finetune-1-seed1").glob("*.ckpt"))) == 1
     episodes = [(tmp_path / "out" / run / "test_episodes.json").read_text() for run in ("R2-finetune-1shot", "R2-finetune-1shot-seed1")]
     assert episodes[0] == episodes[1]  # the seed changes the weights, never the frozen test episodes
+    assert "| R2 | 1 | finetune | 0, 1 |" in (tmp_path / "out" / "seeds.md").read_text()  # both invocations' seeds
 
 
 @REAL_DATA
@@ -158,6 +159,22 @@ def test_real_data_keeps_each_seed_apart(tmp_path: Path) -> None:
     assert real_data.best_checkpoint(tmp_path, "R1", "finetune", 5, 2).parent.name == "R1-finetune-5-seed2"
     with pytest.raises(SystemExit, match=r"finetune \(seed 1\) for R1 5-shot"):
         real_data.best_checkpoint(tmp_path, "R1", "finetune", 5, 1)
+
+
+def test_real_data_seed_summary_pairs_each_seed_with_its_own_baseline(tmp_path: Path) -> None:
+    """seeds.md: every seed's accuracy, mean and sd, and the gain over the baseline of the same seed only."""
+    real_data = _real_data_module()
+    rows = [("finetune", 0, 0.40), ("finetune", 1, 0.50), ("finetune", 2, 0.45), ("levels", 0, 0.43), ("levels", 1, 0.52),
+            ("levels", 3, 0.90), ("maml", 2, 0.41)]  # fmt: skip
+    for method, seed, accuracy in rows:
+        row = {"protocol": "R1", "shots": 5, "method": method, "accuracy": accuracy, **({"seed": seed} if seed else {})}
+        (tmp_path / "results").mkdir(exist_ok=True)
+        (tmp_path / "results" / f"{real_data.run_name('R1', method, 5, seed)}.json").write_text(json.dumps(row))
+    table = real_data.seed_summary(real_data.saved_results(tmp_path)).splitlines()
+    assert table[2] == "| R1 | 5 | finetune | 0, 1, 2 | 40.0 / 50.0 / 45.0 | 45.0 (sd 5.0) |  |  |"  # the baseline first
+    # seed 3 has no baseline row: its accuracy counts, its gain does not (+3.0 and +2.0, not +50)
+    assert table[3] == "| R1 | 5 | levels | 0, 1, 3 | 43.0 / 52.0 / 90.0 | 61.7 (sd 24.9) | +3.0 / +2.0 | +2.5 (sd 0.7) |"
+    assert table[4] == "| R1 | 5 | maml | 2 | 41.0 | 41.0 | -4.0 | -4.0 |"
 
 
 def test_real_data_refuses_a_seed_lightning_would_replace(tmp_path: Path) -> None:
