@@ -32,7 +32,8 @@ row in ``--out``, of every seed: each method's accuracy per seed, its mean and s
 
 Methods (``METHODS``) are a learner with settings and how it starts:
 
-* from scratch, trained for ``--steps`` meta-steps (``finetune``, ``protonet``, ``maml``, ...;
+* from scratch, trained for ``--steps`` meta-steps (``finetune``, ``protonet``, ``protonet_cosine``
+  (cosine, learned temperature), ``maml``, ``maml_pp``, ``anil``, ``meta_sgd``;
   ``finetune_levels_pretrained_flips``: the fine-tune learner on a backbone giving every stage's
   features, so its pre-training head sees them too, adapted as ``finetune_levels_flips``);
 * ``reuse``: another run's selected weights (the ``finetune`` pre-training unless said otherwise),
@@ -44,7 +45,9 @@ Methods (``METHODS``) are a learner with settings and how it starts:
   ``finetune_transductive``, ``meta_baseline_augment`` (the ``meta_baseline`` run's weights),
   and, on the ``maml_init`` run's weights, ``maml_init_steps20``, ``maml_init_steps20_qflips``
   (flip-averaged queries) and ``maml_init_steps20_flips`` (support flips as well), and on the
-  ``proto_maml_init`` run's weights ``proto_maml_init_steps20``;
+  ``proto_maml_init`` run's weights ``proto_maml_init_steps20``; and ``maml_init``'s meta-trained
+  backbone adapted as the fine-tune family does, ``maml_init_finetune`` (as ``finetune``) and
+  ``maml_init_levels_flips`` (as ``finetune_levels_flips``);
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
   it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``maml_zero_init``: MAML with the head
@@ -150,6 +153,11 @@ METHODS: dict[str, Method] = {
     "proto_maml_init": Method("proto_maml", FROM_PRETRAINED, start="two_stage"),
     "proto_maml_init_steps20": Method("proto_maml", {**FROM_PRETRAINED, "eval_inner_steps": 20}, start="reuse",
                                       source="proto_maml_init"),
+    # maml_init's meta-trained backbone, adapted as the fine-tune family adapts (a new head on frozen features): whether
+    # second-order MAML's meta-training makes better features than as many more supervised steps (finetune's)
+    "maml_init_finetune": Method("finetune", start="reuse", source="maml_init"),
+    "maml_init_levels_flips": Method("finetune", {"feature_levels": "all", **FLIPS, **ADAM}, start="reuse",
+                                     source="maml_init"),
     "anil_init": Method("anil", FROM_PRETRAINED, start="two_stage"),
     "maml_pp_init": Method("maml_pp", {"eval_inner_steps": 20, **FROM_PRETRAINED}, start="two_stage"),
 }

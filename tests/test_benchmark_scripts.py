@@ -201,6 +201,15 @@ def test_real_data_refuses_to_mix_rows_from_another_environment(tmp_path: Path) 
     assert json.loads((tmp_path / "environment.json").read_text())["later"] == [other]
 
 
+def test_real_data_methods_reuse_trained_weights_and_are_documented() -> None:
+    """A ``reuse`` method tests a run that trains (never another reuse); the module docstring names every method."""
+    real_data = _real_data_module()
+    for name, method in real_data.METHODS.items():
+        if method.start == "reuse":
+            assert real_data.METHODS[method.source].start in ("scratch", "two_stage"), name
+        assert f"``{name}``" in real_data.__doc__, name
+
+
 def test_configs_real_data_is_the_measured_recommended_method() -> None:
     """The shipped starting configuration adapts, trains and shapes episodes as the benchmark row it cites."""
     real_data = _real_data_module()
