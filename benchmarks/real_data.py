@@ -18,7 +18,9 @@ Images are 64x64 with 3 channels (colour sets as RGB, grey sets repeated; ``--in
 colour grey instead), each rescaled to [0, 1] (the ``photo`` intensity preset). Every learner trains for the same number of meta-steps on the same episodes,
 is selected on meta-val accuracy only (the best validation checkpoint), and is tested on the same
 frozen test episodes. Each finished run is kept in ``--out``/results, and a re-run with the same
-``--out`` skips it (so an interrupted benchmark resumes; delete the folder to start over). Writes this invocation's rows as ``real_data.json``, ``real_data.md`` (mean ± 95% CI, wall time, peak
+``--out`` skips it (so an interrupted benchmark resumes; delete the folder to start over); a kept run
+made with other ``--steps``, episodes, ``--in-channels``, ``--backbone`` or ``--set`` is refused, not reused.
+Writes this invocation's rows as ``real_data.json``, ``real_data.md`` (mean ± 95% CI, wall time, peak
 memory) and ``real_data.png`` (bars with CI whiskers). ``environment.json`` records the Python, the
 platform, the CPU and every installed package's version; a later invocation with the same ``--out``
 in another environment is refused (its rows would not be comparable: the same code has given
@@ -247,7 +249,32 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
         "best_val_acc": float(best.best_model_score) if best.best_model_score is not None else None,
         "wall_s": time.perf_counter() - start, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "in_channels": args.in_channels, "normalisation": summary["normalisation"], "backbone": settings["backbone"],
+        "run_settings": run_settings(args),
     }  # fmt: skip
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, object]:
+    """What a row depends on besides its protocol, method, shots, seed and environment: a resumed row must match it."""
+    return {"steps": args.steps, "val_episodes": args.val_episodes, "test_episodes": args.test_episodes,
+            "in_channels": args.in_channels, "backbone": args.backbone,
+            "set": [f"{key}={value}" for key, value in args.raw_settings]}  # fmt: skip
+
+
+def saved_row(path: Path, args: argparse.Namespace) -> dict[str, object]:
+    """An earlier invocation's row; ``SystemExit`` naming the file if it ran with other settings than this invocation."""
+    row = json.loads(path.read_text())
+    wanted, recorded = run_settings(args), row.get("run_settings")
+    if recorded is None:  # written before rows recorded their settings: check what such a row has
+        if args.backbone or args.raw_settings:
+            raise SystemExit(f"{path}: written before rows recorded --backbone and --set, so it cannot be told whether "
+                             "it ran with them; use another --out, or delete the file to run it again")  # fmt: skip
+        wanted = {key: wanted[key] for key in ("steps", "test_episodes", "in_channels")}
+        recorded = {key: row.get(key) for key in wanted}
+    differ = [f"{key} {recorded.get(key)!r} there, {value!r} now" for key, value in wanted.items() if recorded.get(key) != value]
+    if differ:
+        raise SystemExit(f"{path}: an earlier run with other settings ({'; '.join(differ)}); its figures would be "
+                         "reported as this run's: use another --out, or delete the file to run it again")  # fmt: skip
+    return row
 
 
 def run_name(protocol: str, method: str, shots: int, seed: int) -> str:
@@ -280,8 +307,8 @@ def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Name
     results = []
     for method in order:
         saved = args.out / "results" / f"{run_name(protocol, method, shots, args.seed)}.json"
-        if saved.is_file():  # done by an earlier, interrupted invocation with the same --out
-            results.append(json.loads(saved.read_text()))
+        if saved.is_file():  # done by an earlier, interrupted invocation with the same --out and settings
+            results.append(saved_row(saved, args))
             continue
         command = [sys.executable, __file__, "--single", protocol, method, str(shots), "--data", str(args.data),
                    "--steps", str(args.steps), "--val-episodes", str(args.val_episodes), "--test-episodes",

@@ -177,6 +177,30 @@ def test_real_data_seed_summary_pairs_each_seed_with_its_own_baseline(tmp_path: 
     assert table[4] == "| R1 | 5 | maml | 2 | 41.0 | 41.0 | -4.0 | -4.0 |"
 
 
+def test_real_data_refuses_to_resume_a_run_made_with_other_settings(tmp_path: Path) -> None:
+    """A kept row is reused only by an invocation with the same steps, episodes, channels, backbone and --set."""
+    import argparse
+
+    real_data = _real_data_module()
+    args = argparse.Namespace(steps=300, val_episodes=50, test_episodes=600, in_channels=3, backbone=None, raw_settings=[])
+    kept = tmp_path / "R1-finetune-5.json"
+    kept.write_text(json.dumps({"accuracy": 0.43, "steps": 300, "test_episodes": 600, "in_channels": 3,
+                                "run_settings": real_data.run_settings(args)}))  # fmt: skip
+    assert real_data.saved_row(kept, args)["accuracy"] == 0.43
+    wider = argparse.Namespace(**{**vars(args), "raw_settings": [["hidden_channels", "64"]]})
+    with pytest.raises(SystemExit, match=r"R1-finetune-5.json: an earlier run with other settings \(set \[\] there"):
+        real_data.saved_row(kept, wider)
+    with pytest.raises(SystemExit, match="backbone None there, 'resnet12' now"):
+        real_data.saved_row(kept, argparse.Namespace(**{**vars(args), "backbone": "resnet12"}))
+    # a row from before rows recorded their settings: its steps are checked, --backbone and --set cannot be
+    kept.write_text(json.dumps({"accuracy": 0.43, "steps": 300, "test_episodes": 600, "in_channels": 3}))
+    assert real_data.saved_row(kept, args)["accuracy"] == 0.43
+    with pytest.raises(SystemExit, match="steps 300 there, 150 now"):
+        real_data.saved_row(kept, argparse.Namespace(**{**vars(args), "steps": 150}))
+    with pytest.raises(SystemExit, match="cannot be told whether it ran with them"):
+        real_data.saved_row(kept, wider)
+
+
 def test_real_data_refuses_a_seed_lightning_would_replace(tmp_path: Path) -> None:
     """A seed outside Lightning's range would silently become a random one: refused before anything runs."""
     done = _run(str(REPO / "benchmarks" / "real_data.py"), "--seed", "-1", "--out", str(tmp_path / "out"), cwd=tmp_path, timeout=120)
