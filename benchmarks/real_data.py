@@ -18,8 +18,9 @@ Images are 64x64 with 3 channels (colour sets as RGB, grey sets repeated; ``--in
 colour grey instead), each rescaled to [0, 1] (the ``photo`` intensity preset). Every learner trains for the same number of meta-steps on the same episodes,
 is selected on meta-val accuracy only (the best validation checkpoint), and is tested on the same
 frozen test episodes. Each finished run is kept in ``--out``/results, and a re-run with the same
-``--out`` skips it (so an interrupted benchmark resumes; delete the folder to start over); a kept run
-made with other ``--steps``, episodes, ``--in-channels``, ``--backbone`` or ``--set`` is refused, not reused.
+``--out`` skips it (so an interrupted benchmark resumes; delete the folder to start over). An ``--out``
+holding a run made with other ``--steps``, episodes, ``--in-channels``, ``--backbone`` or ``--set`` is
+refused before anything runs: its rows would be reused or summarised as this invocation's.
 Writes this invocation's rows as ``real_data.json``, ``real_data.md`` (mean ± 95% CI, wall time, peak
 memory) and ``real_data.png`` (bars with CI whiskers). ``environment.json`` records the Python, the
 platform, the CPU and every installed package's version; a later invocation with the same ``--out``
@@ -474,6 +475,8 @@ def main() -> None:
     changed = check_environment(args.out, environment(), allow_new=args.allow_new_environment)
     if changed:
         print(f"warning: the environment changed since earlier rows in {args.out}: {'; '.join(changed[:5])}", file=sys.stderr)
+    for kept in sorted((args.out / "results").glob("*.json")):  # seeds.md sums up every row: all must share the settings
+        saved_row(kept, args)
     for protocol in args.protocols:
         build_protocol(protocol, args.data, args.out)
     groups = [(protocol, shots) for protocol in args.protocols for shots in args.shots]

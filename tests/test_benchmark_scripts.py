@@ -132,6 +132,13 @@ def test_real_data_script_quick_run(tmp_path: Path) -> None:
     episodes = [(tmp_path / "out" / run / "test_episodes.json").read_text() for run in ("R2-finetune-1shot", "R2-finetune-1shot-seed1")]
     assert episodes[0] == episodes[1]  # the seed changes the weights, never the frozen test episodes
     assert "| R2 | 1 | finetune | 0, 1 |" in (tmp_path / "out" / "seeds.md").read_text()  # both invocations' seeds
+    # another backbone into the same --out is refused before anything runs, naming a kept row
+    done = _run(str(REPO / "benchmarks" / "real_data.py"), "--quick", "--protocols", "R2", "--algorithms", "finetune",
+                "--shots", "1", "--set", "hidden_channels=8", "--out", str(tmp_path / "out"), cwd=tmp_path, timeout=300)  # fmt: skip
+    assert done.returncode != 0, done.stdout[-3000:]
+    assert ".json: an earlier run with other settings (set [] there, ['hidden_channels=8'] now)" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "out" / "results").iterdir()) == [
+        "R2-finetune-1-seed1.json", "R2-finetune-1.json", "R2-maml-1.json"]
 
 
 @REAL_DATA
