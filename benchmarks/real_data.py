@@ -56,7 +56,8 @@ Methods (``METHODS``) are a learner with settings and how it starts:
   it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``maml_zero_init``: MAML with the head
   zeroed at the start of every task and 20 test steps, ``maml_levels_init`` and ``maml_levels_init_lr05``:
   MAML on a backbone giving every stage's features, 20 test steps, inner step 0.05 or 0.5,
-  ``proto_maml_init``: Proto-MAML, ``anil_init``, ``maml_pp_init``).
+  ``proto_maml_init``: Proto-MAML, ``anil_init``, ``maml_pp_init``, ``meta_sgd_init``: Meta-SGD's rate per weight
+  from 0.05, and ``meta_sgd_levels_init``: the same on every stage's features, from 0.5; both 20 test steps).
 """
 
 from __future__ import annotations
@@ -163,6 +164,12 @@ METHODS: dict[str, Method] = {
                                      source="maml_init"),
     "anil_init": Method("anil", FROM_PRETRAINED, start="two_stage"),
     "maml_pp_init": Method("maml_pp", {"eval_inner_steps": 20, **FROM_PRETRAINED}, start="two_stage"),
+    # Meta-SGD (second-order MAML with an inner rate learned per weight) from the pre-training, 20 test steps: whether
+    # learned rates find what MAML's one shared rate misses (which layers to adapt, and by how much)
+    "meta_sgd_init": Method("meta_sgd", {**FROM_PRETRAINED, "eval_inner_steps": 20}, start="two_stage"),
+    # the same on every stage's features, whose L2-normalised gradients are 14-23 times smaller: rates started at 0.5
+    "meta_sgd_levels_init": Method("meta_sgd", {**FROM_PRETRAINED, "eval_inner_steps": 20, "inner_lr": 0.5}, LEVELS,
+                                   start="two_stage"),
 }
 RECOMMENDED = "finetune_levels_flips"  # what configs/real_data.yaml ships (tests/test_benchmark_scripts.py keeps them equal)
 BEST_MAML = "maml_init_steps20"  # what configs/real_data_maml.yaml ships: the best MAML row on meta-val (the same test keeps them equal)
