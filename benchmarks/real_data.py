@@ -57,7 +57,8 @@ Methods (``METHODS``) are a learner with settings and how it starts:
   zeroed at the start of every task and 20 test steps, ``maml_levels_init`` and ``maml_levels_init_lr05``:
   MAML on a backbone giving every stage's features, 20 test steps, inner step 0.05 or 0.5,
   ``proto_maml_init``: Proto-MAML, ``anil_init``, ``maml_pp_init``, ``meta_sgd_init``: Meta-SGD's rate per weight
-  from 0.05, and ``meta_sgd_levels_init``: the same on every stage's features, from 0.5; both 20 test steps).
+  from 0.05, and ``meta_sgd_levels_init``: the same on every stage's features, from 0.5; both 20 test steps;
+  ``meta_sgd_levels_init_rates``: the rates meta-learned ten times faster than the weights).
 """
 
 from __future__ import annotations
@@ -170,6 +171,9 @@ METHODS: dict[str, Method] = {
     # the same on every stage's features, whose L2-normalised gradients are 14-23 times smaller: rates started at 0.5
     "meta_sgd_levels_init": Method("meta_sgd", {**FROM_PRETRAINED, "eval_inner_steps": 20, "inner_lr": 0.5}, LEVELS,
                                    start="two_stage"),
+    # the same, the rates meta-learned at 0.01 instead of meta_lr's 0.001 (which moved them from 0.5 to 0.52-0.64 only)
+    "meta_sgd_levels_init_rates": Method("meta_sgd", {**FROM_PRETRAINED, "eval_inner_steps": 20, "inner_lr": 0.5,
+                                                      "rates_meta_lr": 0.01}, LEVELS, start="two_stage"),
 }
 RECOMMENDED = "finetune_levels_flips"  # what configs/real_data.yaml ships (tests/test_benchmark_scripts.py keeps them equal)
 BEST_MAML = "maml_init_steps20"  # what configs/real_data_maml.yaml ships: the best MAML row on meta-val (the same test keeps them equal)

@@ -49,9 +49,9 @@ def check_learning_rate(name: str, value: object) -> None:
 
 
 def check_learner_rates(settings: Mapping[str, Any], prefix: str = "model.algorithm.init_args.") -> None:
-    """Every learner setting named ``*_lr`` is a learning rate: positive and finite."""
+    """Every learner setting named ``*_lr`` is a learning rate: positive and finite (``None``: the learner's default)."""
     for name, value in settings.items():
-        if name.endswith("_lr"):
+        if name.endswith("_lr") and value is not None:
             check_learning_rate(prefix + name, value)
 
 
@@ -208,11 +208,14 @@ class FewShotModule(L.LightningModule):
         self.algorithm.set_epoch(self.current_epoch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, object]:
-        """Adam at ``meta_lr`` on all meta-parameters, optionally cosine-annealed per step.
+        """Adam at ``meta_lr`` on all meta-parameters (groups of the learner's own), optionally cosine-annealed per step.
 
         LightningCLI's ``--optimizer``/``--lr_scheduler`` replace this.
         """
-        optimiser = torch.optim.Adam(self.parameters(), lr=self.hparams.meta_lr)
+        groups = self.algorithm.parameter_groups(self.hparams.meta_lr)
+        grouped = {id(p) for group in groups for p in group["params"]}
+        rest = [p for p in self.parameters() if id(p) not in grouped]  # the module's own, if any
+        optimiser = torch.optim.Adam(groups + ([{"params": rest}] if rest else []), lr=self.hparams.meta_lr)
         if not self.hparams.cosine_annealing:
             return optimiser
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None

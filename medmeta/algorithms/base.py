@@ -136,6 +136,13 @@ class MetaLearner(nn.Module, metaclass=abc.ABCMeta):
         """
         raise NotImplementedError(f"{self.label()} cannot export an adapted model")
 
+    def parameter_groups(self, meta_lr: float) -> list[dict[str, Any]]:
+        """The outer optimiser's parameter groups: every meta-parameter at ``meta_lr``.
+
+        Learners whose meta-parameters want another outer step (learned inner rates) split them off.
+        """
+        return [{"params": list(self.parameters()), "lr": meta_lr}]
+
     def resize_head(self, n_classes: int) -> None:
         """Give the backbone ``n_classes`` outputs (``diagnose`` with a different number of diagnoses).
 

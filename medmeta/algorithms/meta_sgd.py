@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,14 +29,23 @@ class MetaSGD(MAML):
         model: the network; its parameters are the meta-learned initialisation θ.
         n_way: classes per episode (unused).
         inner_lr: initial value of every learning-rate element.
+        rates_meta_lr: the outer (Adam) learning rate of the learned rates; ``None``: the module's
+            ``meta_lr``, as for θ. Adam moves each element by about this much per meta-step, so a
+            ``meta_lr`` small enough for pre-trained weights (1e-3) barely moves rates started at 0.5.
         maml_options: ``inner_steps``, ``eval_inner_steps``, ``first_order``, ``task_reduction``,
             ``task_parallel``, ``checkpoint_inner_steps``, ``zero_head``, as in :class:`MAML`.
     """
 
     name = "meta_sgd"
 
-    def __init__(self, model: nn.Module, n_way: int | None = None, *, inner_lr: float = 0.4, **maml_options: Any) -> None:
+    def __init__(
+        self, model: nn.Module, n_way: int | None = None, *, inner_lr: float = 0.4, rates_meta_lr: float | None = None,
+        **maml_options: Any,
+    ) -> None:
         super().__init__(model, n_way, inner_lr=inner_lr, **maml_options)
+        if rates_meta_lr is not None and not (math.isfinite(rates_meta_lr) and rates_meta_lr > 0):
+            raise ValueError(f"rates_meta_lr must be a positive number or None, got {rates_meta_lr!r}")
+        self.rates_meta_lr = rates_meta_lr
         lrs = {
             lr_key(name): nn.Parameter(torch.full_like(p.detach(), self.inner_lr))
             for name, p in self.adaptable_parameters().items()
@@ -43,6 +53,14 @@ class MetaSGD(MAML):
         if len(lrs) != len(self.adaptable_parameters()):
             raise ValueError("parameter names collide after replacing '.' with '__'")
         self.inner_lrs = nn.ParameterDict(lrs)
+
+    def parameter_groups(self, meta_lr: float) -> list[dict[str, Any]]:
+        """θ at ``meta_lr``; the learned rates at ``rates_meta_lr`` when it is set."""
+        if self.rates_meta_lr is None:
+            return super().parameter_groups(meta_lr)
+        rates = {id(p) for p in self.inner_lrs.parameters()}
+        return [{"params": [p for p in self.parameters() if id(p) not in rates], "lr": meta_lr},
+                {"params": list(self.inner_lrs.parameters()), "lr": self.rates_meta_lr}]  # fmt: skip
 
     def inner_update(self, params: Params, grads: Params, step: int) -> Params:
         """One inner step with per-element learning rates: θ ← θ − α ⊙ ∇θ L_support."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,3 +122,45 @@ def test_permuting_classes_with_the_head_rows_permutes_the_logits() -> None:
                 tensor.copy_(permuted)
         after = algo.adapt_and_predict(sx, perm[sy], qx)
     assert torch.allclose(after[..., perm], before, atol=1e-10)
+
+
+def _one_outer_step(rates_meta_lr: float | None) -> tuple[float, float]:
+    """The largest change of a weight and of a learned rate after one Adam step of the module's own optimiser."""
+    from tests.conftest import module_for
+
+    torch.manual_seed(0)
+    module = module_for("meta_sgd", n_way=3, image_size=12, hidden_channels=4, inner_steps=1, inner_lr=0.5,
+                        rates_meta_lr=rates_meta_lr, meta_lr=1e-3)  # fmt: skip
+    optimiser = module.configure_optimizers()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    sx, sy, qx, qy = random_episodes(tasks=2, q=2, side=12, dtype=torch.float32)
+    module.algorithm.outer_loss(sx, sy, qx, qy).backward()
+    optimiser.step()
+    moved = {name: float((p.detach() - before[name]).abs().max()) for name, p in module.named_parameters()}
+    rates = max(v for name, v in moved.items() if "inner_lrs" in name)
+    return max(v for name, v in moved.items() if "inner_lrs" not in name), rates
+
+
+def test_rates_meta_lr_gives_the_learned_rates_their_own_outer_step() -> None:
+    """Adam's first step moves a parameter by about its group's rate: θ by meta_lr, α by rates_meta_lr."""
+    weights, rates = _one_outer_step(0.05)
+    assert weights <= 1e-3 * 1.01 and rates == pytest.approx(0.05, rel=0.01)
+    weights, rates = _one_outer_step(None)  # the default: one rate for all, as before the setting
+    assert weights <= 1e-3 * 1.01 and rates <= 1e-3 * 1.01
+
+
+def test_every_learners_optimiser_holds_each_meta_parameter_once() -> None:
+    from medmeta.algorithms import SHORT_NAMES
+    from tests.conftest import module_for
+
+    for name in SHORT_NAMES:
+        module = module_for(name, n_way=3, image_size=12, hidden_channels=4)
+        optimiser = module.configure_optimizers()
+        held = [id(p) for group in optimiser.param_groups for p in group["params"]]
+        assert sorted(held) == sorted(id(p) for p in module.parameters()), name
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, float("nan"), float("inf")])
+def test_rates_meta_lr_must_be_positive(value: float) -> None:
+    with pytest.raises(ValueError, match="rates_meta_lr"):
+        _algo(channels=4, rates_meta_lr=value)
