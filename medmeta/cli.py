@@ -72,7 +72,10 @@ class MedMetaCLI(LightningCLI):
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
-        """Refuse a zero, negative or non-finite learning rate by its setting's name, before any data is read."""
+        """Refuse a zero, negative or non-finite learning rate by its setting's name, before any data is read.
+
+        Also refused: a learner's own outer rate (``*_meta_lr``) beside ``--optimizer``, which would ignore it.
+        """
         config = self.config[self.config["subcommand"]]
         model, optimizer = config.get("model") or {}, config.get("optimizer")
         try:
@@ -83,6 +86,10 @@ class MedMetaCLI(LightningCLI):
             algorithm = model.get("algorithm")
             if algorithm is not None and not isinstance(algorithm, str):
                 check_learner_rates(dict(algorithm.get("init_args") or {}))
+                own = [k for k, v in (algorithm.get("init_args") or {}).items() if k.endswith("_meta_lr") and v is not None]
+                if optimizer is not None and own:  # --optimizer replaces the module's optimiser and its groups
+                    raise ValueError(f"model.algorithm.init_args.{own[0]} has no effect with --optimizer, which puts "
+                                     "every meta-parameter at optimizer.lr: drop one of them")  # fmt: skip
         except ValueError as error:
             raise DataError(str(error)) from None
 

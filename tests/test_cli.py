@@ -221,6 +221,20 @@ def test_a_bad_learning_rate_is_a_one_line_message(
     assert not out.exists() and "usable images" not in printed  # refused before data or run
 
 
+def test_a_learners_own_outer_rate_beside_optimizer_is_refused(
+    tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """``--optimizer`` puts every meta-parameter at one rate: Meta-SGD's ``rates_meta_lr`` would be silently ignored."""
+    out = tmp_path / "run"
+    status, printed = _medmeta_here(*_tiny_fit_args(tiny_dicom_root, out), "--model.algorithm", "meta_sgd",
+                                    "--model.algorithm.init_args.rates_meta_lr", "0.01", "--optimizer", "SGD",
+                                    "--optimizer.lr", "0.01", cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 2, printed[-2000:]
+    (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
+    assert "model.algorithm.init_args.rates_meta_lr has no effect with --optimizer" in line
+    assert not out.exists() and "usable images" not in printed
+
+
 def test_files_that_are_not_checkpoints_are_named_by_every_command(
     trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
