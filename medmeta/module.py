@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -48,10 +48,16 @@ def check_learning_rate(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive learning rate, got {value!r}{hint}")
 
 
-def check_learner_rates(settings: Mapping[str, Any], prefix: str = "model.algorithm.init_args.") -> None:
-    """Every learner setting named ``*_lr`` is a learning rate: positive and finite (``None``: the learner's default)."""
+def check_learner_rates(
+    settings: Mapping[str, Any], prefix: str = "model.algorithm.init_args.", optional: Collection[str] | None = None
+) -> None:
+    """Every learner setting named ``*_lr`` is a learning rate: positive and finite.
+
+    ``None`` passes for the names in ``optional`` (settings whose default is ``None``); ``optional=None``
+    lets every ``None`` pass (the CLI, whose parser has already checked each setting's type).
+    """
     for name, value in settings.items():
-        if name.endswith("_lr") and value is not None:
+        if name.endswith("_lr") and not (value is None and (optional is None or name in optional)):
             check_learning_rate(prefix + name, value)
 
 
@@ -124,7 +130,7 @@ class FewShotModule(L.LightningModule):
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         learner, settings = resolve_algorithm(algorithm)
-        check_learner_rates(settings)
+        check_learner_rates(settings, optional={n for n, p in learner.settings().items() if p.default is None})
         # hyperparameters hold the plain specs (complete settings): checkpoints load with weights_only, loggers show them
         algorithm, backbone = spec_of(learner, settings), backbone_spec(backbone)
         self.save_hyperparameters()

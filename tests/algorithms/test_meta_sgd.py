@@ -164,3 +164,12 @@ def test_every_learners_optimiser_holds_each_meta_parameter_once() -> None:
 def test_rates_meta_lr_must_be_positive(value: float) -> None:
     with pytest.raises(ValueError, match="rates_meta_lr"):
         _algo(channels=4, rates_meta_lr=value)
+
+
+def test_none_is_a_rate_only_where_it_is_the_default() -> None:
+    """``rates_meta_lr: None`` means the module's meta_lr; ``inner_lr: None`` is refused by name, not a traceback."""
+    from tests.conftest import module_for
+
+    module_for("meta_sgd", n_way=3, image_size=12, hidden_channels=4, rates_meta_lr=None)
+    with pytest.raises(ValueError, match="model.algorithm.init_args.inner_lr must be a positive learning rate"):
+        module_for("meta_sgd", n_way=3, image_size=12, hidden_channels=4, inner_lr=None)
