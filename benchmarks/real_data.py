@@ -13,6 +13,10 @@ every class of a domain belongs to that domain's split; class names are ``<domai
 
 * **R1**: meta-test ISIC dermoscopy; meta-val BUSI ultrasound + chest X-ray; meta-train MedNIST + PBC blood cells.
 * **R2**: meta-test PBC blood cells; meta-val BUSI + chest X-ray; meta-train MedNIST + ISIC.
+* **R1o** and **R2o** (``--protocols R1o R2o``): the same test domains, each validated on the other
+  orientation-free domain (PBC for R1o, ISIC for R2o), meta-train MedNIST + BUSI + chest X-ray. The
+  test domain is still never seen before the test, and meta-val can judge priors about orientation
+  (query flips), which oriented ultrasound and radiographs reject.
 
 Images are 64x64 with 3 channels (colour sets as RGB, grey sets repeated; ``--in-channels 1`` makes
 colour grey instead), each rescaled to [0, 1] (the ``photo`` intensity preset). Every learner trains for the same number of meta-steps on the same episodes,
@@ -95,7 +99,12 @@ DOMAINS = {  # domain -> (folder under --data, the manifest's patient column, if
 PROTOCOLS = {  # protocol -> split -> domains
     "R1": {"train": ("mednist", "pbc"), "val": ("busi", "cxr"), "test": ("isic",)},
     "R2": {"train": ("mednist", "isic"), "val": ("busi", "cxr"), "test": ("pbc",)},
+    # the same test domains, validated on a domain with no up or down like them (the other one), the oriented
+    # ultrasound and radiographs moved into meta-train: meta-val can then judge orientation priors such as query flips
+    "R1o": {"train": ("mednist", "busi", "cxr"), "val": ("pbc",), "test": ("isic",)},
+    "R2o": {"train": ("mednist", "busi", "cxr"), "val": ("isic",), "test": ("pbc",)},
 }
+MAIN_PROTOCOLS = ("R1", "R2")  # the protocols, run by default
 
 
 @dataclass(frozen=True)
@@ -447,7 +456,8 @@ def saved_results(out: Path) -> list[dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA, help="folder holding mednist-mini/ and realdev/ (read only)")
-    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--protocols", nargs="+", default=list(MAIN_PROTOCOLS), choices=list(PROTOCOLS),
+                        help="R1, R2 (default) and R1o, R2o (the same test domains, an orientation-free meta-val)")
     parser.add_argument("--algorithms", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS), metavar="METHOD",
                         help=f"methods to compare (default: {' '.join(DEFAULT_METHODS)}; all: {' '.join(METHODS)})")
     parser.add_argument("--shots", type=int, nargs="+", default=[5, 1])

@@ -95,7 +95,10 @@ def test_real_data_protocols_are_domain_and_class_disjoint_and_written_outside_t
 
     real_data = _real_data_module()
     expected = {"R1": {"train": {"mednist", "pbc"}, "val": {"busi", "cxr"}, "test": {"isic"}},
-                "R2": {"train": {"mednist", "isic"}, "val": {"busi", "cxr"}, "test": {"pbc"}}}  # fmt: skip
+                "R2": {"train": {"mednist", "isic"}, "val": {"busi", "cxr"}, "test": {"pbc"}},
+                "R1o": {"train": {"mednist", "busi", "cxr"}, "val": {"pbc"}, "test": {"isic"}},
+                "R2o": {"train": {"mednist", "busi", "cxr"}, "val": {"isic"}, "test": {"pbc"}}}  # fmt: skip
+    assert set(expected) == set(real_data.PROTOCOLS)
     for protocol, splits in expected.items():
         manifest = real_data.build_protocol(protocol, SHARED_DATA, tmp_path)
         assert manifest.parent == tmp_path  # never into ../shared
@@ -107,6 +110,27 @@ def test_real_data_protocols_are_domain_and_class_disjoint_and_written_outside_t
         assert sum(len(v) for v in by_split.values()) == len(set().union(*by_split.values()))  # class-disjoint
         assert all(len(classes) >= 4 for classes in by_split.values())  # 4-way episodes in every split
         assert all(r.path.is_file() for r in records[:: max(1, len(records) // 50)])
+
+
+@REAL_DATA
+def test_real_data_orientation_free_protocols_test_on_the_same_frozen_episodes(tmp_path: Path) -> None:
+    """R1o/R2o change meta-train and meta-val only: their test episodes are R1's/R2's, image for image."""
+    from medmeta.data.inventory import take_inventory
+
+    real_data = _real_data_module()
+
+    def test_episodes(protocol: str) -> list[list[tuple[str, str]]]:
+        """The first test episodes as the benchmark's data module draws them (its inventory, its sampler, seed 0)."""
+        inventory = take_inventory(real_data.build_protocol(protocol, SHARED_DATA, tmp_path), n_way=4, k_shot=5,
+                                   q_query=15, preflight=False)  # fmt: skip
+        records = inventory.split_records("test")
+        sampler = inventory.episode_sampler("test", n_way=4, k_shot=5, q_query=15, seed=0)
+        episodes = [sampler.episode(index) for index in range(50)]
+        return [[(str(records[i].path), records[i].label) for i in [*e.support, *e.query]] for e in episodes]
+
+    assert test_episodes("R1o") == test_episodes("R1")
+    assert test_episodes("R2o") == test_episodes("R2")
+    assert test_episodes("R1") != test_episodes("R2")  # the comparison can fail
 
 
 @REAL_DATA
