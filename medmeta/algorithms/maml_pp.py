@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from medmeta.algorithms.maml import MAML, Params
-from medmeta.algorithms.meta_sgd import lr_key
+from medmeta.algorithms.meta_sgd import check_rates_meta_lr, lr_key, rate_groups
 from medmeta.networks.norm import EpisodeBatchNorm, EpisodeInstanceNorm
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class MAMLPlusPlus(MAML):
         multi_step_loss_epochs: epochs over which the weights anneal onto the last step.
         per_step_norm_weights: a copy of every norm layer's weight and bias per inner step.
         learn_inner_lrs: one learned inner rate per parameter tensor per step (else ``inner_lr``).
+        rates_meta_lr: the outer (Adam) learning rate of the learned inner rates; ``None``: the
+            module's ``meta_lr``, as for the weights. Refused without ``learn_inner_lrs`` (nothing to apply it to).
         first_order_epochs: first order while ``epoch < first_order_epochs``, then second order.
     """
 
@@ -59,11 +61,15 @@ class MAMLPlusPlus(MAML):
         per_step_norm_weights: bool = True,
         learn_inner_lrs: bool = True,
         first_order_epochs: int = 0,
+        rates_meta_lr: float | None = None,
         **maml_options: Any,
     ) -> None:
         super().__init__(model, n_way, **maml_options)
         if multi_step_loss_epochs < 0 or first_order_epochs < 0:
             raise ValueError("multi_step_loss_epochs and first_order_epochs must be >= 0")
+        self.rates_meta_lr = check_rates_meta_lr(rates_meta_lr)
+        if rates_meta_lr is not None and not learn_inner_lrs:
+            raise ValueError("rates_meta_lr is the outer step of learned inner rates: set learn_inner_lrs: true, or drop it")
         self.multi_step_loss = multi_step_loss
         self.multi_step_loss_epochs = multi_step_loss_epochs
         self.per_step_norm_weights = per_step_norm_weights
@@ -102,6 +108,10 @@ class MAMLPlusPlus(MAML):
             "MAML++: msl=%s (%d epochs), per-step norms=%d tensors, lslr=%s, first-order epochs=%d",
             multi_step_loss, multi_step_loss_epochs, len(self.norm_names), learn_inner_lrs, first_order_epochs,
         )  # fmt: skip
+
+    def parameter_groups(self, meta_lr: float) -> list[dict[str, Any]]:
+        """Every meta-parameter at ``meta_lr``; the learned per-step rates at ``rates_meta_lr`` when it is set."""
+        return rate_groups(self, self.inner_lrs, meta_lr, self.rates_meta_lr)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the current epoch (drives the multi-step loss weights and first-order annealing)."""

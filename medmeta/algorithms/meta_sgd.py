@@ -16,6 +16,22 @@ def lr_key(name: str) -> str:
     return name.replace(".", "__")
 
 
+def check_rates_meta_lr(rates_meta_lr: float | None) -> float | None:
+    """``rates_meta_lr`` itself if it is ``None`` or a positive finite number; else ``ValueError`` naming it."""
+    if rates_meta_lr is not None and not (math.isfinite(rates_meta_lr) and rates_meta_lr > 0):
+        raise ValueError(f"rates_meta_lr must be a positive number or None, got {rates_meta_lr!r}")
+    return rates_meta_lr
+
+
+def rate_groups(learner: nn.Module, rates: nn.ParameterDict, meta_lr: float, rates_meta_lr: float | None) -> list[dict[str, Any]]:
+    """Outer-optimiser groups: the learned inner ``rates`` at ``rates_meta_lr``, every other meta-parameter at ``meta_lr``."""
+    if rates_meta_lr is None or not len(rates):
+        return [{"params": list(learner.parameters()), "lr": meta_lr}]
+    ids = {id(p) for p in rates.parameters()}
+    return [{"params": [p for p in learner.parameters() if id(p) not in ids], "lr": meta_lr},
+            {"params": list(rates.parameters()), "lr": rates_meta_lr}]  # fmt: skip
+
+
 class MetaSGD(MAML):
     """MAML whose inner step is θ ← θ − α ⊙ ∇θ L_support with α a meta-learned tensor per weight.
 
@@ -43,9 +59,7 @@ class MetaSGD(MAML):
         **maml_options: Any,
     ) -> None:
         super().__init__(model, n_way, inner_lr=inner_lr, **maml_options)
-        if rates_meta_lr is not None and not (math.isfinite(rates_meta_lr) and rates_meta_lr > 0):
-            raise ValueError(f"rates_meta_lr must be a positive number or None, got {rates_meta_lr!r}")
-        self.rates_meta_lr = rates_meta_lr
+        self.rates_meta_lr = check_rates_meta_lr(rates_meta_lr)
         lrs = {
             lr_key(name): nn.Parameter(torch.full_like(p.detach(), self.inner_lr))
             for name, p in self.adaptable_parameters().items()
@@ -56,11 +70,7 @@ class MetaSGD(MAML):
 
     def parameter_groups(self, meta_lr: float) -> list[dict[str, Any]]:
         """θ at ``meta_lr``; the learned rates at ``rates_meta_lr`` when it is set."""
-        if self.rates_meta_lr is None:
-            return super().parameter_groups(meta_lr)
-        rates = {id(p) for p in self.inner_lrs.parameters()}
-        return [{"params": [p for p in self.parameters() if id(p) not in rates], "lr": meta_lr},
-                {"params": list(self.inner_lrs.parameters()), "lr": self.rates_meta_lr}]  # fmt: skip
+        return rate_groups(self, self.inner_lrs, meta_lr, self.rates_meta_lr)
 
     def inner_update(self, params: Params, grads: Params, step: int) -> Params:
         """One inner step with per-element learning rates: θ ← θ − α ⊙ ∇θ L_support."""

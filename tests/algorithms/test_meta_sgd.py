@@ -124,12 +124,12 @@ def test_permuting_classes_with_the_head_rows_permutes_the_logits() -> None:
     assert torch.allclose(after[..., perm], before, atol=1e-10)
 
 
-def _one_outer_step(rates_meta_lr: float | None) -> tuple[float, float]:
+def _one_outer_step(rates_meta_lr: float | None, learner: str = "meta_sgd") -> tuple[float, float]:
     """The largest change of a weight and of a learned rate after one Adam step of the module's own optimiser."""
     from tests.conftest import module_for
 
     torch.manual_seed(0)
-    module = module_for("meta_sgd", n_way=3, image_size=12, hidden_channels=4, inner_steps=1, inner_lr=0.5,
+    module = module_for(learner, n_way=3, image_size=12, hidden_channels=4, inner_steps=1, inner_lr=0.5,
                         rates_meta_lr=rates_meta_lr, meta_lr=1e-3)  # fmt: skip
     optimiser = module.configure_optimizers()
     before = {name: p.detach().clone() for name, p in module.named_parameters()}
@@ -141,11 +141,12 @@ def _one_outer_step(rates_meta_lr: float | None) -> tuple[float, float]:
     return max(v for name, v in moved.items() if "inner_lrs" not in name), rates
 
 
-def test_rates_meta_lr_gives_the_learned_rates_their_own_outer_step() -> None:
+@pytest.mark.parametrize("learner", ["meta_sgd", "maml_pp"])  # per-element rates, and MAML++'s per-layer per-step ones
+def test_rates_meta_lr_gives_the_learned_rates_their_own_outer_step(learner: str) -> None:
     """Adam's first step moves a parameter by about its group's rate: θ by meta_lr, α by rates_meta_lr."""
-    weights, rates = _one_outer_step(0.05)
+    weights, rates = _one_outer_step(0.05, learner)
     assert weights <= 1e-3 * 1.01 and rates == pytest.approx(0.05, rel=0.01)
-    weights, rates = _one_outer_step(None)  # the default: one rate for all, as before the setting
+    weights, rates = _one_outer_step(None, learner)  # the default: one rate for all, as before the setting
     assert weights <= 1e-3 * 1.01 and rates <= 1e-3 * 1.01
 
 
@@ -162,8 +163,22 @@ def test_every_learners_optimiser_holds_each_meta_parameter_once() -> None:
 
 @pytest.mark.parametrize("value", [0.0, -0.1, float("nan"), float("inf")])
 def test_rates_meta_lr_must_be_positive(value: float) -> None:
+    from medmeta.algorithms.maml_pp import MAMLPlusPlus
+
     with pytest.raises(ValueError, match="rates_meta_lr"):
         _algo(channels=4, rates_meta_lr=value)
+    with pytest.raises(ValueError, match="rates_meta_lr"):
+        MAMLPlusPlus(Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=12), rates_meta_lr=value)
+
+
+def test_maml_pp_refuses_rates_meta_lr_without_learned_rates() -> None:
+    """Without learned rates the setting would apply to nothing: refused, not ignored."""
+    from medmeta.algorithms.maml_pp import MAMLPlusPlus
+
+    model = Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=12)
+    with pytest.raises(ValueError, match="rates_meta_lr .* learn_inner_lrs: true"):
+        MAMLPlusPlus(model, learn_inner_lrs=False, rates_meta_lr=0.01)
+    assert MAMLPlusPlus(model, learn_inner_lrs=False).parameter_groups(1e-3)[0]["lr"] == 1e-3
 
 
 def test_none_is_a_rate_only_where_it_is_the_default() -> None:
