@@ -121,10 +121,10 @@ def test_real_data_orientation_free_protocols_test_on_the_same_frozen_episodes(t
 
     def test_episodes(protocol: str) -> list[list[tuple[str, str]]]:
         """The first test episodes as the benchmark's data module draws them (its inventory, its sampler, seed 0)."""
-        inventory = take_inventory(real_data.build_protocol(protocol, SHARED_DATA, tmp_path), n_way=4, k_shot=5,
-                                   q_query=15, preflight=False)  # fmt: skip
+        shape = {"n_way": real_data.N_WAY, "k_shot": 5, "q_query": real_data.Q_QUERY}
+        inventory = take_inventory(real_data.build_protocol(protocol, SHARED_DATA, tmp_path), **shape, preflight=False)
         records = inventory.split_records("test")
-        sampler = inventory.episode_sampler("test", n_way=4, k_shot=5, q_query=15, seed=0)
+        sampler = inventory.episode_sampler("test", **shape, seed=0)
         episodes = [sampler.episode(index) for index in range(50)]
         return [[(str(records[i].path), records[i].label) for i in [*e.support, *e.query]] for e in episodes]
 
@@ -206,6 +206,28 @@ def test_real_data_seed_summary_pairs_each_seed_with_its_own_baseline(tmp_path: 
     # seed 3 has no baseline row: its accuracy counts, its gain does not (+3.0 and +2.0, not +50)
     assert table[3] == "| R1 | 5 | levels | 0, 1, 3 | 43.0 / 52.0 / 90.0 | 61.7 (sd 24.9) | +3.0 / +2.0 | +2.5 (sd 0.7) |"
     assert table[4] == "| R1 | 5 | maml | 2 | 41.0 | 41.0 | -4.0 | -4.0 |"
+
+
+def test_real_data_meta_val_selection_picks_by_meta_val_never_by_test() -> None:
+    """seeds.md's selection: per learner and seed the best meta-val row, its test gain over the same seed's baseline."""
+    real_data = _real_data_module()
+
+    def row(method: str, seed: int, val: float, test: float) -> dict[str, object]:
+        return {"protocol": "R1o", "shots": 5, "method": method, "seed": seed, "best_val_acc": val, "accuracy": test}
+
+    results = [row("finetune", 0, 0.60, 0.40), row("finetune", 1, 0.62, 0.50),
+               row("maml_init", 0, 0.55, 0.48), row("maml_init_steps20", 0, 0.58, 0.42),  # best test is not selected
+               row("maml_init", 1, 0.57, 0.53), row("maml_init_steps20_qflips", 1, 0.57, 0.60),  # a tie on meta-val
+               row("maml_init", 2, 0.50, 0.45),  # no baseline on seed 2: no gain
+               row("pretrain", 0, 0.99, 0.99)]  # fmt: skip  # not a compared method: never a candidate
+    table = real_data.meta_val_selection(results).splitlines()
+    assert table[2] == "| R1o | 5 | finetune | 0 | finetune (60.0) | finetune | 40.0 | +0.0 |"
+    assert table[4] == ("| R1o | 5 | maml | 0 | maml_init_steps20 (58.0), maml_init (55.0) | maml_init_steps20 | 42.0 | +2.0 |")
+    assert table[5] == ("| R1o | 5 | maml | 1 | maml_init (57.0), maml_init_steps20_qflips (57.0) | "
+                        "maml_init (tie: maml_init_steps20_qflips) | 53.0 | +3.0 |")  # fmt: skip
+    assert table[6] == "| R1o | 5 | maml | 2 | maml_init (50.0) | maml_init | 45.0 |  |"
+    assert "| R1o | 5 | maml | 2 | +2.5 (sd 0.7) |" in table  # seeds 0 and 1 only
+    assert not any("pretrain" in line for line in table)
 
 
 def test_real_data_refuses_to_resume_a_run_made_with_other_settings(tmp_path: Path) -> None:
