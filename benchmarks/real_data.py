@@ -53,8 +53,9 @@ Methods (``METHODS``) are a learner with settings and how it starts:
   ``finetune_levels_flips`` (both: ``configs/real_data.yaml``), ``logreg_levels_flips``,
   ``finetune_transductive``, ``meta_baseline_augment`` (the ``meta_baseline`` run's weights),
   and, on the ``maml_init`` run's weights, ``maml_init_steps20``, ``maml_init_steps20_qflips``
-  (flip-averaged queries) and ``maml_init_steps20_flips`` (support flips as well), and on the
-  ``proto_maml_init`` run's weights ``proto_maml_init_steps20``; and ``maml_init``'s meta-trained
+  (flip-averaged queries) and ``maml_init_steps20_flips`` (support flips as well), on the
+  ``proto_maml_init`` run's weights ``proto_maml_init_steps20``, on the ``meta_sgd_init`` run's
+  weights and rates ``meta_sgd_init_qflips`` (flip-averaged queries); and ``maml_init``'s meta-trained
   backbone adapted as the fine-tune family does, ``maml_init_finetune`` (as ``finetune``) and
   ``maml_init_levels_flips`` (as ``finetune_levels_flips``);
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
@@ -179,6 +180,9 @@ METHODS: dict[str, Method] = {
     # Meta-SGD (second-order MAML with an inner rate learned per weight) from the pre-training, 20 test steps: whether
     # learned rates find what MAML's one shared rate misses (which layers to adapt, and by how much)
     "meta_sgd_init": Method("meta_sgd", {**FROM_PRETRAINED, "eval_inner_steps": 20}, start="two_stage"),
+    # its weights and learned rates, each query predicted from its flips (as maml_init_steps20_qflips is maml_init's)
+    "meta_sgd_init_qflips": Method("meta_sgd", {**FROM_PRETRAINED, "eval_inner_steps": 20, "query_augment": True},
+                                   start="reuse", source="meta_sgd_init"),
     # the same on every stage's features, whose L2-normalised gradients are 14-23 times smaller: rates started at 0.5
     "meta_sgd_levels_init": Method("meta_sgd", {**FROM_PRETRAINED, "eval_inner_steps": 20, "inner_lr": 0.5}, LEVELS,
                                    start="two_stage"),
