@@ -459,8 +459,8 @@ def meta_val_selection(results: list[dict[str, object]], baseline: str = "finetu
 
     This is the rule the benchmark claims by: among the rows of one learner (``METHODS[m].learner``;
     e.g. every second-order MAML setting) on one protocol, shots and seed, the one with the best
-    meta-val accuracy, never the best test accuracy. A tie on meta-val is named in its cell, and the
-    tied row first in ``METHODS`` counts. The candidates of every seed are listed, as they may differ.
+    meta-val accuracy, never the best test accuracy. A tie on meta-val (to 5 decimals) is named in its
+    cell, and the tied row first in ``METHODS`` counts (the simpler setting, listed before its variants). The candidates of every seed are listed, as they may differ.
     """
     import statistics
 
@@ -473,8 +473,10 @@ def meta_val_selection(results: list[dict[str, object]], baseline: str = "finetu
     for protocol, shots, learner, seed in sorted(keys, key=lambda k: (k[0], k[1], k[2], k[3])):
         same = [r for r in chosen if (r["protocol"], r["shots"], METHODS[str(r["method"])].learner, r.get("seed", 0))
                 == (protocol, shots, learner, seed)]  # fmt: skip
-        same.sort(key=lambda r: (-float(r["best_val_acc"]), order.index(str(r["method"]))))
-        best, tied = same[0], [str(r["method"]) for r in same[1:] if r["best_val_acc"] == same[0]["best_val_acc"]]
+        # meta-val accuracy is a float32 mean over episodes: the same count of right answers can differ in the 8th digit
+        same.sort(key=lambda r: (-round(float(r["best_val_acc"]), 5), order.index(str(r["method"]))))
+        best = same[0]
+        tied = [str(r["method"]) for r in same[1:] if round(float(r["best_val_acc"]), 5) == round(float(best["best_val_acc"]), 5)]
         base = next((r for r in results if (r["protocol"], r["shots"], r["method"], r.get("seed", 0))
                      == (protocol, shots, baseline, seed)), None)  # fmt: skip
         gain = 100 * (float(best["accuracy"]) - float(base["accuracy"])) if base else None
