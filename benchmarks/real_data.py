@@ -460,7 +460,8 @@ def meta_val_selection(results: list[dict[str, object]], baseline: str = "finetu
     This is the rule the benchmark claims by: among the rows of one learner (``METHODS[m].learner``;
     e.g. every second-order MAML setting) on one protocol, shots and seed, the one with the best
     meta-val accuracy, never the best test accuracy. A tie on meta-val (to 5 decimals) is named in its
-    cell, and the tied row first in ``METHODS`` counts (the simpler setting, listed before its variants). The candidates of every seed are listed, as they may differ.
+    cell, and the tied row first in ``METHODS`` counts (the simpler setting, listed before its variants).
+    The candidates of every seed are listed, as they may differ.
     """
     import statistics
 
@@ -468,15 +469,18 @@ def meta_val_selection(results: list[dict[str, object]], baseline: str = "finetu
             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     gains: dict[tuple[object, ...], list[float]] = {}
     order = list(METHODS)
+
+    def meta_val(row: dict[str, object]) -> float:
+        """A float32 mean over episodes: the same count of right answers can differ in the 8th digit."""
+        return round(float(row["best_val_acc"]), 5)
+
     chosen = [r for r in results if r["method"] in METHODS and r.get("best_val_acc") is not None]
     keys = {(r["protocol"], r["shots"], METHODS[str(r["method"])].learner, r.get("seed", 0)) for r in chosen}
-    for protocol, shots, learner, seed in sorted(keys, key=lambda k: (k[0], k[1], k[2], k[3])):
+    for protocol, shots, learner, seed in sorted(keys):
         same = [r for r in chosen if (r["protocol"], r["shots"], METHODS[str(r["method"])].learner, r.get("seed", 0))
                 == (protocol, shots, learner, seed)]  # fmt: skip
-        # meta-val accuracy is a float32 mean over episodes: the same count of right answers can differ in the 8th digit
-        same.sort(key=lambda r: (-round(float(r["best_val_acc"]), 5), order.index(str(r["method"]))))
-        best = same[0]
-        tied = [str(r["method"]) for r in same[1:] if round(float(r["best_val_acc"]), 5) == round(float(best["best_val_acc"]), 5)]
+        same.sort(key=lambda r: (-meta_val(r), order.index(str(r["method"]))))
+        best, tied = same[0], [str(r["method"]) for r in same[1:] if meta_val(r) == meta_val(same[0])]
         base = next((r for r in results if (r["protocol"], r["shots"], r["method"], r.get("seed", 0))
                      == (protocol, shots, baseline, seed)), None)  # fmt: skip
         gain = 100 * (float(best["accuracy"]) - float(base["accuracy"])) if base else None
