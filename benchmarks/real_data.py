@@ -61,7 +61,8 @@ Methods (``METHODS``) are a learner with settings and how it starts:
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val), then ``steps - steps // 2`` meta-steps of the learner started from
   it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``maml_zero_init``: MAML with the head
-  zeroed at the start of every task and 20 test steps, ``maml_levels_init`` and ``maml_levels_init_lr05``:
+  zeroed at the start of every task and 20 test steps, ``maml_init_final``: MAML from the pre-training's last weights
+  instead of its selected ones, and on its weights ``maml_init_final_steps20_qflips``, ``maml_levels_init`` and ``maml_levels_init_lr05``:
   MAML on a backbone giving every stage's features, 20 test steps, inner step 0.05 or 0.5,
   ``proto_maml_init``: Proto-MAML, ``anil_init``, ``maml_pp_init``, ``meta_sgd_init``: Meta-SGD's rate per weight
   from 0.05, and ``meta_sgd_levels_init``: the same on every stage's features, from 0.5; both 20 test steps;
@@ -119,6 +120,7 @@ class Method:
     backbone: dict[str, object] = field(default_factory=dict)  # the backbone's init_args beyond the compared ones
     start: str = "scratch"  # "scratch", "reuse" (another method's selected weights, test only) or "two_stage"
     source: str = "finetune"  # the method whose weights "reuse" tests
+    pretrain: str = "selected"  # "two_stage" starts from the pre-training's meta-val-selected weights, or its "final" ones
 
 
 META_BASELINE = {"distance": "cosine", "temperature": 0.1, "learn_temperature": True}
@@ -159,6 +161,11 @@ METHODS: dict[str, Method] = {
     # the same with 40 inner steps: blood cells gained 9 points from 10 to 20 steps, still rising where meta-val was flat
     "maml_init_steps40_qflips": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 40, "query_augment": True},
                                        start="reuse", source="maml_init"),
+    # as maml_init, from the pre-training's last weights instead of its meta-val-selected ones: a 50-episode meta-val picks
+    # among 4 checkpoints by noise, and seed 1 of R2o kept step 37 of 150 (BENCHMARKS.md)
+    "maml_init_final": Method("maml", FROM_PRETRAINED, start="two_stage", pretrain="final"),
+    "maml_init_final_steps20_qflips": Method("maml", {**FROM_PRETRAINED, "eval_inner_steps": 20, "query_augment": True},
+                                             start="reuse", source="maml_init_final"),
     # every task's inner loop starts from a zero head (the zeroing trick), in meta-training and at test
     "maml_zero_init": Method("maml", {**FROM_PRETRAINED, "zero_head": True, "eval_inner_steps": 20}, start="two_stage"),
     # the backbone gives every stage's features (feature_levels: all, as the recommended fine-tuning's head sees), so
@@ -248,7 +255,9 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
         settings["backbone"]["class_path"] = args.backbone
     settings["backbone"]["init_args"].update(spec.backbone)
     source = {"reuse": spec.source, "two_stage": PRETRAIN}.get(spec.start)
-    if source:
+    if spec.start == "two_stage" and spec.pretrain == "final":
+        settings["init_from"] = str(final_checkpoint(args.out, manifest.stem, shots, args.seed))
+    elif source:
         settings["init_from"] = str(best_checkpoint(args.out, manifest.stem, source, shots, args.seed))
     model = FewShotModule(**settings)
     name = run_name(manifest.stem, method, shots, args.seed)
@@ -261,6 +270,8 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
     start = time.perf_counter()
     if steps:
         trainer.fit(model, data)
+        if method == PRETRAIN:  # its last weights too, for a second stage that starts from the end of the pre-training
+            trainer.save_checkpoint(final_checkpoint(args.out, manifest.stem, shots, args.seed, check=False))
         trainer.test(model, data, ckpt_path="best", verbose=False)
     else:  # another run's selected weights, adapted this method's way
         saved = torch.load(settings["init_from"], map_location="cpu", weights_only=True)["state_dict"]
@@ -324,6 +335,15 @@ def best_checkpoint(out: Path, protocol: str, method: str, shots: int, seed: int
         raise SystemExit(f"expected one selected checkpoint of {method} (seed {seed}) for {protocol} {shots}-shot "
                          f"under {out}, found {len(found)}")  # fmt: skip
     return found[0]
+
+
+def final_checkpoint(out: Path, protocol: str, shots: int, seed: int = 0, *, check: bool = True) -> Path:
+    """The last weights of the pre-training of ``protocol``, ``shots`` and ``seed`` in ``out`` (kept beside its selected ones)."""
+    path = out / "checkpoints" / f"{run_name(protocol, PRETRAIN, shots, seed)}-final" / "final.ckpt"
+    if check and not path.is_file():
+        raise SystemExit(f"{path}: the pre-training's last weights are missing (it ran before they were kept); "
+                         f"delete {out / 'results' / (run_name(protocol, PRETRAIN, shots, seed) + '.json')} to run it again")  # fmt: skip
+    return path
 
 
 def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Namespace) -> list[dict[str, object]]:

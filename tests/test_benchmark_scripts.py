@@ -166,6 +166,25 @@ def test_real_data_script_quick_run(tmp_path: Path) -> None:
 
 
 @REAL_DATA
+def test_real_data_second_stage_can_start_from_the_pretrainings_final_weights(tmp_path: Path) -> None:
+    """The pre-training keeps its last weights beside its selected ones; ``pretrain="final"`` starts from them."""
+    out = tmp_path / "out"
+    done = _run(str(REPO / "benchmarks" / "real_data.py"), "--quick", "--protocols", "R2", "--algorithms", "maml_init_final",
+                "--shots", "1", "--out", str(out), cwd=tmp_path, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    real_data = _real_data_module()
+    final = real_data.final_checkpoint(out, "R2", 1)
+    assert final.parent.name == "R2-pretrain-1-final"
+    assert torch.load(final, map_location="cpu", weights_only=True)["global_step"] == 2  # --quick: 4 steps // 2
+    (stage_two,) = (out / "checkpoints" / "R2-maml_init_final-1").glob("*.ckpt")
+    assert torch.load(stage_two, map_location="cpu", weights_only=True)["hyper_parameters"]["init_from"] == str(final)
+    assert [r["method"] for r in json.loads((out / "real_data.json").read_text())] == ["pretrain", "maml_init_final"]
+    final.unlink()  # a pre-training from before final weights were kept: named, with what to delete
+    with pytest.raises(SystemExit, match=r"final.ckpt: the pre-training's last weights are missing .* delete .*R2-pretrain-1.json"):
+        real_data.final_checkpoint(out, "R2", 1)
+
+
+@REAL_DATA
 @pytest.mark.slow
 def test_real_data_script_compares_another_backbone(tmp_path: Path) -> None:
     """``--backbone`` and ``--set`` (BENCHMARKS.md's wider Conv-4 and ResNet-12 rows) reach every method, recorded per row."""
