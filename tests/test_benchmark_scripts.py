@@ -304,7 +304,7 @@ def test_real_data_methods_reuse_trained_weights_and_are_documented() -> None:
         if method.start == "reuse":
             assert real_data.METHODS[method.source].start in ("scratch", "two_stage"), name
         assert f"``{name}``" in real_data.__doc__, name
-    with pytest.raises(ValueError, match="pretrain 'last'"):  # a misspelt start is refused, never read as the default
+    with pytest.raises(ValueError, match="pretrain 'last'"):  # a misspelt start or pretrain is refused, never read as the default
         real_data.Method("maml", start="two_stage", pretrain="last")
 
 
