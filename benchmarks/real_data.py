@@ -56,13 +56,13 @@ Methods (``METHODS``) are a learner with settings and how it starts:
   (flip-averaged queries), ``maml_init_steps40_qflips`` (the same with 40 inner steps) and
   ``maml_init_steps20_flips`` (support flips as well), on the ``maml_init_final`` run's weights
   ``maml_init_final_steps20_qflips``, on the ``proto_maml_init`` run's weights
-  ``proto_maml_init_steps20``, on the ``meta_sgd_init`` run's weights and rates ``meta_sgd_init_qflips`` (flip-averaged queries); and ``maml_init``'s meta-trained
-  backbone adapted as the fine-tune family does, ``maml_init_finetune`` (as ``finetune``) and
+  ``proto_maml_init_steps20``, on the ``meta_sgd_init`` run's weights and rates
+  ``meta_sgd_init_qflips`` (flip-averaged queries); and ``maml_init``'s meta-trained backbone adapted as the fine-tune family does, ``maml_init_finetune`` (as ``finetune``) and
   ``maml_init_levels_flips`` (as ``finetune_levels_flips``);
 * ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
   steps (selected on meta-val; its last weights are kept too), then ``steps - steps // 2``
-  meta-steps of the learner started from it with ``--model.init_from`` (``meta_baseline``, ``maml_init``, ``maml_zero_init``: MAML with the head
-  zeroed at the start of every task and 20 test steps, ``maml_init_final``: MAML from the pre-training's last
+  meta-steps of the learner started from it with ``--model.init_from`` (``meta_baseline``,
+  ``maml_init``, ``maml_zero_init``: MAML with the head zeroed at the start of every task and 20 test steps, ``maml_init_final``: MAML from the pre-training's last
   weights instead of its selected ones, ``maml_levels_init`` and ``maml_levels_init_lr05``:
   MAML on a backbone giving every stage's features, 20 test steps, inner step 0.05 or 0.5,
   ``proto_maml_init``: Proto-MAML, ``anil_init``, ``maml_pp_init``, ``meta_sgd_init``: Meta-SGD's rate per weight
