@@ -47,26 +47,27 @@ Methods (``METHODS``) are a learner with settings and how it starts:
   features, so its pre-training head sees them too, adapted as ``finetune_levels_flips``);
 * ``reuse``: another run's selected weights (the ``finetune`` pre-training unless said otherwise),
   adapted differently at test time, with no training of its own: ``logreg``, ``logreg_augment``,
-  ``finetune_adam`` (the baseline's head fitted with Adam, as before gradient descent became the default),
-  ``finetune_last_block``, ``finetune_augment`` (support flips), ``finetune_flips`` (support flips and
-  flip-averaged queries), ``finetune_levels`` (a head on every stage's features),
+  ``finetune_adam`` (the baseline's head fitted with Adam, as before gradient descent became the
+  default), ``finetune_last_block``, ``finetune_augment`` (support flips), ``finetune_flips`` (support
+  flips and flip-averaged queries), ``finetune_levels`` (a head on every stage's features),
   ``finetune_levels_flips`` (both: ``configs/real_data.yaml``), ``logreg_levels_flips``,
-  ``finetune_transductive``, ``meta_baseline_augment`` (the ``meta_baseline`` run's weights),
-  and, on the ``maml_init`` run's weights, ``maml_init_steps20``, ``maml_init_steps20_qflips``
-  (flip-averaged queries), ``maml_init_steps40_qflips`` (the same with 40 inner steps) and
-  ``maml_init_steps20_flips`` (support flips as well), on the ``maml_init_final`` run's weights
-  ``maml_init_final_steps20_qflips``, on the ``proto_maml_init`` run's weights
-  ``proto_maml_init_steps20``, on the ``meta_sgd_init`` run's weights and rates
-  ``meta_sgd_init_qflips`` (flip-averaged queries); and ``maml_init``'s meta-trained backbone adapted as the fine-tune family does, ``maml_init_finetune`` (as ``finetune``) and
+  ``finetune_transductive``, ``meta_baseline_augment`` (the ``meta_baseline`` run's weights), and, on
+  the ``maml_init`` run's weights, ``maml_init_steps20``, ``maml_init_steps20_qflips`` (flip-averaged
+  queries), ``maml_init_steps40_qflips`` (the same with 40 inner steps) and ``maml_init_steps20_flips``
+  (support flips as well), on the ``maml_init_final`` run's weights ``maml_init_final_steps20_qflips``,
+  on the ``proto_maml_init`` run's weights ``proto_maml_init_steps20``, on the ``meta_sgd_init`` run's
+  weights and rates ``meta_sgd_init_qflips`` (flip-averaged queries); and ``maml_init``'s meta-trained
+  backbone adapted as the fine-tune family does, ``maml_init_finetune`` (as ``finetune``) and
   ``maml_init_levels_flips`` (as ``finetune_levels_flips``);
-* ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2``
-  steps (selected on meta-val; its last weights are kept too), then ``steps - steps // 2``
-  meta-steps of the learner started from it with ``--model.init_from`` (``meta_baseline``,
-  ``maml_init``, ``maml_zero_init``: MAML with the head zeroed at the start of every task and 20 test steps, ``maml_init_final``: MAML from the pre-training's last
-  weights instead of its selected ones, ``maml_levels_init`` and ``maml_levels_init_lr05``:
-  MAML on a backbone giving every stage's features, 20 test steps, inner step 0.05 or 0.5,
-  ``proto_maml_init``: Proto-MAML, ``anil_init``, ``maml_pp_init``, ``meta_sgd_init``: Meta-SGD's rate per weight
-  from 0.05, and ``meta_sgd_levels_init``: the same on every stage's features, from 0.5; both 20 test steps;
+* ``two_stage``: the same total budget split in two, a fine-tune pre-training of ``steps // 2`` steps
+  (selected on meta-val; its last weights are kept too), then ``steps - steps // 2`` meta-steps of the
+  learner started from it with ``--model.init_from`` (``meta_baseline``, ``maml_init``,
+  ``maml_zero_init``: MAML with the head zeroed at the start of every task and 20 test steps,
+  ``maml_init_final``: MAML from the pre-training's last weights instead of its selected ones,
+  ``maml_levels_init`` and ``maml_levels_init_lr05``: MAML on a backbone giving every stage's features,
+  20 test steps, inner step 0.05 or 0.5, ``proto_maml_init``: Proto-MAML, ``anil_init``,
+  ``maml_pp_init``, ``meta_sgd_init``: Meta-SGD's rate per weight from 0.05, and
+  ``meta_sgd_levels_init``: the same on every stage's features, from 0.5; both 20 test steps;
   ``meta_sgd_levels_init_rates``: the rates meta-learned ten times faster than the weights).
 """
 
