@@ -9,8 +9,9 @@
 #                                          # and TF32 for every implementation alike (~6 min)
 #
 # Results go to $OUT (default runs/gpu): log.txt, results.tgz (every JSON) and tasks_per_s.png.
-# Where .whl/ holds wheels (monai, pydicom, higher, torchopt, ...), they are installed first
-# into /tmp/site, for a machine whose Python lacks them.
+# Where .whl/ holds wheels (monai, pydicom, nibabel, higher, torchopt with its optree and graphviz),
+# they are installed first into /tmp/site, for a machine whose Python lacks them (without graphviz,
+# TorchOpt is skipped).
 set -u
 stage=${1:?smoke or full}
 OUT=${OUT:-runs/gpu}

@@ -22,7 +22,8 @@ Images are 64x64 with 3 channels (colour sets as RGB, grey sets repeated; ``--in
 colour grey instead), each rescaled to [0, 1] (the ``photo`` intensity preset). Every learner trains for the same number of meta-steps on the same episodes,
 is selected on meta-val accuracy only (the best validation checkpoint), and is tested on the same
 frozen test episodes. Each finished run is kept in ``--out``/results, and a re-run with the same
-``--out`` skips it (so an interrupted benchmark resumes; delete the folder to start over). An ``--out``
+``--out`` skips it (so an interrupted benchmark resumes; delete the folder to start over). Ctrl-C
+stops the runs in progress (an unfinished run keeps nothing) and exits with status 130. An ``--out``
 holding a run made with other ``--steps``, episodes, ``--in-channels``, ``--backbone`` or ``--set`` is
 refused before anything runs: its rows would be reused or summarised as this invocation's.
 Writes this invocation's rows as ``real_data.json``, ``real_data.md`` (mean ± 95% CI, wall time, peak
@@ -81,8 +82,10 @@ import logging
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -352,6 +355,22 @@ def final_checkpoint(out: Path, protocol: str, shots: int, seed: int = 0, *, che
     return path
 
 
+STOPPING = threading.Event()  # set on Ctrl-C: no further run starts
+RUNNING: set[subprocess.Popen[str]] = set()  # the runs in progress, stopped on Ctrl-C
+
+
+def stop_runs() -> None:
+    """Stop every run in progress (an interrupted run keeps nothing) and start no other."""
+    STOPPING.set()
+    for child in list(RUNNING):
+        child.terminate()
+    for child in list(RUNNING):
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
 def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Namespace) -> list[dict[str, object]]:
     """Every method of one (protocol, shots) pair, in its own subprocess each; pre-trainings first, then what reuses them."""
     order = list(methods)
@@ -372,10 +391,19 @@ def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Name
                    "--out", str(args.out),
                    *(["--backbone", args.backbone] if args.backbone else []),
                    *[f"--set={key}={value}" for key, value in args.raw_settings]]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"{protocol} {method} {shots}-shot failed:\n{done.stderr[-3000:]}")
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+        if STOPPING.is_set():
+            break
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+            RUNNING.add(child)
+            try:
+                stdout, stderr = child.communicate()
+            finally:
+                RUNNING.discard(child)
+        if STOPPING.is_set():  # stopped by main(): this run is unfinished and kept nowhere
+            break
+        if child.returncode != 0:
+            raise SystemExit(f"{protocol} {method} {shots}-shot failed:\n{stderr[-3000:]}")
+        r = json.loads(stdout.strip().splitlines()[-1])
         results.append(r)
         saved.parent.mkdir(exist_ok=True)
         saved.write_text(json.dumps(r) + "\n")
@@ -581,9 +609,18 @@ def main() -> None:
     groups = [(protocol, shots) for protocol in args.protocols for shots in args.shots]
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # one thread per side-by-side run
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
+    try:
         done = [pool.submit(run_group, protocol, shots, args.algorithms, args) for protocol, shots in groups]
         results = [r for future in done for r in future.result()]
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the clean-up short
+        stop_runs()
+        pool.shutdown(cancel_futures=True)
+        print(f"interrupted: the finished runs are kept in {args.out / 'results'}; the same command with the same --out "
+              "goes on from them", file=sys.stderr)  # fmt: skip
+        raise SystemExit(130) from None
+    pool.shutdown()
     write_outputs(results, args.out)
     kept = saved_results(args.out)
     (args.out / "seeds.md").write_text(seed_summary(kept) + "\n## Selected on meta-val\n\n" + meta_val_selection(kept))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +165,34 @@ def test_real_data_script_quick_run(tmp_path: Path) -> None:
     assert ".json: an earlier run with other settings (set [] there, ['hidden_channels=8'] now)" in done.stderr
     assert sorted(p.name for p in (tmp_path / "out" / "results").iterdir()) == [
         "R2-finetune-1-seed1.json", "R2-finetune-1.json", "R2-maml-1.json"]
+
+
+@REAL_DATA
+@pytest.mark.slow
+def test_real_data_ctrl_c_stops_every_run_and_keeps_the_finished_ones(tmp_path: Path) -> None:
+    """SIGINT to the benchmark alone (not its runs): the run in progress is stopped, no traceback, the finished row kept."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(REPO / "benchmarks" / "real_data.py"), "--quick", "--protocols", "R2", "--algorithms",
+               "finetune", "maml", "--shots", "1", "--out", str(out)]  # fmt: skip
+    with subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as bench:
+        first = bench.stdout.readline()  # finetune's row: maml's run starts next
+        assert first.startswith("R2 finetune"), first + bench.stderr.read()[-3000:]
+        time.sleep(3)  # maml's run is under way
+        bench.send_signal(signal.SIGINT)
+        _, stderr = bench.communicate(timeout=120)
+    assert bench.returncode == 130, stderr[-3000:]
+    assert "interrupted: the finished runs are kept in" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["R2-finetune-1.json"]
+    still = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(out) in _cmdline(p)]
+    assert not still, [_cmdline(p) for p in still]  # maml's run was stopped, not left to finish
+
+
+def _cmdline(process: Path) -> str:
+    try:
+        return (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:  # ended meanwhile
+        return ""
 
 
 @REAL_DATA
