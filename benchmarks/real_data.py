@@ -357,14 +357,27 @@ def final_checkpoint(out: Path, protocol: str, shots: int, seed: int = 0, *, che
 
 STOPPING = threading.Event()  # set on Ctrl-C: no further run starts
 RUNNING: set[subprocess.Popen[str]] = set()  # the runs in progress, stopped on Ctrl-C
+RUNS_LOCK = threading.Lock()  # a run starts entirely before, or not at all after, STOPPING is set
+
+
+def start_run(command: list[str]) -> subprocess.Popen[str] | None:
+    """One run's subprocess, registered to be stopped on Ctrl-C; ``None`` once stopping."""
+    with RUNS_LOCK:
+        if STOPPING.is_set():
+            return None
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        RUNNING.add(child)
+        return child
 
 
 def stop_runs() -> None:
     """Stop every run in progress (an interrupted run keeps nothing) and start no other."""
-    STOPPING.set()
-    for child in list(RUNNING):
+    with RUNS_LOCK:
+        STOPPING.set()
+        children = list(RUNNING)
+    for child in children:
         child.terminate()
-    for child in list(RUNNING):
+    for child in children:
         try:
             child.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -391,10 +404,10 @@ def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Name
                    "--out", str(args.out),
                    *(["--backbone", args.backbone] if args.backbone else []),
                    *[f"--set={key}={value}" for key, value in args.raw_settings]]  # fmt: skip
-        if STOPPING.is_set():
+        child = start_run(command)
+        if child is None:
             break
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
-            RUNNING.add(child)
+        with child:
             try:
                 stdout, stderr = child.communicate()
             finally:
