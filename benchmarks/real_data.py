@@ -411,7 +411,8 @@ def run_group(protocol: str, shots: int, methods: list[str], args: argparse.Name
             try:
                 stdout, stderr = child.communicate()
             finally:
-                RUNNING.discard(child)
+                with RUNS_LOCK:
+                    RUNNING.discard(child)
         if STOPPING.is_set():  # stopped by main(): this run is unfinished and kept nowhere
             break
         if child.returncode != 0:
