@@ -14,10 +14,12 @@ tasks, then ``torch.autograd.grad`` of it with respect to the weights, second or
 * ``higher.innerloop_ctx`` and ``torchopt.MetaSGD`` (the ``bench`` extra; skipped when missing).
 
 Every implementation's meta-gradient is first compared with the reference (relative L2 norm of
-the difference, float32 weights; flagged beyond 1e-4, or 5e-2 for bf16). Next to it, the rounding
-floor: how far the reference itself moves when the weights are nudged by one fp32 ulp or rounded
-to bf16 (this meta-gradient is very sensitive: on the CPU, 28x28 1-shot T=4 at 5 inner steps and
-64 channels, the floor was 4e-4 in fp32 and 0.3 in bf16). ``--check-fp64`` also compares every fp32 implementation with
+the difference, float32 weights). Next to it, the rounding floor: how far the reference itself
+moves when the weights are nudged by one fp32 ulp or rounded to bf16 (this meta-gradient is very
+sensitive: on the CPU, 28x28 1-shot T=4 at 5 inner steps and 64 channels, the floor was 4e-4 in fp32
+and 0.3 in bf16; on an H200 at T=32, 1.4e-3 in fp32). An implementation is flagged beyond 1e-4 (5e-2
+for bf16) or twice its precision's floor, whichever is larger: rounding alone moves the reference
+that far, so a smaller difference cannot tell a wrong implementation from a reordered sum. ``--check-fp64`` also compares every fp32 implementation with
 the loop in float64, where the same function agrees to ~1e-14 (flagged beyond 1e-9). TF32 stays
 off on CUDA unless ``--tf32``.
 
@@ -62,6 +64,7 @@ IMPLEMENTATIONS = (
     "medmeta-loop-graph", "medmeta-vmap-bf16-graph", "medmeta-compiled", "higher", "torchopt",
 )  # fmt: skip
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
+FLOOR_FACTOR = 2  # the tolerance is at least this many rounding floors (see the module docstring)
 FP64_TOLERANCE = 1e-9
 SWEEP = (1, 2, 4, 8, 16, 32)
 
@@ -480,7 +483,8 @@ def run_case(
         except Exception as error:  # noqa: BLE001 - report and go on with the other implementations
             row.update(_failure(error))
         if "rel_diff" in row:
-            row.update(tolerance=TOLERANCE[precision], floor=row[f"{precision}_floor"])
+            floor = row[f"{precision}_floor"]
+            row.update(tolerance=max(TOLERANCE[precision], FLOOR_FACTOR * floor), floor=floor)
             row["agrees"] = row["rel_diff"] <= row["tolerance"]
         rows.append(row)
         if sequential and name in steps:
@@ -648,7 +652,8 @@ def main() -> None:
     disagreeing = [f"{r['case']} {r['implementation']} {r['rel_diff']:.1e} (rounding floor {r['floor']:.1e})"
                    for r in results if r.get("agrees") is False]  # fmt: skip
     tolerances = " / ".join(f"{v:.0e} {k}" for k, v in TOLERANCE.items())
-    print(f"meta-gradients beyond {tolerances} of medmeta-loop: {'; '.join(disagreeing) or 'none'}")
+    print(f"meta-gradients beyond {tolerances} (or {FLOOR_FACTOR}x the rounding floor) of medmeta-loop: "
+          f"{'; '.join(disagreeing) or 'none'}")
     if args.check_fp64:
         wrong = [f"{r['case']} {r['implementation']} {r['rel_diff_fp64']:.1e}" for r in results if r.get("agrees_fp64") is False]
         print(f"in float64, meta-gradients beyond {FP64_TOLERANCE:.0e} of medmeta-loop: {'; '.join(wrong) or 'none'}")

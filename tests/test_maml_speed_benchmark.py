@@ -46,6 +46,10 @@ def test_quick_run_reports_every_implementation(tmp_path: Path) -> None:
         assert row["steps_per_s"] > 0 and math.isclose(row["tasks_per_s"], row["meta_batch"] * row["steps_per_s"])
         assert row["peak_memory_mb"] is not None
         assert math.isfinite(row["rel_diff"]) and row["agrees"] == (row["rel_diff"] <= row["tolerance"])
+        # flagged beyond the fixed tolerance or twice the rounding floor of its precision, whichever is larger
+        fixed = {"fp32": 1e-4, "bf16": 5e-2}[row["precision"]]
+        assert row["floor"] == row[f"{row['precision']}_floor"] > 0, row
+        assert row["tolerance"] == max(fixed, 2 * row["floor"]), row
         if row["precision"] == "fp32":  # same function: equal up to rounding, and exactly in float64
             assert row["agrees"] and row["agrees_fp64"], row
         else:  # bf16 rounding alone moves this meta-gradient a lot: only ask for that order of size
