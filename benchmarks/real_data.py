@@ -6,6 +6,7 @@ Usage:
     python benchmarks/real_data.py --algorithms finetune meta_baseline --jobs 2 --out runs/mb   # R1 and R2 side by side
     python benchmarks/real_data.py --quick --out /tmp/real_quick                # a few steps and episodes
     python benchmarks/real_data.py --algorithms finetune finetune_levels_flips --seed 1 --out runs/real_data  # another seed
+    python benchmarks/real_data.py --summarise runs/seed0 runs/seed1                  # seeds.md over several --out
 
 Data: ``../shared/data/mednist-mini`` and ``../shared/data/realdev`` (``--data``), read only. Each
 protocol is written as one CSV manifest with a ``split`` column into ``--out`` (class-disjoint:
@@ -39,6 +40,9 @@ row in ``--out``, of every seed: each method's accuracy per seed, its mean and s
 ``finetune`` of the same seed (the training seed moves a method by more than its CI over episodes);
 and, for each learner (e.g. every second-order MAML setting), the row meta-val selects on each seed,
 with its test gain over ``finetune``: the rule any claim about a learner's best setting goes by.
+Seeds run side by side in separate ``--out`` folders (one core each) are summarised together by
+``--summarise OUT [OUT ...]``, which runs nothing and prints the same tables; it refuses folders with
+other environments, settings or protocol manifests, and a run whose figures differ between folders.
 
 Methods (``METHODS``) are a learner with settings and how it starts:
 
@@ -451,10 +455,7 @@ def check_environment(out: Path, current: dict[str, object], *, allow_new: bool)
         path.write_text(json.dumps(current, indent=2) + "\n")
         return []
     recorded = json.loads(path.read_text())
-    changed = [f"{key}: {recorded.get(key)} -> {current.get(key)}" for key in ("python", "cpu", "cuda") if recorded.get(key) != current.get(key)]
-    old, new = recorded.get("packages", {}), current["packages"]
-    changed += [f"{name}: {old.get(name, 'absent')} -> {new.get(name, 'absent')}" for name in sorted({*old, *new})
-                if old.get(name) != new.get(name)]  # fmt: skip
+    changed = environment_changes(recorded, current)
     if changed and not allow_new:
         raise SystemExit(
             f"{out} holds results from another environment ({path}); their rows would not be comparable with new ones:\n  "
@@ -463,6 +464,15 @@ def check_environment(out: Path, current: dict[str, object], *, allow_new: bool)
     if changed:
         recorded.setdefault("later", []).append(current)
         path.write_text(json.dumps(recorded, indent=2) + "\n")
+    return changed
+
+
+def environment_changes(recorded: dict[str, object], current: dict[str, object]) -> list[str]:
+    """What differs between two recorded environments: Python, CPU, GPU and each package's version."""
+    changed = [f"{key}: {recorded.get(key)} -> {current.get(key)}" for key in ("python", "cpu", "cuda") if recorded.get(key) != current.get(key)]
+    old, new = recorded.get("packages", {}), current.get("packages", {})
+    changed += [f"{name}: {old.get(name, 'absent')} -> {new.get(name, 'absent')}" for name in sorted({*old, *new})
+                if old.get(name) != new.get(name)]  # fmt: skip
     return changed
 
 
@@ -573,6 +583,53 @@ def saved_results(out: Path) -> list[dict[str, object]]:
     return [json.loads(path.read_text()) for path in sorted((out / "results").glob("*.json"))]
 
 
+def merged_results(outs: list[Path], *, allow_new_environment: bool = False) -> list[dict[str, object]]:
+    """Every row of several ``--out`` folders (e.g. one seed per folder, run side by side), checked to be comparable.
+
+    ``SystemExit`` naming the files when two folders ran in other environments (unless
+    ``allow_new_environment``), with other settings, or on other protocol manifests (so other test
+    episodes), or when one run (protocol, method, shots, seed) gave other figures in two folders. A run
+    found with the same figures in several folders (a shared pre-training, run in each) counts once.
+    """
+    rows: dict[tuple[object, ...], tuple[Path, dict[str, object]]] = {}
+    first: dict[str, tuple[Path, object]] = {}  # what every folder must share, and where it was first seen
+
+    def same(what: str, path: Path, value: object, explain: str) -> None:
+        seen = first.setdefault(what, (path, value))
+        if seen[1] != value:
+            raise SystemExit(f"{seen[0]} and {path}: {explain}; their rows cannot be summarised together")
+
+    for out in outs:
+        paths = sorted((out / "results").glob("*.json"))
+        if not paths:
+            raise SystemExit(f"{out}: no results (expected {out / 'results'}/*.json from a real_data.py run)")
+        environment_path = out / "environment.json"
+        recorded = json.loads(environment_path.read_text()) if environment_path.is_file() else {}
+        base_path, base = first.setdefault("environment", (environment_path, recorded))
+        changed = environment_changes(base, recorded)  # type: ignore[arg-type]
+        if changed and not allow_new_environment:
+            raise SystemExit(f"{base_path} and {environment_path}: other environments ({'; '.join(changed[:5])}); "
+                             "their rows are not comparable (--allow-new-environment to summarise them anyway)")  # fmt: skip
+        if changed:
+            print(f"warning: {environment_path} differs from {base_path}: {'; '.join(changed[:5])}", file=sys.stderr)
+        for path in paths:
+            row = json.loads(path.read_text())
+            same("steps", path, [row.get(key) for key in ("steps", "test_episodes", "in_channels")],
+                 "runs made with other steps, test episodes or channels")  # what every row records
+            if "run_settings" in row:  # rows before it could not record --backbone and --set
+                same("settings", path, row["run_settings"], "runs made with other settings")
+            protocol = str(row["protocol"])
+            manifest = out / f"{protocol}.csv"
+            same(f"manifest {protocol}", manifest, manifest.read_bytes() if manifest.is_file() else None,
+                 f"other {protocol} manifests, so other classes or test episodes")  # fmt: skip
+            key = (row["protocol"], row["shots"], row["method"], row.get("seed", 0))
+            if key in rows and (rows[key][1]["accuracy"], rows[key][1].get("best_val_acc")) != (row["accuracy"], row.get("best_val_acc")):
+                raise SystemExit(f"{rows[key][0]} and {path}: the same run gave other figures "
+                                 f"({100 * float(rows[key][1]['accuracy']):.2f}% against {100 * float(row['accuracy']):.2f}%)")  # fmt: skip
+            rows.setdefault(key, (path, row))
+    return [row for _, row in rows.values()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA, help="folder holding mednist-mini/ and realdev/ (read only)")
@@ -595,8 +652,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/real_data"))
     parser.add_argument("--allow-new-environment", action="store_true",
                         help="add rows to an --out whose earlier rows ran with other package versions, Python or CPU")
+    parser.add_argument("--summarise", nargs="+", type=Path, metavar="OUT",
+                        help="run nothing: print seeds.md over the rows of these --out folders (e.g. one seed each)")
     parser.add_argument("--single", nargs=3, metavar=("PROTOCOL", "METHOD", "SHOTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.summarise:
+        kept = merged_results(args.summarise, allow_new_environment=args.allow_new_environment)
+        print(seed_summary(kept) + "\n## Selected on meta-val\n\n" + meta_val_selection(kept), end="")
+        return
     if args.quick:
         args.steps, args.val_episodes, args.test_episodes = 4, 4, 8
     if not 0 <= args.seed <= 2**32 - 1:  # Lightning would replace a seed out of this range by a random one

@@ -279,6 +279,53 @@ def test_real_data_meta_val_selection_picks_by_meta_val_never_by_test() -> None:
     assert not any("pretrain" in line for line in table)
 
 
+def test_real_data_summarise_merges_seeds_run_in_separate_outs_and_refuses_what_does_not_compare(tmp_path: Path) -> None:
+    """--summarise: seeds.md over several --out folders; other environments, settings, manifests or figures are refused."""
+    real_data = _real_data_module()
+    settings = {"steps": 300, "val_episodes": 50, "test_episodes": 600, "in_channels": 3, "backbone": None, "set": []}
+
+    def out(name: str, rows: list[tuple[str, int, float, float]], manifest: str = "path,label,split\na.png,x,test\n") -> Path:
+        folder = tmp_path / name
+        (folder / "results").mkdir(parents=True)
+        (folder / "R1o.csv").write_text(manifest)
+        (folder / "environment.json").write_text(json.dumps({"python": "3.11.7", "cpu": "x", "packages": {"torch": "2.14.1"}}))
+        for method, seed, val, test in rows:
+            row = {"protocol": "R1o", "shots": 5, "method": method, "seed": seed, "steps": 300, "test_episodes": 600,
+                   "in_channels": 3, "best_val_acc": val, "accuracy": test, "run_settings": settings}  # fmt: skip
+            (folder / "results" / f"{real_data.run_name('R1o', method, 5, seed)}.json").write_text(json.dumps(row))
+        return folder
+
+    seed2 = out("s2", [("pretrain", 2, 0.6, 0.37), ("finetune", 2, 0.67, 0.386), ("maml_init_steps40_qflips", 2, 0.64, 0.43)])
+    seed3 = out("s3", [("pretrain", 2, 0.6, 0.37), ("finetune", 3, 0.66, 0.40), ("maml_init_steps40_qflips", 3, 0.61, 0.42)])
+    merged = real_data.merged_results([seed2, seed3])
+    assert len(merged) == 5  # seed 2's pre-training, found with the same figures in both folders, counts once
+    done = _run(str(REPO / "benchmarks" / "real_data.py"), "--summarise", str(seed2), str(seed3), "--data", str(tmp_path / "none"),
+                cwd=tmp_path, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "| R1o | 5 | maml_init_steps40_qflips | 2, 3 | 43.0 / 42.0 | 42.5 (sd 0.7) | +4.4 / +2.0 | +3.2 (sd 1.7) |" in done.stdout
+    assert "| R1o | 5 | maml | 2 | +3.2 (sd 1.7) |" in done.stdout  # the meta-val rule's mean gain over both folders
+    assert not list(tmp_path.glob("s*/seeds.md"))  # it runs nothing and writes nothing
+
+    def refused(*folders: Path, match: str, **kwargs: bool) -> None:
+        with pytest.raises(SystemExit, match=match):
+            real_data.merged_results([seed2, *folders], **kwargs)
+
+    refused(out("other_figures", [("pretrain", 2, 0.6, 0.38)]), match=r"s2/results/R1o-pretrain-5-seed2.json and .*other_figures/"
+            r"results/R1o-pretrain-5-seed2.json: the same run gave other figures \(37.00% against 38.00%\)")  # fmt: skip
+    refused(out("other_manifest", [("finetune", 4, 0.6, 0.4)], manifest="path,label,split\nb.png,x,test\n"),
+            match=r"s2/R1o.csv and .*other_manifest/R1o.csv: other R1o manifests, so other classes or test episodes")  # fmt: skip
+    (tmp_path / "empty" / "results").mkdir(parents=True)
+    refused(tmp_path / "empty", match=r"empty: no results")
+    moved = out("other_environment", [("finetune", 5, 0.6, 0.4)])
+    (moved / "environment.json").write_text(json.dumps({"python": "3.11.7", "cpu": "x", "packages": {"torch": "2.15.0"}}))
+    refused(moved, match=r"other environments \(torch: 2.14.1 -> 2.15.0\).*--allow-new-environment")
+    assert len(real_data.merged_results([seed2, moved], allow_new_environment=True)) == 4
+    longer = out("other_settings", [("finetune", 6, 0.6, 0.4)])
+    row_path = next((longer / "results").glob("*.json"))
+    row_path.write_text(json.dumps({**json.loads(row_path.read_text()), "run_settings": {**settings, "set": ["hidden_channels=64"]}}))
+    refused(longer, match=r"other_settings/results/R1o-finetune-5-seed6.json: runs made with other settings")
+
+
 def test_real_data_refuses_to_resume_a_run_made_with_other_settings(tmp_path: Path) -> None:
     """A kept row is reused only by an invocation with the same steps, episodes, channels, backbone and --set."""
     import argparse
