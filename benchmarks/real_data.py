@@ -613,7 +613,11 @@ def merged_results(outs: list[Path], *, allow_new_environment: bool = False) -> 
         if changed:
             print(f"warning: {environment_path} differs from {base_path}: {'; '.join(changed[:5])}", file=sys.stderr)
         for path in paths:
-            row = json.loads(path.read_text())
+            try:
+                row = json.loads(path.read_text())
+                row["protocol"], row["shots"], row["method"], row["accuracy"]  # noqa: B018 - what a result row has
+            except (ValueError, KeyError, TypeError) as error:
+                raise SystemExit(f"{path}: not a real_data.py result row ({error!r})") from None
             same("steps", path, [row.get(key) for key in ("steps", "test_episodes", "in_channels")],
                  "runs made with other steps, test episodes or channels")  # what every row records
             if "run_settings" in row:  # rows before it could not record --backbone and --set

@@ -314,6 +314,11 @@ def test_real_data_summarise_merges_seeds_run_in_separate_outs_and_refuses_what_
             r"results/R1o-pretrain-5-seed2.json: the same run gave other figures \(37.00% against 38.00%\)")  # fmt: skip
     refused(out("other_manifest", [("finetune", 4, 0.6, 0.4)], manifest="path,label,split\nb.png,x,test\n"),
             match=r"s2/R1o.csv and .*other_manifest/R1o.csv: other R1o manifests, so other classes or test episodes")  # fmt: skip
+    broken = out("broken", [("finetune", 7, 0.6, 0.4)])
+    next((broken / "results").glob("*.json")).write_text('{"protocol": "R1o"')
+    refused(broken, match=r"broken/results/R1o-finetune-5-seed7.json: not a real_data.py result row")
+    next((broken / "results").glob("*.json")).write_text('{"protocol": "R1o"}')
+    refused(broken, match=r"broken/results/R1o-finetune-5-seed7.json: not a real_data.py result row \(KeyError\('shots'\)\)")
     (tmp_path / "empty" / "results").mkdir(parents=True)
     refused(tmp_path / "empty", match=r"empty: no results")
     moved = out("other_environment", [("finetune", 5, 0.6, 0.4)])
