@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from medmeta.algorithms import DEFAULT_ALGORITHM, EpisodeBatch, MetaLearner, pixel_nearest_neighbour, resolve_algorithm
+from medmeta.algorithms.base import curve_steps
 from medmeta.algorithms.cuda_graph import GraphedOuterLoss
 from medmeta.evaluation.metrics import mean_and_ci95, per_episode_metrics
 from medmeta.networks import DEFAULT_BACKBONE, backbone_spec, build_backbone
@@ -32,7 +33,7 @@ from medmeta.plugins import spec_of
 
 logger = logging.getLogger(__name__)
 
-CURVE_EPISODES = 100  # test episodes whose query accuracy is also recorded after every inner step
+CURVE_EPISODES = 100  # test episodes whose query accuracy is also recorded along the inner steps (the adaptation curve)
 AlgorithmArg = Union[Callable[[nn.Module, int], MetaLearner], str]  # the CLI gives a class path as a partial
 BackboneArg = Union[Callable[[], nn.Module], str]
 
@@ -69,7 +70,8 @@ class TestResults:
     labels: torch.Tensor  # [E, N*Q]
     class_ids: torch.Tensor  # [E, N] test-split class index behind each episode label
     episode_ids: torch.Tensor  # [E]
-    curve: torch.Tensor | None  # [E', S + 1] query accuracy after every inner step (first CURVE_EPISODES)
+    curve: torch.Tensor | None  # [E', P] query accuracy after the inner steps curve_steps (first CURVE_EPISODES)
+    curve_steps: list[int] | None  # the P inner steps the curve's columns are after: 0 ... S
     pixel_acc: torch.Tensor | None  # [E] accuracy of nearest neighbour on pixels
     example: dict[str, torch.Tensor] | None  # the first episode, with its predictions
 
@@ -257,16 +259,18 @@ class FewShotModule(L.LightningModule):
     def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
         """Adapt to each frozen test episode; keep the query probabilities for the metrics and the callback.
 
-        The first ``CURVE_EPISODES`` episodes also record query accuracy after every inner step.
+        The first ``CURVE_EPISODES`` episodes also record query accuracy along the inner steps: after
+        every one, or after ``CURVE_POINTS`` evenly spaced ones for long adaptations (``curve_steps``).
         """
         self._check_n_way(batch)
         sx, sy, qx, qy = batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"]
-        per_step = None
+        curve = None
         with torch.enable_grad():
             if self._outputs["curve_episodes"] < CURVE_EPISODES:
-                per_step = self.algorithm.adapt_and_predict_every_step(sx, sy, qx)
-            logits = per_step[-1] if per_step is not None else self.algorithm.adapt_and_predict(sx, sy, qx)
-        if per_step is not None:
+                curve = self._adaptation_curve(sx, sy, qx)
+            logits = curve[0][-1] if curve is not None else self.algorithm.adapt_and_predict(sx, sy, qx)
+        if curve is not None:
+            per_step, self._outputs["curve_steps"] = curve
             self._outputs["curve"].append((per_step.argmax(dim=-1) == qy).float().mean(dim=-1).T.cpu())
             self._outputs["curve_episodes"] += sx.shape[0]
         probs = logits.float().softmax(dim=-1)
@@ -281,6 +285,20 @@ class FewShotModule(L.LightningModule):
             predicted = pixel_nearest_neighbour(sx, sy, qx)
             self._outputs["pixel_acc"].append((predicted == qy).float().mean(dim=1).cpu())
 
+    def _adaptation_curve(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int]] | None:
+        """Query logits ``[P, T, N*Q, N]`` along the inner steps and the ``P`` steps they are after, or ``None``: no curve."""
+        total = self.algorithm.adaptation_steps()
+        if total is None:  # a learner that does not adapt in counted steps: its curve hook's every step, if any
+            per_step = self.algorithm.adapt_and_predict_every_step(support_x, support_y, query_x)
+            return None if per_step is None else (per_step, list(range(per_step.shape[0])))
+        steps = curve_steps(total)
+        per_step = self.algorithm.adapt_and_predict_every_step(support_x, support_y, query_x, at_steps=steps)
+        if per_step is not None and per_step.shape[0] != len(steps):
+            raise RuntimeError(f"{self.algorithm.label()}: adapt_and_predict_every_step gave {per_step.shape[0]} rows for at_steps={steps}")
+        return None if per_step is None else (per_step, steps)
+
     def on_test_epoch_start(self) -> None:
         self._reset_test_outputs()
 
@@ -294,7 +312,7 @@ class FewShotModule(L.LightningModule):
         self.test_results = TestResults(
             probs=self._gather(out["probs"]), labels=self._gather(out["labels"]),
             class_ids=self._gather(out["class_ids"]), episode_ids=self._gather(out["episode_ids"]),
-            curve=torch.cat(out["curve"]) if out["curve"] else None,
+            curve=torch.cat(out["curve"]) if out["curve"] else None, curve_steps=out["curve_steps"],
             pixel_acc=self._gather(out["pixel_acc"]) if out["pixel_acc"] else None, example=out["example"],
         )  # fmt: skip
         per_episode = per_episode_metrics(self.test_results.probs, self.test_results.labels)
@@ -310,7 +328,7 @@ class FewShotModule(L.LightningModule):
     def _reset_test_outputs(self) -> None:
         self._outputs: dict[str, Any] = {
             "probs": [], "labels": [], "class_ids": [], "episode_ids": [], "curve": [], "pixel_acc": [],
-            "curve_episodes": 0, "example": None,
+            "curve_episodes": 0, "curve_steps": None, "example": None,
         }  # fmt: skip
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -19,7 +19,7 @@ FIGURES = ("confusion_matrix.png", "reliability_diagram.png", "adaptation_curve.
 
 def test_test_run_writes_metrics_csv_figures_and_logs(tiny_dicom_root: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = module_for(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=3)
+    module = module_for(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=12)
     data = EpisodicDataModule(str(tiny_dicom_root), n_way=3, k_shot=2, q_query=3, eval_batch_size=4, image_size=16,
                               test_episodes=8, split_ratios=(0.5, 0.25, 0.25))  # fmt: skip
     loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
@@ -32,7 +32,9 @@ def test_test_run_writes_metrics_csv_figures_and_logs(tiny_dicom_root: Path, tmp
         assert 0.0 <= metrics[key] <= 1.0 and metrics[f"{key}_ci95"] >= 0.0, key
     assert metrics["test_episodes"] == 8 and "bootstrap" in metrics["ci_method"]
     assert set(metrics["per_class"]) == set(data.class_splits.test)
-    assert len(metrics["adaptation_curve"]["accuracy_after_step"]) == 4  # after 0..3 inner steps
+    curve = metrics["adaptation_curve"]  # all 8 episodes (fewer than CURVE_EPISODES), 11 of the 13 points 0..12
+    assert curve["episodes"] == 8 and curve["after_steps"] == [0, 1, 2, 4, 5, 6, 7, 8, 10, 11, 12]
+    assert len(curve["accuracy_after_step"]) == 11 and abs(curve["accuracy_after_step"][-1] - metrics["accuracy"]) < 1e-6
     assert metrics["figures"] == list(FIGURES)
 
     with (run / "per_episode.csv").open() as handle:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import abc
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple, TypedDict
 
 from torch import Tensor, nn
 
 from medmeta.plugins import init_parameters
+
+CURVE_POINTS = 11  # the adaptation curve's points at most: every step up to 10, then evenly spaced
 
 
 class EpisodeBatch(TypedDict, total=False):
@@ -109,9 +111,21 @@ class MetaLearner(nn.Module, metaclass=abc.ABCMeta):
     # --- optional hooks ---------------------------------------------------------------------------
 
     def adapt_and_predict_every_step(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None,
+        at_steps: Sequence[int] | None = None,
     ) -> Tensor | None:
-        """Query logits after 0, 1, ... adaptation steps ``[S + 1, T, N*Q, N]`` (the adaptation curve), or ``None``."""
+        """Query logits after 0, 1, ... adaptation steps ``[S + 1, T, N*Q, N]`` (the adaptation curve), or ``None``.
+
+        ``at_steps`` (ascending, ending at ``S``): only after those steps, ``[len(at_steps), T, N*Q, N]``.
+        """
+        return None
+
+    def adaptation_steps(self) -> int | None:
+        """The number of adaptation steps at evaluation, for learners that adapt in steps (``None``: not one).
+
+        With it the test records the adaptation curve after at most ``CURVE_POINTS`` steps
+        (:func:`curve_steps`) instead of after every one.
+        """
         return None
 
     def set_epoch(self, epoch: int) -> None:
@@ -197,6 +211,20 @@ class MetaLearner(nn.Module, metaclass=abc.ABCMeta):
         override this.
         """
         return {name: saved[name] for name in cls.settings() if name in saved}
+
+
+def curve_steps(total: int, max_points: int = CURVE_POINTS) -> list[int]:
+    """The inner steps an adaptation curve of ``total`` steps is recorded after: every one when they are at
+    most ``max_points`` (with step 0), otherwise ``max_points`` of them evenly spaced from 0 to ``total``.
+
+    >>> curve_steps(4), curve_steps(40)
+    ([0, 1, 2, 3, 4], [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40])
+    """
+    if total < 0 or max_points < 2:
+        raise ValueError(f"curve_steps needs total >= 0 and max_points >= 2, got {total} and {max_points}")
+    if total + 1 <= max_points:
+        return list(range(total + 1))
+    return sorted({round(i * total / (max_points - 1)) for i in range(max_points)})
 
 
 def check_task_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor) -> None:

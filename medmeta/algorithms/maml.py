@@ -21,8 +21,9 @@ reads as a few overrides in its own short file.
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -333,26 +334,35 @@ class MAML(MetaLearner):
         self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None
     ) -> Tensor:
         """Query logits ``[T, N*Q, N]`` after ``eval_inner_steps`` steps on each task (works under ``no_grad``; detached)."""
-        return self.adapt_and_predict_every_step(support_x, support_y, query_x, steps=steps, every_step=False)[-1]
+        steps = self.eval_inner_steps if steps is None else steps
+        return self.adapt_and_predict_every_step(support_x, support_y, query_x, steps=steps, at_steps=[steps])[-1]
 
     def adapt_and_predict_every_step(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None, every_step: bool = True
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None,
+        at_steps: Sequence[int] | None = None,
     ) -> Tensor:
         """Detached query logits after 0, 1, ..., ``steps`` inner steps: ``[steps + 1, T, N*Q, N]``.
 
-        The last entry equals :meth:`adapt_and_predict`; the others give the adaptation curve
-        (``every_step=False`` computes the last only).
+        The last entry equals :meth:`adapt_and_predict`; the others give the adaptation curve.
+        ``at_steps`` (ascending, ending at ``steps``) predicts the queries after those steps only:
+        ``[len(at_steps), T, N*Q, N]``; the inner loop is the same.
         """
         steps = self.eval_inner_steps if steps is None else steps
+        wanted = list(range(steps + 1)) if at_steps is None else [int(k) for k in at_steps]
+        if not wanted or wanted[-1] != steps or any(b <= a for a, b in itertools.pairwise(wanted)) or wanted[0] < 0:
+            raise ValueError(f"at_steps must ascend from >= 0 and end at the {steps} adaptation steps, got {list(at_steps or [])}")
         theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
         curves = []
         for task in range(support_x.shape[0]):
             task_x, task_y = self._evaluation_support(support_x[task], support_y[task])
             states = self.trajectory(task_x, task_y, steps=steps, first_order=True, params=theta, detach=True)
             curves.append(torch.stack([
-                self._predict_queries(state, query_x[task], k).detach() for k, state in states if every_step or k == steps
+                self._predict_queries(state, query_x[task], k).detach() for k, state in states if k in wanted
             ]))  # fmt: skip
         return torch.stack(curves, dim=1)
+
+    def adaptation_steps(self) -> int:
+        return self.eval_inner_steps
 
     def _evaluation_support(self, support_x: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
         """The support set adapted on at evaluation: with its flips under ``support_augment``."""

@@ -11,6 +11,7 @@ used (its parameters get no gradient); only its shape (``N`` outputs on the feat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -73,10 +74,11 @@ class ProtoMAML(MAML):
         return super().outer_loss_and_logits(support_x, support_y, query_x, query_y)
 
     def adapt_and_predict_every_step(
-        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None, every_step: bool = True
+        self, support_x: Tensor, support_y: Tensor, query_x: Tensor, *, steps: int | None = None,
+        at_steps: Sequence[int] | None = None,
     ) -> Tensor:
         self._check_support_classes(support_y)
-        return super().adapt_and_predict_every_step(support_x, support_y, query_x, steps=steps, every_step=every_step)
+        return super().adapt_and_predict_every_step(support_x, support_y, query_x, steps=steps, at_steps=at_steps)
 
     def _adapted_weights(self, support_x: Tensor, support_y: Tensor, steps: int) -> Params:
         self._check_support_classes(support_y)

@@ -95,7 +95,9 @@ class EvaluationReport(L.Callback):
             summary.update(pixel_nn_accuracy=pixel_mean, pixel_nn_accuracy_ci95=pixel_ci)
         if results.curve is not None:
             curve = results.curve
-            summary["adaptation_curve"] = {"episodes": int(curve.shape[0]), "accuracy_after_step": curve.mean(0).tolist()}
+            steps = results.curve_steps if results.curve_steps is not None else list(range(curve.shape[1]))
+            summary["adaptation_curve"] = {"episodes": int(curve.shape[0]), "after_steps": steps,
+                                           "accuracy_after_step": curve.mean(0).tolist()}  # fmt: skip
         datamodule = _episodic(trainer)
         if datamodule is not None:
             summary["episodes"] = dict(datamodule.describe())
@@ -155,7 +157,7 @@ def write_figures(out_dir: Path, results: Any, episode_classes: list[tuple[str, 
         figures.plot_reliability_diagram(reliability_bins(results.probs, results.labels), out_dir / "reliability_diagram.png", ece=ece),
     ]  # fmt: skip
     if results.curve is not None:
-        paths.append(figures.plot_adaptation_curve(results.curve, out_dir / "adaptation_curve.png"))
+        paths.append(figures.plot_adaptation_curve(results.curve, out_dir / "adaptation_curve.png", steps=results.curve_steps))
     if results.example is not None:
         example = results.example
         paths.append(figures.plot_episode_grid(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -88,15 +89,17 @@ def plot_reliability_diagram(bins: dict, path: Path, ece: float | None = None) -
     return _save(figure, path)
 
 
-def plot_adaptation_curve(step_accuracy: Tensor, path: Path) -> Path:
-    """Mean query accuracy after 0..S inner steps (``step_accuracy`` is ``[E, S+1]``) with a 95% CI band
-    (normal approximation over episodes); returns ``path``."""
+def plot_adaptation_curve(step_accuracy: Tensor, path: Path, steps: Sequence[int] | None = None) -> Path:
+    """Mean query accuracy after the inner steps ``steps`` (default 0..S; ``step_accuracy`` is ``[E, len(steps)]``)
+    with a 95% CI band (normal approximation over episodes); returns ``path``."""
     step_accuracy = torch.as_tensor(step_accuracy).detach().cpu().double()
     if step_accuracy.ndim != 2:
         raise ValueError(f"step_accuracy must be [E, S+1], got {tuple(step_accuracy.shape)}")
+    steps = np.arange(step_accuracy.shape[1]) if steps is None else np.asarray(steps)
+    if steps.shape != (step_accuracy.shape[1],):
+        raise ValueError(f"{step_accuracy.shape[1]} curve columns but {steps.size} steps: {steps.tolist()}")
     stats = np.array([mean_and_ci95(column) for column in step_accuracy.T])
     mean, ci = stats[:, 0], stats[:, 1]
-    steps = np.arange(step_accuracy.shape[1])
     figure = _new_figure(5.0, 3.5)
     axes = figure.add_subplot()
     axes.fill_between(steps, mean - ci, mean + ci, color="tab:blue", alpha=0.25, label="95% CI")
@@ -104,9 +107,9 @@ def plot_adaptation_curve(step_accuracy: Tensor, path: Path) -> Path:
     axes.set_xlabel("inner steps")
     axes.set_ylabel("query accuracy")
     axes.set_xticks(steps if steps.size <= 20 else np.linspace(0, steps[-1], 11).round())
+    axes.set_title("Adaptation curve")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    axes.set_title("Adaptation curve")
     return _save(figure, path)
 
 

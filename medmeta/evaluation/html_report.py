@@ -27,7 +27,7 @@ WORST_EPISODES = 10  # how many of the lowest-accuracy episodes the report lists
 FIGURE_TITLES = {
     "confusion_matrix": "Confusion matrix over the test classes (all episodes)",
     "reliability_diagram": "Reliability diagram (confidence vs accuracy of the query predictions)",
-    "adaptation_curve": "Query accuracy after each adaptation step",
+    "adaptation_curve": "Query accuracy along the adaptation steps",
     "episode_grid": "The first test episode: support and query images with the predictions",
 }
 METRIC_LABELS = {
@@ -131,7 +131,7 @@ def _metrics_table(summary: Mapping[str, Any], extra_metrics: Sequence[str]) -> 
     curve = summary.get("adaptation_curve")
     if isinstance(curve, Mapping) and curve.get("accuracy_after_step"):
         steps = list(curve["accuracy_after_step"])
-        last = len(steps) - 1
+        last = int(curve.get("after_steps", range(len(steps)))[-1])  # metrics.json before curve_steps: every step
         text = f"{_number('accuracy', steps[0])} before adaptation → {_number('accuracy', steps[-1])} after {last} step{'s' * (last != 1)}"
         rows.append(f'<tr class="metric-row" data-metric="adaptation_curve"><th>query accuracy</th>'
                     f'<td class="num">{html.escape(text)}</td></tr>')  # fmt: skip

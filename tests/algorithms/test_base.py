@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import Tensor, nn
 
 from medmeta.algorithms import MAML, MAMLPlusPlus, MetaLearner
+from medmeta.algorithms.base import CURVE_POINTS, curve_steps
 from medmeta.networks import Conv4
 
 
@@ -76,7 +79,7 @@ def test_default_hooks() -> None:
     learner = Recording(_model(), 3)
     batch = _batch()
     sx, sy, qx = batch["support_x"], batch["support_y"], batch["query_x"]
-    assert learner.adapt_and_predict_every_step(sx, sy, qx) is None
+    assert learner.adapt_and_predict_every_step(sx, sy, qx) is None and learner.adaptation_steps() is None
     assert learner.predictor(sx[0], sy[0]) is None
     learner.set_epoch(3)  # a no-op
     assert learner.running_stat_slots() == 1 and learner.cuda_graph_safe() is False
@@ -113,3 +116,22 @@ def test_settings_are_the_keyword_arguments_after_model_and_n_way() -> None:
 
 def test_settings_from_legacy_takes_the_keys_named_like_a_setting() -> None:
     assert Recording.settings_from_legacy({"scale": 3.0, "inner_lr": 0.1}) == {"scale": 3.0}
+
+
+@pytest.mark.parametrize("total", [0, 1, 9, 10, 11, 12, 20, 37, 40, 41, 100, 1000])
+def test_curve_steps_are_every_step_up_to_ten_then_eleven_evenly_spaced(total: int) -> None:
+    steps = curve_steps(total)
+    assert steps[0] == 0 and steps[-1] == total and steps == sorted(set(steps))
+    if total + 1 <= CURVE_POINTS:
+        assert steps == list(range(total + 1))
+    else:
+        assert len(steps) == CURVE_POINTS
+        gaps = [b - a for a, b in itertools.pairwise(steps)]
+        assert max(gaps) - min(gaps) <= 1  # evenly spaced up to rounding
+    assert curve_steps(40) == list(range(0, 41, 4)) and curve_steps(20, max_points=3) == [0, 10, 20]
+
+
+@pytest.mark.parametrize(("total", "points"), [(-1, 11), (5, 1)])
+def test_curve_steps_refuses_impossible_requests(total: int, points: int) -> None:
+    with pytest.raises(ValueError, match="curve_steps needs"):
+        curve_steps(total, points)

@@ -84,3 +84,16 @@ def test_evaluation_flips_adapt_on_the_support_flips_and_average_the_query_flips
     assert predictor.backbone_calls == 4
     torch.testing.assert_close(predictor.forward(qx[0]), got[0])
     assert "flips" in augmented.adaptation_text() and augmented.report_settings()["query_augment"] is True
+
+
+@pytest.mark.parametrize("cls", FAMILY, ids=lambda c: c.__name__)
+def test_the_curve_at_some_steps_is_those_rows_of_the_full_curve(cls: type[MAML]) -> None:
+    learner = _learner(cls)
+    sx, sy, qx, _ = random_episodes(tasks=2, side=8)
+    full = learner.adapt_and_predict_every_step(sx, sy, qx, steps=6)
+    some = learner.adapt_and_predict_every_step(sx, sy, qx, steps=6, at_steps=[0, 3, 5, 6])
+    assert torch.equal(some, full[[0, 3, 5, 6]])
+    assert learner.adaptation_steps() == learner.eval_inner_steps
+    for bad in ([0, 3], [3, 3, 6], [-1, 6], []):  # must end at the steps, ascend strictly, start at >= 0
+        with pytest.raises(ValueError, match="at_steps must ascend"):
+            learner.adapt_and_predict_every_step(sx, sy, qx, steps=6, at_steps=bad)

@@ -169,3 +169,12 @@ def test_comparison_needs_rows(tmp_path: Path) -> None:
         plot_comparison([], tmp_path / "empty.png")
     with pytest.raises(ValueError, match="ci95"):
         plot_accuracy_vs_shots([{"algorithm": "maml", "shots": 1, "accuracy": 0.5}], tmp_path / "bad.png")
+
+
+def test_adaptation_curve_at_some_steps_puts_each_point_at_its_step(tmp_path: Path, drawn: list[Figure]) -> None:
+    columns = torch.tensor([[0.2, 0.4], [0.5, 0.7], [0.6, 0.8]]).T  # 2 episodes, after steps 0, 20, 40
+    path = tmp_path / "adaptation.png"
+    assert_png(path, plot_adaptation_curve(columns, path, steps=[0, 20, 40]))
+    np.testing.assert_allclose(drawn[0].axes[0].lines[0].get_xdata(), [0, 20, 40])
+    with pytest.raises(ValueError, match="3 curve columns but 2 steps"):
+        plot_adaptation_curve(columns, path, steps=[0, 40])

@@ -110,3 +110,14 @@ def test_report_renders_in_headless_chromium(test_run: Path, tmp_path: Path) -> 
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     # the page's own styles hold no blue: blue pixels are the decoded figures (Blues colour map, blue bars)
     assert ((b > r + 60) & (b > g + 15)).mean() > 0.005
+
+
+@pytest.mark.parametrize(("curve", "text"), [
+    ({"accuracy_after_step": [0.25, 0.5, 0.75], "after_steps": [0, 20, 40]}, "25.0% before adaptation → 75.0% after 40 steps"),
+    ({"accuracy_after_step": [0.25, 0.5, 0.75]}, "25.0% before adaptation → 75.0% after 2 steps"),  # written before after_steps
+])  # fmt: skip
+def test_report_names_the_curve_s_last_step(curve: dict[str, list[float]], text: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    probs, labels = torch.softmax(torch.randn(4, 6, 3, generator=g), dim=-1), torch.arange(3).repeat(2).expand(4, 6)
+    summary = {"test_episodes": 4, **summarise(probs, labels, [("a", "b", "c")] * 4), "adaptation_curve": curve}
+    assert text in render_test_report(summary=summary, settings={}, figures=[], worst=[], warnings=[])
