@@ -98,3 +98,21 @@ def test_hparams_hold_the_complete_plain_specs_of_learner_and_backbone() -> None
     assert backbone == {"class_path": "medmeta.networks.resnet.ResNet12",
                         "init_args": {**backbone["init_args"], "hidden_channels": 4}} and "norm" in backbone["init_args"]  # fmt: skip
     assert FewShotModule(**module.hparams).hparams == module.hparams  # rebuilt from them alone
+
+
+def test_the_test_curve_is_at_curve_steps_or_every_step_of_a_learner_without_counted_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = module_for(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, eval_inner_steps=12)
+    batch = _batch()
+    sx, sy, qx = batch["support_x"], batch["support_y"], batch["query_x"]
+    per_step, steps = module._adaptation_curve(sx, sy, qx)
+    assert steps == [0, 1, 2, 4, 5, 6, 7, 8, 10, 11, 12] and per_step.shape[0] == 11
+    assert torch.equal(per_step, module.algorithm.adapt_and_predict_every_step(sx, sy, qx)[steps])
+
+    monkeypatch.setattr(module.algorithm, "adaptation_steps", lambda: None)  # e.g. a plug-in written before at_steps
+    per_step, steps = module._adaptation_curve(sx, sy, qx)
+    assert steps == list(range(13)) and per_step.shape[0] == 13
+
+    monkeypatch.setattr(module.algorithm, "adaptation_steps", lambda: 12)
+    monkeypatch.setattr(module.algorithm, "adapt_and_predict_every_step", lambda *a, **k: torch.zeros(13, 2, 6, 3))
+    with pytest.raises(RuntimeError, match="gave 13 rows for at_steps"):  # a hook that ignores at_steps: never mislabel
+        module._adaptation_curve(sx, sy, qx)
