@@ -130,9 +130,9 @@ def _metrics_table(summary: Mapping[str, Any], extra_metrics: Sequence[str]) -> 
     ]
     curve = summary.get("adaptation_curve")
     if isinstance(curve, Mapping) and curve.get("accuracy_after_step"):
-        steps = list(curve["accuracy_after_step"])
-        last = int(curve.get("after_steps", range(len(steps)))[-1])  # metrics.json before curve_steps: every step
-        text = f"{_number('accuracy', steps[0])} before adaptation → {_number('accuracy', steps[-1])} after {last} step{'s' * (last != 1)}"
+        accuracy = list(curve["accuracy_after_step"])
+        last = int(curve.get("after_steps", range(len(accuracy)))[-1])  # metrics.json before after_steps: every step
+        text = f"{_number('accuracy', accuracy[0])} before adaptation → {_number('accuracy', accuracy[-1])} after {last} step{'s' * (last != 1)}"
         rows.append(f'<tr class="metric-row" data-metric="adaptation_curve"><th>query accuracy</th>'
                     f'<td class="num">{html.escape(text)}</td></tr>')  # fmt: skip
     return '<table class="data metrics"><thead><tr><th>metric</th><th>mean ± 95% CI</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
