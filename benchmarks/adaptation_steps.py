@@ -25,8 +25,11 @@ from pathlib import Path
 import torch
 
 
-def accuracy_after_each_step(ckpt: Path, max_steps: int, episodes: int | None, data_root: str | None) -> torch.Tensor:
-    """``[episodes, max_steps + 1]``: each meta-val episode's query accuracy after 0..max_steps inner steps."""
+def accuracy_after_each_step(ckpt: Path, steps: list[int], episodes: int | None, data_root: str | None) -> torch.Tensor:
+    """``[episodes, len(steps)]``: each meta-val episode's query accuracy after each of ``steps`` inner steps (ascending).
+
+    One inner loop of ``steps[-1]`` steps per episode; the queries are predicted after ``steps`` only.
+    """
     from medmeta import EpisodicDataModule
     from medmeta.checkpoints import load_trained
 
@@ -40,7 +43,7 @@ def accuracy_after_each_step(ckpt: Path, max_steps: int, episodes: int | None, d
     with torch.no_grad():
         for batch in data.val_dataloader():
             curve = module.algorithm.adapt_and_predict_every_step(batch["support_x"], batch["support_y"], batch["query_x"],
-                                                                  steps=max_steps)  # fmt: skip
+                                                                  steps=steps[-1], at_steps=steps)  # fmt: skip
             if curve is None:
                 raise SystemExit(f"{module.algorithm.label()} has no inner steps to count (a MAML-family learner has)")
             rows.append((curve.argmax(-1) == batch["query_y"]).float().mean(-1).T)
@@ -48,9 +51,10 @@ def accuracy_after_each_step(ckpt: Path, max_steps: int, episodes: int | None, d
 
 
 def suggested_steps(mean: torch.Tensor, tolerance: float, candidates: list[int]) -> int:
-    """The fewest of ``candidates`` steps whose mean accuracy (points) is within ``tolerance`` of the best candidate's."""
-    best = max(float(mean[k]) for k in candidates)
-    return min(k for k in candidates if float(mean[k]) >= best - tolerance)
+    """The fewest of ``candidates`` steps whose mean accuracy (points; ``mean[i]`` after ``candidates[i]`` steps)
+    is within ``tolerance`` of the best candidate's."""
+    best = float(mean.max())
+    return min(k for k, value in zip(candidates, mean.tolist(), strict=True) if value >= best - tolerance)
 
 
 def main() -> None:
@@ -66,17 +70,17 @@ def main() -> None:
     if args.max_steps < 1 or args.every < 1:
         parser.error("--max-steps and --every must be at least 1")
     logging.disable(logging.WARNING)
-    accuracy = 100 * accuracy_after_each_step(args.checkpoint, args.max_steps, args.episodes, args.data_root)
+    candidates = sorted({*range(0, args.max_steps + 1, args.every), args.max_steps})
+    accuracy = 100 * accuracy_after_each_step(args.checkpoint, candidates, args.episodes, args.data_root)
     mean = accuracy.mean(0)
     ci95 = 1.96 * accuracy.std(0) / math.sqrt(len(accuracy)) if len(accuracy) > 1 else torch.zeros_like(mean)
-    candidates = sorted({*range(0, args.max_steps + 1, args.every), args.max_steps})
-    for k in candidates:
-        print(f"{k:4d} steps  {float(mean[k]):5.1f}% ± {float(ci95[k]):.1f}")
+    for k, value, half_width in zip(candidates, mean.tolist(), ci95.tolist(), strict=True):
+        print(f"{k:4d} steps  {value:5.1f}% ± {half_width:.1f}")
     steps = suggested_steps(mean, args.tolerance, candidates)
     print(f"suggested eval_inner_steps: {steps} (the fewest within {args.tolerance:g} points of the best, "
           f"{len(accuracy)} meta-val episodes)")  # fmt: skip
     if args.out:
-        args.out.write_text(json.dumps({"episodes": len(accuracy), "accuracy_after_step": mean.tolist(),
+        args.out.write_text(json.dumps({"episodes": len(accuracy), "after_steps": candidates, "accuracy_after_step": mean.tolist(),
                                         "ci95": ci95.tolist(), "suggested_steps": steps}, indent=2) + "\n")  # fmt: skip
 
 

@@ -420,6 +420,23 @@ def test_configs_real_data_maml_is_the_measured_best_maml_method() -> None:
     assert config["model"]["meta_lr"] == method.settings["meta_lr"] and config["trainer"]["max_steps"] == 150
 
 
+def test_curve_cost_times_the_test_batch_with_and_without_the_curve(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """benchmarks/curve_cost.py on a MAML checkpoint: three timings of the same final logits; a learner without steps is refused."""
+    from tests.test_bundle import _checkpoint
+
+    ckpt = _checkpoint(tiny_dicom_root, tmp_path, "maml", inner_steps=1)
+    done = _run(str(REPO / "benchmarks" / "curve_cost.py"), str(ckpt), "--steps", "12", "--query-flips", "--tasks", "2",
+                "--repeats", "1", "--out", str(tmp_path / "cost.json"), cwd=tmp_path, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    assert cost["steps"] == 12 and sorted(cost["seconds"]) == ["curve_steps", "every_step", "none"]
+    assert all(seconds > 0 for seconds in cost["seconds"].values())
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["none", "curve_steps", "every_step"]
+    refused = _run(str(REPO / "benchmarks" / "curve_cost.py"), str(_checkpoint(tiny_dicom_root, tmp_path / "p", "protonet")),
+                   cwd=tmp_path, timeout=300)  # fmt: skip
+    assert refused.returncode != 0 and "has no inner steps to count" in refused.stderr
+
+
 def test_adaptation_steps_counts_meta_val_accuracy_after_each_step(tiny_dicom_root: Path, tmp_path: Path) -> None:
     """benchmarks/adaptation_steps.py on a MAML checkpoint: the curve from 0 steps, its CIs and the suggestion rule."""
     from tests.test_bundle import _checkpoint
@@ -430,6 +447,13 @@ def test_adaptation_steps_counts_meta_val_accuracy_after_each_step(tiny_dicom_ro
     assert done.returncode == 0, done.stderr[-2000:]
     curve = json.loads((tmp_path / "steps.json").read_text())
     assert curve["episodes"] == 4 and len(curve["accuracy_after_step"]) == len(curve["ci95"]) == 4
+    assert curve["after_steps"] == [0, 1, 2, 3]
+    every_other = _run(str(REPO / "benchmarks" / "adaptation_steps.py"), str(ckpt), "--max-steps", "3", "--every", "2",
+                       "--episodes", "4", "--out", str(tmp_path / "steps2.json"), cwd=tmp_path, timeout=300)  # fmt: skip
+    assert every_other.returncode == 0, every_other.stderr[-2000:]
+    sparse = json.loads((tmp_path / "steps2.json").read_text())  # the queries predicted after 0, 2, 3 steps only
+    assert sparse["after_steps"] == [0, 2, 3]
+    assert sparse["accuracy_after_step"] == [curve["accuracy_after_step"][k] for k in (0, 2, 3)]
     assert f"suggested eval_inner_steps: {curve['suggested_steps']} " in done.stdout
     assert [line.split()[0] for line in done.stdout.splitlines()[:4]] == ["0", "1", "2", "3"]
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -439,6 +463,7 @@ def test_adaptation_steps_counts_meta_val_accuracy_after_each_step(tiny_dicom_ro
         sys.path.remove(str(REPO / "benchmarks"))
     mean = torch.tensor([25.0, 59.1, 66.4, 68.0, 68.4, 68.7, 68.9, 68.8])  # R1's meta-val curve at 0, 5, ..., 35 steps
     assert suggested_steps(mean, 0.5, list(range(8))) == 4 and suggested_steps(mean, 0.0, list(range(8))) == 6
+    assert suggested_steps(mean, 0.5, list(range(0, 40, 5))) == 20  # the same curve labelled with its steps
     refused = _run(str(REPO / "benchmarks" / "adaptation_steps.py"), str(_checkpoint(tiny_dicom_root, tmp_path / "p", "protonet")),
                    "--max-steps", "2", cwd=tmp_path, timeout=300)  # fmt: skip
     assert refused.returncode != 0 and "has no inner steps to count" in refused.stderr
