@@ -350,7 +350,7 @@ class MAML(MetaLearner):
         steps = self.eval_inner_steps if steps is None else steps
         wanted = list(range(steps + 1)) if at_steps is None else [int(k) for k in at_steps]
         if not wanted or wanted[-1] != steps or any(b <= a for a, b in itertools.pairwise(wanted)) or wanted[0] < 0:
-            raise ValueError(f"at_steps must ascend from >= 0 and end at the {steps} adaptation steps, got {list(at_steps or [])}")
+            raise ValueError(f"at_steps must ascend from >= 0 and end at the {steps} adaptation steps, got {wanted}")
         theta = {name: p.detach() for name, p in self.adaptable_parameters().items()}
         curves = []
         for task in range(support_x.shape[0]):
