@@ -95,8 +95,7 @@ class EvaluationReport(L.Callback):
             summary.update(pixel_nn_accuracy=pixel_mean, pixel_nn_accuracy_ci95=pixel_ci)
         if results.curve is not None:
             curve = results.curve
-            steps = results.curve_steps if results.curve_steps is not None else list(range(curve.shape[1]))
-            summary["adaptation_curve"] = {"episodes": int(curve.shape[0]), "after_steps": steps,
+            summary["adaptation_curve"] = {"episodes": int(curve.shape[0]), "after_steps": results.curve_steps,
                                            "accuracy_after_step": curve.mean(0).tolist()}  # fmt: skip
         datamodule = _episodic(trainer)
         if datamodule is not None:
