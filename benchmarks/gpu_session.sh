@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_session.sh fit     # quickstart meta-training, eager vs --model.cuda_graph (~2 min)
 #   bash benchmarks/gpu_session.sh target  # only the issue-6 target case, 84x84x3 1-shot T=32, exact fp32
 #                                          # and TF32 for every implementation alike (~6 min)
+#   bash benchmarks/gpu_session.sh real    # issue 16: second-order MAML from the pre-training on ResNet-12
+#                                          # (32-64-128-256), R1 and R2 side by side; $DATA (default gpudata)
+#                                          # is a copy of ../shared/data carried to the machine (~8 min box)
 #
 # Results go to $OUT (default runs/gpu): log.txt, results.tgz (every JSON) and tasks_per_s.png.
 # Where .whl/ holds wheels (monai, pydicom, nibabel, higher, torchopt with its optree and graphviz),
@@ -54,6 +57,14 @@ target)
     speed 240 --cases 84x84x3 1s15q-T32 --repeats 3 --warmup 1 --implementations $TARGET --json "$OUT/json/target.json"
     speed 120 --cases 84x84x3 1s15q-T32 --repeats 3 --warmup 1 --tf32 --implementations $TARGET \
         --json "$OUT/json/target-tf32.json"
+    ;;
+real)
+    # The rows that did not fit the CPU budget: the pre-training, MAML's 150 meta-steps from it, and its weights at 20
+    # test steps (configs/real_data_maml.yaml's setting); the Conv-4 rows to compare with are in BENCHMARKS.md.
+    run 480 python3 benchmarks/real_data.py --data "${DATA:-gpudata}" --protocols R1 R2 --shots 5 --steps 300 \
+        --val-episodes 50 --test-episodes 600 --jobs 2 --backbone resnet12 --algorithms maml_init maml_init_steps20 \
+        --out /tmp/real
+    mkdir -p "$OUT/json/real" && cp -r /tmp/real/results /tmp/real/*.md /tmp/real/*.json "$OUT/json/real/"  # no checkpoints
     ;;
 fit)
     # Meta-training only (no validation or test): the quickstart's 5-way 1-shot, 32x32, T=4.
