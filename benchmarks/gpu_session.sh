@@ -62,9 +62,9 @@ real)
     # The rows that did not fit the CPU budget: the pre-training, MAML's 150 meta-steps from it, and its weights at 20
     # test steps (configs/real_data_maml.yaml's setting); the Conv-4 rows to compare with are in BENCHMARKS.md.
     # SIGINT at the box's end: real_data.py then stops its runs and keeps the finished rows (SIGTERM would orphan them)
-    run 480 timeout --signal=INT --kill-after=45 420 python3 benchmarks/real_data.py --data "${DATA:-gpudata}" --protocols R1 R2 --shots 5 --steps 300 \
-        --val-episodes 50 --test-episodes 600 --jobs 2 --backbone resnet12 --algorithms maml_init maml_init_steps20 \
-        --out /tmp/real
+    run 480 timeout --signal=INT --kill-after=45 420 python3 benchmarks/real_data.py --data "${DATA:-gpudata}" \
+        --protocols R1 R2 --shots 5 --steps 300 --val-episodes 50 --test-episodes 600 --jobs 2 --backbone resnet12 \
+        --algorithms maml_init maml_init_steps20 --out /tmp/real
     mkdir -p "$OUT/json/real" && cp -r /tmp/real/results /tmp/real/*.md /tmp/real/*.json "$OUT/json/real/"  # no checkpoints
     ;;
 fit)
