@@ -31,6 +31,7 @@ from torch import nn
 
 import medmeta
 from medmeta.adapted import AdaptedClassifier
+from medmeta.checkpoints import non_finite, weights_problem
 from medmeta.errors import DataError
 from medmeta.plugins import import_object
 
@@ -122,6 +123,8 @@ def load_bundle(folder: Path) -> Bundle:
         state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a damaged or foreign weights file
         raise DataError(f"bundle {folder}: {WEIGHTS} cannot be read as a state dict ({type(error).__name__}: {error})") from None
+    if isinstance(state, Mapping) and (broken := non_finite(state)):
+        raise DataError(f"bundle {folder}: {WEIGHTS}: {weights_problem(broken)}")
     try:
         network.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, AttributeError) as error:
@@ -130,11 +133,27 @@ def load_bundle(folder: Path) -> Bundle:
     width = getattr(network, "n_classes", len(names))
     if width != len(names):
         raise DataError(f"bundle {folder}: the network has {width} outputs but metadata names {len(names)} classes")
-    settings = dict(metadata["image_settings"])
+    settings = _image_settings(folder, metadata["image_settings"], inference["network_def"])
     for key in ("window", "spacing", "roi_size"):
         if settings.get(key) is not None:
             settings[key] = tuple(settings[key])
     return Bundle(network.eval(), list(names), settings, metadata)
+
+
+def _image_settings(folder: Path, settings: object, network_def: Mapping[str, Any]) -> dict[str, object]:
+    """``metadata.json``'s image settings, checked for the keys the load transforms need and against ``network_def``."""
+    if not isinstance(settings, Mapping):
+        raise DataError(f"bundle {folder}: image_settings in {METADATA} must be a JSON object, got {settings!r}")
+    ranges = {"spatial_dims": (2, 3), "in_channels": (1, 64), "image_size": (1, 4096)}
+    for key, (low, high) in ranges.items():
+        value = settings.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise DataError(f"bundle {folder}: image_settings.{key} in {METADATA} must be an integer from {low} to "
+                            f"{high}, got {value!r}")  # fmt: skip
+        if key in network_def and network_def[key] != value:
+            raise DataError(f"bundle {folder}: image_settings.{key} = {value} in {METADATA}, but the network in "
+                            f"{INFERENCE} was built for {network_def[key]!r}")  # fmt: skip
+    return dict(settings)
 
 
 def inference_config(network_def: Mapping[str, Any], image_settings: Mapping[str, object]) -> dict[str, Any]:
@@ -236,6 +255,9 @@ def _check_reproduces(network: nn.Module, loaded: nn.Module, settings: Mapping[s
     probe = torch.rand(shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = network.eval()(probe), loaded(probe)
+    if not bool(torch.isfinite(expected).all()):
+        raise DataError("the adapted model gives NaN or infinite outputs (its adaptation diverged); nothing was saved: "
+                        "try fewer --steps, or check the support images")  # fmt: skip
     if not torch.equal(expected, got):
         difference = float((expected - got).abs().max())
         raise RuntimeError(f"the saved bundle does not reproduce the adapted model (max difference {difference:.3g})")

@@ -54,7 +54,23 @@ def read_checkpoint(path: Path) -> dict:
         raise DataError(
             f"cannot load checkpoint {path}: it is a PyTorch file but {NOT_OURS} (no state_dict or hyper_parameters)"
         )
+    broken = non_finite(checkpoint["state_dict"])
+    if broken:
+        raise DataError(f"cannot load checkpoint {path}: {weights_problem(broken)}")
     return checkpoint
+
+
+def non_finite(state: Mapping[str, object]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` holding a NaN or an infinity."""
+    return [name for name, value in state.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]  # fmt: skip
+
+
+def weights_problem(names: list[str]) -> str:
+    """The reason given for refusing weights with non-finite values (a diverged training, or a damaged file)."""
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{len(names)} weight tensor(s) hold NaN or infinite values ({shown}); every prediction from them would "
+            "be meaningless (a diverged training or a damaged file)")  # fmt: skip
 
 
 def _format_problem(path: Path) -> str | None:

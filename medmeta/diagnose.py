@@ -46,6 +46,7 @@ from medmeta.checkpoints import load_trained
 from medmeta.data.loading import transform_images
 from medmeta.data.preflight import check_image, window_problem
 from medmeta.data.presets import DEFAULT_WINDOW, Intensity
+from medmeta.data.cohort import content_sha256
 from medmeta.data.formats import format_of
 from medmeta.data.records import ImageRecord, discover_records
 from medmeta.errors import DataError
@@ -86,6 +87,8 @@ def diagnose(
                 raise DataError(f"output folder {folder} exists and is not empty; choose a new {flag} (nothing is overwritten)")
     if save_adapted is not None and save_adapted.resolve() == out.resolve():
         raise DataError("--save-adapted and --out must be different folders")
+    if steps is not None and steps < 1:
+        raise DataError(f"--steps must be at least 1 (inner steps of adaptation to the support set), got {steps}")
     module, settings = load_checkpoint(Path(ckpt))
     spatial_dims = int(settings["spatial_dims"])
     support_records, names = read_support(Path(support), spatial_dims)
@@ -101,6 +104,9 @@ def diagnose(
     explained = explainer(algorithm, support_x, support_y, steps, network=exported)
     with torch.no_grad():  # the function Grad-CAM explains below is the one that predicts
         probs = explained(query_x).softmax(-1)
+    if not bool(torch.isfinite(probs).all()):
+        raise DataError(f"the model adapted to {support} gives NaN or infinite outputs (its adaptation diverged): "
+                        "nothing was written; try fewer --steps, or check the support images")  # fmt: skip
     warnings += leave_one_out_warnings(algorithm, support_x, support_y, names, steps, query_x)
     counts = {name: int((support_y == k).sum()) for k, name in enumerate(names)}
     bundle = None if exported is None or save_adapted is None else save_bundle(
@@ -114,11 +120,16 @@ def diagnose(
     with torch.enable_grad():
         cams = grad_cam(explained, query_x, predicted, target_layer=explained.TARGET)
     constant = constant_images(query_x)
+    shown = {content_sha256(r.path): r.label for r in support_records}  # a query that is a support case is no test
     rows, predictions = [], []
     for i, record in enumerate(query_records):
         case_id = f"query-{i + 1:03d}"
-        file_id = _file_id(record.path)
+        digest = content_sha256(record.path)
+        file_id = digest[:12]
         case_warnings = [_constant_warning(settings, float(query_x[i].max()))] if constant[i] else []
+        if digest in shown:
+            case_warnings.append(f"the same image as a support case of {shown[digest]} (identical file contents): "
+                                 "its prediction repeats what the model was shown, it is no test of it")  # fmt: skip
         warnings += [f"{case_id} ({file_id}): {w}" for w in case_warnings]
         image = image_png(query_x[i], out / "images" / f"{case_id}.png", scale=_scale(query_x))
         overlay = overlay_png(query_x[i], cams[i], out / "overlays" / f"{case_id}.png", scale=_scale(query_x))
@@ -391,11 +402,7 @@ def _scale(images: Tensor) -> int:
 
 def _file_id(path: Path) -> str:
     """The first 12 hex digits of the SHA-256 of the file's bytes (a folder: of its sorted files)."""
-    digest = hashlib.sha256()
-    for part in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if part.is_file():
-            digest.update(part.read_bytes())
-    return digest.hexdigest()[:12]
+    return content_sha256(path)[:12]
 
 
 def _write_predictions(out: Path, predictions: list[dict[str, object]], names: list[str]) -> None:

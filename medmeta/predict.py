@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from medmeta.bundle import Bundle
-from medmeta.data.cohort import Case, find_cases
+from medmeta.data.cohort import Case, content_sha256, find_cases
 from medmeta.data.loading import transform_images
 from medmeta.data.preflight import check_image
 from medmeta.data.records import ImageRecord, resolved
@@ -94,7 +94,7 @@ def predict_cohort(
     names = list(bundle.class_names)
     header = ["case", "predicted", *(f"p({name})" for name in names), "warnings"]
     fingerprint = bundle_fingerprint(bundle)
-    done = _open_output(out, fingerprint, header)
+    done = _open_output(out, fingerprint, header, {case.case_id: content_sha256(case.path) for case in cases})
     pending = [case for case in cases if case.case_id not in done]
     logger.info("%d case(s): %d already in %s, %d to predict", len(cases), len(cases) - len(pending), CSV_NAME,
                 len(pending))  # fmt: skip
@@ -140,6 +140,9 @@ def predict_batch(bundle: Bundle, cases: Sequence[Case]) -> list[list[str]]:
                             f"cases of {len(bundle.class_names)} classes")  # fmt: skip
         probs = logits.float().softmax(-1)
         for j, (i, constant) in enumerate(zip(usable, constant_images(images))):
+            if not bool(torch.isfinite(probs[j]).all()):
+                rows[i] = _unpredicted(bundle, cases[i], "not predicted: the network's output is NaN or infinite")
+                continue
             warnings = [_constant_warning(settings, float(images[j].max()))] if constant else []
             predicted = bundle.class_names[int(probs[j].argmax())]
             rows[i] = [cases[i].case_id, predicted, *(f"{float(p):.6f}" for p in probs[j]), SEPARATOR.join(warnings)]
@@ -187,22 +190,51 @@ def bundle_fingerprint(bundle: Bundle) -> str:
     return digest.hexdigest()
 
 
-def _open_output(out: Path, fingerprint: str, header: list[str]) -> dict[str, list[str]]:
-    """Prepare ``out`` (state file, CSV header) and return the rows already written, by case id."""
+def _open_output(out: Path, fingerprint: str, header: list[str], contents: dict[str, str]) -> dict[str, list[str]]:
+    """Prepare ``out`` (state file, CSV header) and return the rows already written, by case id.
+
+    ``contents`` is each case's SHA-256 by case id: recorded in the state file, so that a re-run
+    refuses to reuse a row whose case id now names other contents (another cohort with the same
+    file names, or a file changed since it was predicted).
+    """
     state_path = out / STATE_NAME
+    state: dict[str, object] = {"bundle_sha256": fingerprint, "columns": header, "case_sha256": {}}
     if state_path.is_file():
         try:
             state = json.loads(state_path.read_text())
         except (OSError, ValueError) as error:
             raise DataError(f"{state_path} cannot be read ({type(error).__name__}); choose a new --out") from None
-        if state.get("bundle_sha256") != fingerprint:
+        if not isinstance(state, dict) or state.get("bundle_sha256") != fingerprint:
+            recorded = state.get("bundle_sha256") if isinstance(state, dict) else None
             raise DataError(f"output folder {out} holds predictions of another bundle (sha256 "
-                            f"{str(state.get('bundle_sha256'))[:12]}, this one {fingerprint[:12]}); choose a new --out")  # fmt: skip
+                            f"{str(recorded)[:12]}, this one {fingerprint[:12]}); choose a new --out")  # fmt: skip
     elif out.exists() and any(out.iterdir()):
         raise DataError(f"output folder {out} is not empty and holds no earlier medmeta predict run; choose a new --out")
-    else:
+    else:  # a new run: the state file first, so that a folder holding predictions always has one
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(state_path, json.dumps({"bundle_sha256": fingerprint, "columns": header}, indent=2) + "\n")
+        _write_atomic(state_path, json.dumps({**state, "case_sha256": contents}, indent=2) + "\n")
+        return _existing_rows(out, header)
+    recorded = state.get("case_sha256")
+    unverified = not isinstance(recorded, dict)  # written before the cases' contents were recorded
+    recorded = {} if unverified else dict(recorded)
+    done = _existing_rows(out, header)
+    changed = [case for case in done if case in contents and case in recorded and recorded[case] != contents[case]]
+    if changed:
+        raise DataError(f"output folder {out} already holds predictions for {len(changed)} case(s) whose files now "
+                        "have other contents (another cohort with the same file names, or files changed since they "
+                        "were predicted); choose a new --out")  # fmt: skip
+    unchecked = [case for case in done if case in contents and case not in recorded]
+    if unchecked:
+        logger.warning("%d case(s) in %s were predicted before medmeta recorded the cases' contents: they are kept "
+                       "without checking that their files are unchanged", len(unchecked), CSV_NAME)  # fmt: skip
+    recorded.update({case: digest for case, digest in contents.items() if case not in done or case in recorded})
+    state["case_sha256"] = recorded
+    _write_atomic(state_path, json.dumps(state, indent=2) + "\n")
+    return done
+
+
+def _existing_rows(out: Path, header: list[str]) -> dict[str, list[str]]:
+    """The rows an earlier run wrote to ``predictions.csv`` (a new file with the header if there is none)."""
     path = out / CSV_NAME
     if not path.exists():
         _write_atomic(path, _csv_text([header]))

@@ -152,6 +152,25 @@ def test_a_file_that_is_not_a_complete_checkpoint_is_one_clear_line(tmp_path: Pa
         assert riddle not in message, message
 
 
+def test_weights_with_nan_or_inf_are_refused_naming_the_tensors(tmp_path: Path) -> None:
+    """A diverged training's weights would give NaN probabilities, scored as class 0: refused on load."""
+    module = module_for(n_way=3, image_size=8, hidden_channels=4, pixel_baseline=False)
+    good = _checkpoint(tmp_path / "good.ckpt", module)
+    assert load_trained(good)[0] is not None
+    state = module.state_dict()
+    floating = [name for name, value in state.items() if value.is_floating_point()]
+    state[floating[0]].view(-1)[0] = float("nan")
+    state[floating[-1]].view(-1)[-1] = float("-inf")
+    torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams)}, tmp_path / "diverged.ckpt")
+    with pytest.raises(DataError) as caught:
+        load_trained(tmp_path / "diverged.ckpt")
+    assert str(caught.value) == (
+        f"cannot load checkpoint {tmp_path / 'diverged.ckpt'}: 2 weight tensor(s) hold NaN or infinite values "
+        f"({floating[0]}, {floating[-1]}); every prediction from them would be meaningless (a diverged training or a "
+        "damaged file)"
+    )
+
+
 def test_fit_records_the_classes_the_model_has_seen(trained_checkpoint: Path, tmp_path: Path) -> None:
     """Meta-train and meta-val class names go into the checkpoint; old checkpoints fall back to the run folder."""
     from medmeta.checkpoints import SEEN_CLASSES_KEY, seen_classes

@@ -270,6 +270,45 @@ def test_a_query_that_is_constant_after_the_window_is_flagged_in_every_output(
     assert "constant after the intensity window" in (result.out / "warnings.txt").read_text()
 
 
+def test_a_query_that_is_a_support_case_is_flagged_and_bad_steps_are_refused(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2)
+    first_class = sorted(p for p in support.iterdir())[0]
+    shutil.copy(sorted(first_class.iterdir())[0], queries / "zz-copy.dcm")  # sorted last: query-005
+    result = diagnose(trained_checkpoint, support, [queries, sorted(first_class.iterdir())[1]], tmp_path / "out")
+    body = json.loads((result.out / "predictions.json").read_text())
+    repeated = {c["case"]: c["warnings"] for c in body["cases"] if any("same image as a support case" in w for w in c["warnings"])}
+    assert sorted(repeated) == ["query-005", "query-006"] and len(body["cases"]) == 6
+    assert all(f"a support case of {first_class.name} " in w[0] for w in repeated.values())
+    assert sum("same image as a support case" in w for w in result.warnings) == 2
+    assert "same image as a support case" in (result.out / "predictions.csv").read_text()
+    for steps in (0, -1):
+        with pytest.raises(DataError, match=f"--steps must be at least 1 .*got {steps}"):
+            diagnose(trained_checkpoint, support, [queries], tmp_path / f"out{steps}", steps=steps)
+    command = [sys.executable, "-m", "medmeta.cli", "diagnose", "--ckpt", str(trained_checkpoint), "--support", str(support),
+               "--query", str(queries), "--out", str(tmp_path / "out-cli"), "--steps", "0"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--steps must be at least 1" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr and not (tmp_path / "out-cli").exists()
+
+
+def test_an_adaptation_that_diverges_writes_nothing(trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2)
+    adapted = medmeta.diagnose.adapted_algorithm
+
+    def diverging(module, n_classes):  # noqa: ANN001, ANN202 - an inner rate no adaptation survives
+        algorithm = adapted(module, n_classes)
+        algorithm.inner_lr = 1e30
+        return algorithm
+
+    monkeypatch.setattr(medmeta.diagnose, "adapted_algorithm", diverging)
+    with pytest.raises(DataError, match="gives NaN or infinite outputs \\(its adaptation diverged\\)"):
+        diagnose(trained_checkpoint, support, [queries], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_support_case_that_is_constant_after_the_window_is_refused(
     trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path
 ) -> None:  # fmt: skip

@@ -183,6 +183,61 @@ def test_a_different_bundle_or_a_foreign_folder_is_refused(reference: Path, coho
         predict_cohort(other, [cohort], tmp_path / "notes")
 
 
+def test_a_rerun_refuses_rows_whose_case_now_names_other_contents(
+    bundle_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # fmt: skip
+    """Same file names, other images (a second cohort, or a file replaced): the earlier rows are not reused."""
+    rng = np.random.default_rng(1)
+    first, second = tmp_path / "cohort_a", tmp_path / "cohort_b"
+    for root in (first, second):
+        for i in range(4):
+            (root / f"p{i}").mkdir(parents=True)
+            ct(root / f"p{i}" / "case.dcm", rng.integers(0, 2000, (16, 16)).astype(np.uint16))
+    bundle, out = load_bundle(bundle_dir), tmp_path / "out"
+    assert predict_cohort(bundle, [first], out).predicted == 4
+    before = (out / CSV_NAME).read_bytes()
+    with pytest.raises(DataError, match="4 case\\(s\\) whose files now have other contents"):
+        predict_cohort(bundle, [second], out)
+    shutil.copy(second / "p2" / "case.dcm", first / "p2" / "case.dcm")  # one file replaced in place
+    with pytest.raises(DataError, match="1 case\\(s\\) whose files now have other contents"):
+        predict_cohort(bundle, [first], out)
+    assert (out / CSV_NAME).read_bytes() == before
+    ct(first / "p9" / "case.dcm", rng.integers(0, 2000, (16, 16)).astype(np.uint16))  # a new case is fine
+    (first / "p2" / "case.dcm").unlink()  # and a case gone: its row stays, nothing to compare
+    resumed = predict_cohort(bundle, [first], out)
+    assert (resumed.done_before, resumed.predicted) == (3, 1)
+    state = json.loads((out / "predict_state.json").read_text())
+    state.pop("case_sha256")  # a folder written before the contents were recorded: kept, with a warning
+    (out / "predict_state.json").write_text(json.dumps(state))
+    with caplog.at_level(logging.WARNING, logger="medmeta"):
+        assert predict_cohort(bundle, [first], out).done_before == 4
+    assert "4 case(s) in predictions.csv were predicted before medmeta recorded" in caplog.text
+    assert "case.dcm" not in caplog.text and "p9" not in caplog.text  # counts only
+
+
+def test_non_finite_weights_and_bad_image_settings_are_refused(bundle_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, folder)
+    metadata_path = folder / "configs" / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    for settings, message in (
+        (None, "image_settings in configs/metadata.json must be a JSON object"),
+        ({**metadata["image_settings"], "spatial_dims": None}, "image_settings.spatial_dims .* must be an integer"),
+        ({**metadata["image_settings"], "in_channels": 3}, "image_settings.in_channels = 3 .* built for 1"),
+        ({**metadata["image_settings"], "image_size": 32}, "image_settings.image_size = 32 .* built for 16"),
+    ):  # fmt: skip
+        metadata_path.write_text(json.dumps({**metadata, "image_settings": settings}))
+        with pytest.raises(DataError, match=f"bundle {folder}: {message}"):
+            load_bundle(folder)
+    metadata_path.write_text(json.dumps(metadata))
+    state = torch.load(folder / "models" / "model.pt", weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name].view(-1)[0] = float("nan")
+    torch.save(state, folder / "models" / "model.pt")
+    with pytest.raises(DataError, match=f"1 weight tensor\\(s\\) hold NaN or infinite values \\({name}\\)"):
+        load_bundle(folder)
+
+
 def test_output_inside_an_input_is_refused(bundle_dir: Path, cohort: Path, tmp_path: Path) -> None:
     bundle = load_bundle(bundle_dir)
     (tmp_path / "link").symlink_to(cohort / "site1", target_is_directory=True)
