@@ -74,10 +74,14 @@ class MedMetaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Refuse a zero, negative or non-finite learning rate by its setting's name, before any data is read.
 
-        Also refused: a learner's own outer rate (``*_meta_lr``) beside ``--optimizer``, which would ignore it.
+        Also refused: a learner's own outer rate (``*_meta_lr``) beside ``--optimizer``, which would ignore it,
+        and ``trainer.inference_mode: true``, under which no episode can be adapted.
         """
         config = self.config[self.config["subcommand"]]
         model, optimizer = config.get("model") or {}, config.get("optimizer")
+        if (config.get("trainer") or {}).get("inference_mode"):
+            raise DataError("trainer.inference_mode must be false: validation and test adapt the model to each "
+                            "episode's support set, which needs gradients (torch.inference_mode turns them off)")  # fmt: skip
         try:
             if model.get("meta_lr") is not None:
                 check_learning_rate("model.meta_lr", model.get("meta_lr"))
@@ -503,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileExistsError) as error:
         console.print(f"[bold red]medmeta: error:[/] {error}", highlight=False, soft_wrap=True)
         return 2
+    except FloatingPointError as error:  # a non-finite loss, gradient or adapted prediction: stopped, said where
+        console.print(f"[bold red]medmeta: stopped:[/] {error}", highlight=False, soft_wrap=True)
+        return 1
     except SIGTERMException:
         console.print(
             f"medmeta: stopped by a termination signal; checkpoint written to "

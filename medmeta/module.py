@@ -249,7 +249,8 @@ class FewShotModule(L.LightningModule):
 
     def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
         """Adapt to each frozen validation episode and log query accuracy."""
-        accuracy = (self._adapted_logits(batch).argmax(dim=-1) == batch["query_y"]).float().mean(dim=1)
+        logits = _finite(self._adapted_logits(batch), batch, "validation")
+        accuracy = (logits.argmax(dim=-1) == batch["query_y"]).float().mean(dim=1)
         self.log("val/acc", accuracy.mean(), prog_bar=True, batch_size=accuracy.numel())
 
     def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor:
@@ -269,6 +270,9 @@ class FewShotModule(L.LightningModule):
             if self._outputs["curve_episodes"] < CURVE_EPISODES:
                 curve = self._adaptation_curve(sx, sy, qx)
             logits = curve[0][-1] if curve is not None else self.algorithm.adapt_and_predict(sx, sy, qx)
+        if curve is not None:
+            _finite(curve[0], batch, "test", "along the adaptation curve ")
+        logits = _finite(logits, batch, "test")
         if curve is not None:
             per_step, self._outputs["curve_steps"] = curve
             self._outputs["curve"].append((per_step.argmax(dim=-1) == qy).float().mean(dim=-1).T.cpu())
@@ -357,6 +361,20 @@ class FewShotModule(L.LightningModule):
             raise ValueError(
                 f"episodes have {n_way} classes but the model head has n_way={self.hparams.n_way} outputs"
             )
+
+
+def _finite(logits: torch.Tensor, batch: EpisodeBatch, split: str, where: str = "") -> torch.Tensor:
+    """``logits``, or ``FloatingPointError`` naming the episodes: a NaN query would be scored as a prediction of class 0."""
+    finite = torch.isfinite(logits.detach()).flatten(-2).all(dim=-1)  # [T], or [P, T] along a curve
+    if bool(finite.all()):
+        return logits
+    per_episode = finite.reshape(-1, finite.shape[-1]).all(dim=0).tolist()
+    episodes = batch["episode"].tolist() if "episode" in batch else list(range(len(per_episode)))
+    broken = [e for e, ok in zip(episodes, per_episode) if not ok]
+    raise FloatingPointError(
+        f"non-finite query predictions {where}after adapting to {split} episodes {broken}: the adaptation diverged "
+        "(an inner learning rate or number of steps too large for these weights?); no accuracy was computed from them"
+    )
 
 
 def _episode_class_ids(batch: EpisodeBatch) -> torch.Tensor:

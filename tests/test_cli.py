@@ -235,6 +235,24 @@ def test_a_learners_own_outer_rate_beside_optimizer_is_refused(
     assert not out.exists() and "usable images" not in printed
 
 
+def test_inference_mode_is_refused_before_data_and_a_diverged_fit_stops_without_a_traceback(
+    tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Under ``torch.inference_mode`` no episode can be adapted; a non-finite meta-loss ends the run with one message."""
+    out = tmp_path / "run"
+    status, printed = _medmeta_here(*_tiny_fit_args(tiny_dicom_root, out), "--trainer.inference_mode", "true",
+                                    cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 2, printed[-2000:]
+    (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
+    assert "trainer.inference_mode must be false" in line
+    assert not out.exists() and "usable images" not in printed
+    status, printed = _medmeta_here(*_tiny_fit_args(tiny_dicom_root, out), "--model.algorithm.init_args.inner_lr", "1e30",
+                                    cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 1, printed[-2000:]
+    (line,) = [line for line in printed.splitlines() if "medmeta: stopped:" in line]
+    assert "non-finite" in line and "episodes [" in line and "Traceback" not in printed
+
+
 def test_files_that_are_not_checkpoints_are_named_by_every_command(
     trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,

@@ -53,6 +53,22 @@ def test_non_finite_loss_stops_with_episode_ids_and_applies_no_update(tmp_path: 
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_non_finite_predictions_at_evaluation_stop_naming_the_episodes(tmp_path: Path, stage: str) -> None:
+    """A diverged adaptation's NaN logits would be scored as predictions of class 0: stopped instead."""
+    batch = _batch()
+    batch["query_x"][1, 0, 0, 0, 0] = float("inf")  # episode 8 only
+    loader = DataLoader([{k: v[t] for k, v in batch.items()} for t in range(2)], batch_size=2)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, inference_mode=False, default_root_dir=tmp_path)
+    with pytest.raises(FloatingPointError, match=rf"after adapting to {stage[:4]}\w* episodes \[8\]: the adaptation diverged"):
+        getattr(trainer, stage)(_module(), loader, verbose=False)
+    diverging = _module()
+    diverging.algorithm.inner_lr = 1e30  # every episode
+    clean = DataLoader([{k: v[t] for k, v in _batch().items()} for t in range(2)], batch_size=2)
+    with pytest.raises(FloatingPointError, match=r"episodes \[7, 8\]"):
+        getattr(trainer, stage)(diverging, clean, verbose=False)
+
+
 def test_evaluation_under_inference_mode_is_a_clear_error(tmp_path: Path) -> None:
     module = _module()
     loader = DataLoader([{k: v[0] for k, v in _batch().items()}], batch_size=1)
