@@ -154,6 +154,7 @@ class FewShotModule(L.LightningModule):
             raise ValueError(f"cuda_graph is for learners that can record a fixed meta-step; {self.algorithm.label()} cannot")
         self._graphed = GraphedOuterLoss(self.algorithm) if cuda_graph else None
         self.skipped_steps, self._last_episodes = 0, []
+        self._buffers_before: dict[str, torch.Tensor] = {}  # this training step's buffers as they were before it
         self.seen_classes: dict[str, list[str]] | None = None  # of the checkpoint this module was loaded from
         self.test_summary: dict[str, object] = {}  # written by the evaluation callback after a test
         self.test_results: TestResults | None = None
@@ -169,12 +170,14 @@ class FewShotModule(L.LightningModule):
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor:
         """The meta-loss over the meta-batch; refuses non-finite losses before any update."""
         self._check_n_way(batch)
+        self._buffers_before = {name: b.clone() for name, b in self.named_buffers()}  # running statistics, say
         if self._graphed is not None:
             loss, logits = self._graphed(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
         else:
             loss, logits = self.algorithm.meta_loss(batch)
         self._last_episodes = batch["episode"].tolist() if "episode" in batch else []
         if not torch.isfinite(loss) and self.hparams.nonfinite == "stop":
+            self._restore_buffers()
             raise FloatingPointError(
                 f"non-finite meta-loss {loss.item()} at training episodes {self._last_episodes}; "
                 "no update was applied"
@@ -188,13 +191,15 @@ class FewShotModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A non-finite meta-gradient stops the run (``nonfinite="stop"``) or skips this update (``"skip"``).
 
-        Skipping drops every gradient, so the optimiser changes no parameter and no moment; the
-        count is logged as ``train/skipped_steps``. Under DDP the gradients are already averaged,
+        Skipping drops every gradient, so the optimiser changes no parameter and no moment, and puts
+        back the buffers the step's forward moved (running batch-norm statistics); the count is logged
+        as ``train/skipped_steps``. Under DDP the gradients are already averaged,
         so every rank sees the same fault and skips together.
         """
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if all(bool(torch.isfinite(g).all()) for g in grads):
             return
+        self._restore_buffers()  # the forward already moved running statistics: back to before this step
         if self.hparams.nonfinite == "stop":
             raise FloatingPointError(
                 f"non-finite meta-gradient at training episodes {self._last_episodes}; no update was applied "
@@ -205,6 +210,13 @@ class FewShotModule(L.LightningModule):
         self.skipped_steps += 1
         logger.warning("skipped the update of training episodes %s: non-finite meta-gradient", self._last_episodes)
         self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def _restore_buffers(self) -> None:
+        """Put every buffer back as it was before this training step (an update skipped or refused changes nothing)."""
+        with torch.no_grad():
+            for name, buffer in self.named_buffers():
+                if name in self._buffers_before:
+                    buffer.copy_(self._buffers_before[name])
 
     def on_fit_start(self) -> None:
         """A fit from scratch starts from ``init_from``'s backbone weights (a resumed fit from its checkpoint's)."""

@@ -177,9 +177,11 @@ def _batches(nan_step: int | None = None, steps: int = 3) -> DataLoader:
     return DataLoader(items, batch_size=2)
 
 
-def test_nonfinite_skip_mode_skips_only_the_bad_update_and_counts_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("norm_mode", ["transductive", "running"])  # running: the step's statistics are put back too
+def test_nonfinite_skip_mode_skips_only_the_bad_update_and_counts_it(tmp_path: Path, norm_mode: str) -> None:
     torch.manual_seed(0)
-    module = module_for(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, nonfinite="skip", pixel_baseline=False)
+    module = module_for(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, nonfinite="skip", pixel_baseline=False,
+                        norm_mode=norm_mode)  # fmt: skip
     snapshots = []
 
     class Snapshot(L.Callback):
