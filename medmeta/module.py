@@ -155,6 +155,7 @@ class FewShotModule(L.LightningModule):
         self._graphed = GraphedOuterLoss(self.algorithm) if cuda_graph else None
         self.skipped_steps, self._last_episodes = 0, []
         self._buffers_before: dict[str, torch.Tensor] = {}  # this training step's buffers as they were before it
+        self.on_validation_epoch_start()
         self.seen_classes: dict[str, list[str]] | None = None  # of the checkpoint this module was loaded from
         self.test_summary: dict[str, object] = {}  # written by the evaluation callback after a test
         self.test_results: TestResults | None = None
@@ -259,11 +260,22 @@ class FewShotModule(L.LightningModule):
         with torch.enable_grad():
             return self.algorithm.adapt_and_predict(batch["support_x"], batch["support_y"], batch["query_x"])
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs: dict[str, list[torch.Tensor]] = {"accuracy": [], "episode_ids": []}
+
     def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
-        """Adapt to each frozen validation episode and log query accuracy."""
+        """Adapt to each frozen validation episode and keep its query accuracy (logged for the epoch below)."""
         logits = _finite(self._adapted_logits(batch), batch, "validation")
-        accuracy = (logits.argmax(dim=-1) == batch["query_y"]).float().mean(dim=1)
-        self.log("val/acc", accuracy.mean(), prog_bar=True, batch_size=accuracy.numel())
+        self._val_outputs["accuracy"].append((logits.argmax(dim=-1) == batch["query_y"]).float().mean(dim=1).detach())
+        self._val_outputs["episode_ids"].append(_episode_ids(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/acc``: the mean query accuracy over the validation episodes of every process, each episode once."""
+        if not self._val_outputs["accuracy"]:
+            return
+        _, accuracy = self._unique_episodes(self._gather(self._val_outputs["episode_ids"]),
+                                            self._gather(self._val_outputs["accuracy"]))  # fmt: skip
+        self.log("val/acc", accuracy.mean(), prog_bar=True, sync_dist=True)  # the same value on every rank
 
     def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor:
         """Query-class probabilities ``[T, N*Q, N]`` after adapting to each episode."""
@@ -293,7 +305,7 @@ class FewShotModule(L.LightningModule):
         self._outputs["probs"].append(probs.cpu())
         self._outputs["labels"].append(qy.cpu())
         self._outputs["class_ids"].append(_episode_class_ids(batch))
-        self._outputs["episode_ids"].append(batch["episode"].cpu() if "episode" in batch else torch.full((sx.shape[0],), -1))
+        self._outputs["episode_ids"].append(_episode_ids(batch).cpu())
         if batch_idx == 0:
             example = {k: v[0].cpu() for k, v in batch.items() if k in ("support_x", "support_y", "query_x", "query_y")}
             self._outputs["example"] = {**example, "predicted": probs[0].argmax(dim=-1).cpu()}
@@ -325,11 +337,15 @@ class FewShotModule(L.LightningModule):
         ``test_summary``, metrics.json and the figures.
         """
         out = self._outputs
+        per_episode = [self._gather(out[key]) for key in ("probs", "labels", "class_ids")]
+        pixel_acc = [self._gather(out["pixel_acc"])] if out["pixel_acc"] else []
+        episode_ids, probs, labels, class_ids, *pixel_acc = self._unique_episodes(
+            self._gather(out["episode_ids"]), *per_episode, *pixel_acc
+        )
         self.test_results = TestResults(
-            probs=self._gather(out["probs"]), labels=self._gather(out["labels"]),
-            class_ids=self._gather(out["class_ids"]), episode_ids=self._gather(out["episode_ids"]),
+            probs=probs, labels=labels, class_ids=class_ids, episode_ids=episode_ids,
             curve=torch.cat(out["curve"]) if out["curve"] else None, curve_steps=out["curve_steps"],
-            pixel_acc=self._gather(out["pixel_acc"]) if out["pixel_acc"] else None, example=out["example"],
+            pixel_acc=pixel_acc[0] if pixel_acc else None, example=out["example"],
         )  # fmt: skip
         per_episode = per_episode_metrics(self.test_results.probs, self.test_results.labels)
         accuracy, accuracy_ci = mean_and_ci95(per_episode["accuracy"])
@@ -353,6 +369,22 @@ class FewShotModule(L.LightningModule):
         if self.trainer.world_size > 1:
             values = self.all_gather(values).flatten(0, 1)  # [world, E, ...] -> [world * E, ...]
         return values
+
+    def _unique_episodes(self, episode_ids: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each episode once, in id order, under DDP (whose sampler repeats episodes to fill the last ranks).
+
+        ``values`` are per-episode tensors aligned with ``episode_ids``; one process returns them as they are.
+        """
+        if self.trainer.world_size == 1:
+            return (episode_ids, *values)
+        if bool((episode_ids < 0).any()):
+            raise ValueError("under DDP every evaluation episode needs its id (batch['episode']) to count it once")
+        order = torch.argsort(episode_ids, stable=True)
+        ordered = episode_ids[order]
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        keep = order[first]
+        return (episode_ids[keep], *(v[keep] for v in values))
 
     def normalisation_label(self) -> str:
         """How query images were normalised, for reports: transductive or running batch norm, or per-sample norms."""
@@ -387,6 +419,13 @@ def _finite(logits: torch.Tensor, batch: EpisodeBatch, split: str, where: str = 
         f"non-finite query predictions {where}after adapting to {split} episodes {broken}: the adaptation diverged "
         "(an inner learning rate or number of steps too large for these weights?); no accuracy was computed from them"
     )
+
+
+def _episode_ids(batch: EpisodeBatch) -> torch.Tensor:
+    """The batch's episode ids, or ``-1`` for each episode of a batch that carries none."""
+    if "episode" in batch:
+        return batch["episode"]
+    return torch.full((batch["support_x"].shape[0],), -1, device=batch["support_x"].device)
 
 
 def _episode_class_ids(batch: EpisodeBatch) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     python tests/ddp_worker.py grad OUT_DIR          one meta-step on 4 fixed tasks, 2 per rank
     python tests/ddp_worker.py data OUT_DIR ROOT     two meta-steps on the real data module
+    python tests/ddp_worker.py eval OUT_DIR          validate and test on 5 fixed tasks (not a multiple of 2 ranks)
 
 Each rank writes ``OUT_DIR/<mode>-rank<R>.pt`` with what it saw (Lightning re-runs this script for
 rank 1, so it must stay importable and deterministic).
@@ -37,6 +38,11 @@ def fixed_tasks() -> list[dict[str, torch.Tensor]]:
     return rows
 
 
+def eval_tasks() -> list[dict[str, torch.Tensor]]:
+    """Five fixed tasks (ids 0-4): two ranks get three each, one of them repeated by the distributed sampler."""
+    return [*fixed_tasks(), {**fixed_tasks()[0], "query_x": fixed_tasks()[1]["query_x"], "episode": torch.tensor(4)}]
+
+
 def fresh_module(n_way: int = N_WAY) -> FewShotModule:
     """The same initial weights in every process and in the single-process reference."""
     torch.manual_seed(0)
@@ -67,8 +73,17 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=1 if mode == "grad" else 2, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
-        callbacks=[record], default_root_dir=out, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[record], default_root_dir=out, limit_val_batches=None if mode == "eval" else 0, num_sanity_val_steps=0,
     )  # fmt: skip
+    if mode == "eval":
+        module = fresh_module()
+        scores = trainer.validate(module, DataLoader(eval_tasks(), batch_size=1), verbose=False)[0]
+        trainer.test(module, DataLoader(eval_tasks(), batch_size=1), verbose=False)
+        result = module.test_results
+        torch.save({"val_acc": scores["val/acc"], "episode_ids": result.episode_ids, "probs": result.probs,
+                    "test_episodes": module.test_summary.get("test_episodes"), "world": trainer.world_size},
+                   out / f"eval-rank{trainer.global_rank}.pt")  # fmt: skip
+        return
     module = fresh_module(N_WAY if mode == "grad" else 2)
     if mode == "grad":
         trainer.fit(module, DataLoader(fixed_tasks(), batch_size=TASKS // 2))

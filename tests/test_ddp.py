@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from tests.ddp_worker import fixed_tasks, fresh_module
+import lightning as L
+from torch.utils.data import DataLoader
+
+from tests.ddp_worker import eval_tasks, fixed_tasks, fresh_module
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = WORKER.parent.parent
@@ -52,3 +56,19 @@ def test_ddp_ranks_get_distinct_episodes_and_share_one_mapped_cache(tmp_path: Pa
     assert all(r["mapped"] and set(r["mapped"]) <= {str(p) for p in caches} for r in ranks)
     assert ranks[0]["mapped"] == ranks[1]["mapped"]
     assert not any(p.suffix == ".partial" for p in (tmp_path / "cache" / "tensors").iterdir())
+
+
+def test_ddp_evaluation_counts_each_episode_once_and_validates_on_all_of_them(tmp_path: Path) -> None:
+    """5 episodes on 2 ranks: the sampler repeats one to give each rank 3; val/acc and the test count each once."""
+    _run(["eval", str(tmp_path)], tmp_path)
+    ranks = [torch.load(tmp_path / f"eval-rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        inference_mode=False, default_root_dir=tmp_path / "one")  # fmt: skip
+    module = fresh_module()
+    single = trainer.validate(module, DataLoader(eval_tasks(), batch_size=1), verbose=False)[0]["val/acc"]
+    trainer.test(module, DataLoader(eval_tasks(), batch_size=1), verbose=False)
+    for rank in ranks:
+        assert rank["val_acc"] == pytest.approx(single, abs=1e-6)  # every episode once, on every rank
+    assert ranks[0]["episode_ids"].tolist() == [0, 1, 2, 3, 4] and ranks[0]["test_episodes"] == 5
+    assert torch.allclose(ranks[0]["probs"], module.test_results.probs, atol=1e-5)
