@@ -29,7 +29,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.misc import is_dicom
-from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 
 from medmeta.data.format_spec import ImageFormat
 
@@ -137,15 +137,22 @@ def load_dicom(path: str | Path) -> DicomImage:
     if path.is_dir():
         return _read_series(path)
     ds = _read_dataset(path)
-    array = _pixels(ds, path)
+    array = _as_shown(_pixels(ds, path), ds, path)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     row_cos, col_cos, origin = _orientation(ds)
     in_plane = _pixel_spacing(ds)
-    if n_frames > 1:
+    if n_frames == 1:
+        return DicomImage(array, in_plane, origin, row_cos, col_cos)
+    normal = np.cross(row_cos, col_cos)
+    positions = _frame_positions(ds, path, n_frames)
+    if positions is None:  # no per-frame positions: frames are taken to follow the slice normal
         gap = _frame_gap(ds)
-        normal = np.cross(row_cos, col_cos)
         return DicomImage(array, (gap, *in_plane), origin, row_cos, col_cos, normal * gap)
-    return DicomImage(array, in_plane, origin, row_cos, col_cos)
+    order = np.argsort(positions @ normal, kind="stable")  # like a series: along the normal, not storage order
+    array, positions = array[order], positions[order]
+    gap = _check_gaps(path, positions @ normal)
+    step = (positions[-1] - positions[0]) / (n_frames - 1)
+    return DicomImage(array, (gap, *in_plane), positions[0], row_cos, col_cos, step)
 
 
 def _read_dataset(path: Path) -> Dataset:
@@ -184,7 +191,7 @@ def _read_dataset(path: Path) -> Dataset:
 
 
 def _pixels(ds: Dataset, path: Path) -> np.ndarray:
-    """Decode the pixel data and apply the modality rescale; float32."""
+    """Decode the pixel data and apply the modality rescale (palette colour: the RGB colours); float32."""
     file_meta = getattr(ds, "file_meta", None)
     syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     if syntax is None:
@@ -205,6 +212,14 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
         if "less than expected" in str(err) or "truncat" in str(err).lower():
             raise DicomTruncatedError(path, "pixel data is shorter than its header says (truncated)") from err
         raise DicomReadError(path, f"pixel data cannot be decoded ({type(err).__name__})") from err
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        # stored values are indices into the palette, whose colours are the image (no modality rescale applies);
+        # the RGB result is then treated like any RGB DICOM, with the palette's bit depth (8 or 16 bits)
+        try:
+            return np.asarray(apply_color_lut(np.asarray(array), ds), dtype=np.float32)
+        except Exception as err:
+            raise DicomReadError(path, f"PALETTE COLOR image whose palette cannot be applied ({type(err).__name__})"
+                                 ) from err
     return _rescale(np.asarray(array), ds)
 
 
@@ -237,6 +252,31 @@ def _rescale(array: np.ndarray, ds: Dataset) -> np.ndarray:
     return (out + float(0.0 if intercept is None else intercept)).astype(np.float32, copy=False)
 
 
+def _as_shown(array: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:
+    """Invert a MONOCHROME1 image (low values display white) so that, like MONOCHROME2, high values are bright.
+
+    Rescaled values ``x`` become ``low + high - x``, where ``[low, high]`` is the range the stored bits can
+    represent after the modality rescale or LUT. So the result stays inside the image's own value range and a
+    min-max preset shows exactly what a viewer shows; a fixed window applies to the inverted values (a window
+    ``[a, b]`` on the original values is ``[low + high - b, low + high - a]`` here). Negating instead would put
+    every value below zero, outside any window given for the data. ``ds`` gives the range (a series' first slice:
+    one inversion for the whole volume); float pixel data has no representable range and is refused.
+    """
+    if ds.get("PhotometricInterpretation") != "MONOCHROME1":
+        return array
+    bits, signed = ds.get("BitsStored"), int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if "PixelData" not in ds or not bits:
+        raise DicomReadError(path, "MONOCHROME1 image without integer stored values cannot be inverted for display")
+    stored_low, stored_high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    if stored_high - stored_low < 2**16:  # every representable value: a modality LUT need not be monotonic
+        stored = np.arange(stored_low, stored_high + 1)
+    else:
+        stored = np.array([stored_low, stored_high])
+    representable = _rescale(stored, ds)
+    total = float(representable.min()) + float(representable.max())
+    return (np.float32(total) - array).astype(np.float32, copy=False)
+
+
 def _functional_item(ds: Dataset, sequence: str) -> Dataset | None:
     """First item of ``sequence`` in the shared (else first per-frame) functional groups."""
     for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
@@ -254,6 +294,31 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
     if item is not None and item.get("PixelSpacing") is not None:
         return float(item.PixelSpacing[0]), float(item.PixelSpacing[1])
     return 1.0, 1.0
+
+
+def _frame_positions(ds: Dataset, path: Path, n_frames: int) -> np.ndarray | None:
+    """Per-frame ImagePositionPatient (``[frames, 3]``, LPS mm), ``None`` when no frame has one.
+
+    Raises DicomSeriesError when only some frames have a position, when the per-frame groups do not
+    match the number of frames, or when frames differ in orientation (one volume cannot hold them).
+    """
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    found = [item.PlanePositionSequence[0].get("ImagePositionPatient") if item.get("PlanePositionSequence") else None
+             for item in per_frame]
+    if all(p is None for p in found):
+        return None
+    if len(found) != n_frames:
+        raise DicomSeriesError(path, f"{len(found)} per-frame functional groups for {n_frames} frames")
+    if any(p is None or len(p) != 3 for p in found):
+        raise DicomSeriesError(path, "some frames have no ImagePositionPatient, so frames cannot be ordered")
+    orientations = [item.PlaneOrientationSequence[0].get("ImageOrientationPatient")
+                    for item in per_frame if item.get("PlaneOrientationSequence")]
+    if orientations:
+        first = np.asarray(orientations[0], dtype=float)
+        if any(o is None or len(o) != 6 or not np.allclose(np.asarray(o, dtype=float), first, atol=1e-4)
+               for o in orientations):
+            raise DicomSeriesError(path, "mixed orientation (ImageOrientationPatient) between frames")
+    return np.asarray(found, dtype=float)
 
 
 def _frame_gap(ds: Dataset) -> float:
@@ -307,7 +372,7 @@ def _read_series(folder: Path) -> DicomImage:
     order = np.argsort(depth, kind="stable")
     datasets, depth = [datasets[i] for i in order], depth[order]
     gap = _check_gaps(folder, depth) if len(datasets) > 1 else _frame_gap(datasets[0][1])
-    array = np.stack([_pixels(ds, p) for p, ds in datasets])
+    array = _as_shown(np.stack([_pixels(ds, p) for p, ds in datasets]), datasets[0][1], folder)
     first, last = (np.asarray(datasets[i][1].ImagePositionPatient, dtype=float) for i in (0, -1))
     step = (last - first) / (len(datasets) - 1) if len(datasets) > 1 else normal * gap
     return DicomImage(array, (gap, *_pixel_spacing(datasets[0][1])), first, row_cos, col_cos, step)
@@ -318,6 +383,9 @@ def _check_same(folder: Path, datasets: list[tuple[Path, Dataset]]) -> None:
     uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
     if len(uids) > 1:
         raise DicomSeriesError(folder, f"mixed series: {len(uids)} different SeriesInstanceUIDs")
+    photometric = {str(ds.get("PhotometricInterpretation", "")) for _, ds in datasets}
+    if len(photometric) > 1:  # e.g. one MONOCHROME1 slice among MONOCHROME2 ones would be read inverted
+        raise DicomSeriesError(folder, f"mixed photometric interpretation: {', '.join(sorted(photometric))}")
     checks = (
         ("image size (Rows/Columns)", lambda ds: np.array([ds.get("Rows", 0), ds.get("Columns", 0)], float), 0.0),
         ("orientation (ImageOrientationPatient)", lambda ds: np.asarray(ds.ImageOrientationPatient, float), 1e-4),
