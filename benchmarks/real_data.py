@@ -509,7 +509,8 @@ def seed_summary(results: list[dict[str, object]], baseline: str = "finetune") -
     """Markdown: each method's test accuracy on every seed in ``results``, their mean and sd, and its gain over ``baseline``.
 
     The gain is paired: each seed's row minus the baseline's row of the same protocol, shots and
-    seed (all seeds share the frozen test episodes), over the seeds both ran. The training seed moves
+    seed (all seeds share the frozen test episodes), over the seeds both ran (named, when the baseline
+    lacks some of the method's seeds). The training seed moves
     a method far more than its 95% CI over episodes says (BENCHMARKS.md), so methods are compared here.
     """
     import statistics
@@ -529,9 +530,14 @@ def seed_summary(results: list[dict[str, object]], baseline: str = "finetune") -
         paired = [seed for seed in seeds if (protocol, shots, baseline, seed) in by_run]
         gains = [by_run[protocol, shots, method, seed] - by_run[protocol, shots, baseline, seed] for seed in paired]
         shown = method != baseline and gains
+        if paired == seeds:  # one gain under each seed of the seeds column
+            per_seed, over = " / ".join(f"{g:+.1f}" for g in gains), spread(gains)
+        else:  # the baseline lacks some seeds: each gain names its seed, and the mean says how many it covers
+            per_seed = " / ".join(f"seed {seed}: {g:+.1f}" for seed, g in zip(paired, gains))
+            over = f"{spread(gains)}, {len(paired)} of {len(seeds)} seeds"
         rows.append(f"| {protocol} | {shots} | {method} | {', '.join(map(str, seeds))} | "
                     f"{' / '.join(f'{a:.1f}' for a in accuracy)} | {mean(accuracy)} | "
-                    f"{' / '.join(f'{g:+.1f}' for g in gains) if shown else ''} | {spread(gains) if shown else ''} |")  # fmt: skip
+                    f"{per_seed if shown else ''} | {over if shown else ''} |")  # fmt: skip
     return "\n".join(rows) + "\n"
 
 

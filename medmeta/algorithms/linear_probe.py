@@ -8,6 +8,8 @@ scikit-learn's ``LogisticRegression(C=C)``), so no learning rate or step count i
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,6 +17,9 @@ from torch import Tensor, nn
 from medmeta.algorithms.finetune import FineTune
 from medmeta.flips import flipped
 from medmeta.networks.norm import query_statistics
+
+
+GRADIENT_SETTINGS = ("finetune_steps", "finetune_lr", "finetune_optimizer")  # FineTune's, refused here
 
 
 class LogisticRegressionProbe(FineTune):
@@ -38,11 +43,20 @@ class LogisticRegressionProbe(FineTune):
             raise ValueError(f"penalty_c must be positive and finite, got {penalty_c!r}")
         if max_iterations < 1:
             raise ValueError(f"max_iterations must be at least 1, got {max_iterations!r}")
+        ignored = sorted(set(finetune_options) & set(GRADIENT_SETTINGS))
+        if ignored:
+            raise ValueError(f"logistic regression is fitted to convergence, so {', '.join(ignored)} would have no "
+                             "effect: leave it out (penalty_c and max_iterations set the fit)")  # fmt: skip
         super().__init__(model, n_way, **finetune_options)
         if self.finetune_scope != "head" or self.query_entropy_weight:
             raise ValueError("logistic regression fits a probe on frozen features: finetune_scope must be 'head' and "
                              "query_entropy_weight 0")  # fmt: skip
         self.penalty_c, self.max_iterations = penalty_c, max_iterations
+
+    @classmethod
+    def settings(cls) -> dict[str, inspect.Parameter]:
+        """:class:`FineTune`'s settings less those of its gradient-descent adaptation, which this learner has not."""
+        return {name: p for name, p in super().settings().items() if name not in GRADIENT_SETTINGS}
 
     def report_settings(self) -> dict[str, object]:
         return {"penalty_c": self.penalty_c, "max_iterations": self.max_iterations, "feature_levels": self.feature_levels,

@@ -182,9 +182,15 @@ def _comparison_layout(rows: list[dict]) -> tuple[list[str], list[int], dict[tup
         missing = {"algorithm", "shots", "accuracy", "ci95"} - set(row)
         if missing:
             raise ValueError(f"every row needs algorithm, shots, accuracy and ci95; a row lacks {sorted(missing)}")
-    algorithms = list(dict.fromkeys(str(row["algorithm"]) for row in rows))
-    shots = sorted({int(row["shots"]) for row in rows})
-    return algorithms, shots, {(str(row["algorithm"]), int(row["shots"])): row for row in rows}
+    by_key: dict[tuple[str, int], dict] = {}
+    for row in rows:
+        key = (str(row["algorithm"]), int(row["shots"]))
+        if key in by_key:  # one bar per (algorithm, shots): a second row (another seed, say) would hide the first
+            raise ValueError(f"two rows for {key[0]} at {key[1]} shots: give each (algorithm, shots) one row, e.g. "
+                             "averaged over seeds, or name the seeds apart in 'algorithm'")  # fmt: skip
+        by_key[key] = row
+    algorithms = list(dict.fromkeys(key[0] for key in by_key))
+    return algorithms, sorted({key[1] for key in by_key}), by_key
 
 
 def _chance(rows: list[dict]) -> float | None:

@@ -72,3 +72,11 @@ def test_support_augmentation_fits_on_the_flips_and_ignored_settings_are_refused
     for wrong in ({"finetune_scope": "last_block"}, {"query_entropy_weight": 1.0}):
         with pytest.raises(ValueError, match="logistic regression fits a probe"):
             LogisticRegressionProbe(Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=8), **wrong)
+
+
+@pytest.mark.parametrize("setting", [{"finetune_steps": 1}, {"finetune_lr": 1e3}, {"finetune_optimizer": "adam"}])
+def test_gradient_descent_settings_are_refused_not_ignored(setting: dict[str, object]) -> None:
+    """The probe is fitted to convergence: a step count, rate or optimiser given to it would silently change nothing."""
+    with pytest.raises(ValueError, match=f"so {next(iter(setting))} would have no effect"):
+        LogisticRegressionProbe(ScaledFlat(), pretrain_classes=4, **setting)
+    assert next(iter(setting)) not in LogisticRegressionProbe.settings()  # nor offered by the CLI's learner settings

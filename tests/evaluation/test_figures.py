@@ -169,6 +169,10 @@ def test_comparison_needs_rows(tmp_path: Path) -> None:
         plot_comparison([], tmp_path / "empty.png")
     with pytest.raises(ValueError, match="ci95"):
         plot_accuracy_vs_shots([{"algorithm": "maml", "shots": 1, "accuracy": 0.5}], tmp_path / "bad.png")
+    two_seeds = [{"algorithm": "maml", "shots": 5, "accuracy": a, "ci95": 0.02} for a in (0.4, 0.6)]
+    for plot in (plot_comparison, plot_accuracy_vs_shots):  # one bar would show one seed as if it were the method
+        with pytest.raises(ValueError, match="two rows for maml at 5 shots"):
+            plot(two_seeds, tmp_path / "seeds.png")
 
 
 def test_adaptation_curve_at_some_steps_puts_each_point_at_its_step(tmp_path: Path, drawn: list[Figure]) -> None:
