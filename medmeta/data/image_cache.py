@@ -27,13 +27,19 @@ IMAGE_CACHE_VERSION = 2
 def cache_key(records: Sequence[ImageRecord], settings: Mapping[str, object]) -> str:
     """Hash of what determines the cached tensor: the files (path, item, size, mtime) and the transform settings.
 
-    ``settings`` are the keyword arguments of the transform (their values, in order, enter the hash).
+    ``settings`` are the keyword arguments of the transform (their values, in order, enter the hash). For a
+    series folder, the name, size and mtime of every file in it enter the hash too: a slice rewritten in place
+    changes neither the folder's size nor its mtime.
     """
     digest = hashlib.sha256()
     digest.update(repr((IMAGE_CACHE_VERSION, *settings.values())).encode())
     for record in records:
         stat = record.path.stat()
         digest.update(f"{record.path}|{record.item}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        if record.path.is_dir():
+            for path in sorted(p for p in record.path.iterdir() if p.is_file()):
+                stat = path.stat()
+                digest.update(f"  {path.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:32]
 
 

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.misc import is_dicom
 
 from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler, split_classes
 from medmeta.data.formats import DICOM_SUFFIXES
+from medmeta.data.loading import array_channel_dim
 from medmeta.data.manifest import read_manifest
 from medmeta.data.medmnist import load_medmnist, medmnist_records
 from medmeta.data.preflight import FileProblem, check_image, pixel_value_problem
@@ -120,18 +122,18 @@ def take_inventory(
     if source.suffix.lower() == ".npz":
         arrays, labels = load_medmnist(source)
         records = medmnist_records(source, labels)
-        records, problems = _check_arrays(records, arrays)
+        records, problems = _check_arrays(records, arrays, spatial_dims, source)
     else:
         if source.suffix.lower() == ".csv":
             records, skipped = read_manifest(source)
         else:
             records, skipped = discover_records(source, spatial_dims=spatial_dims)
         problems = [FileProblem(s.path, s.reason, s.detail or "skipped at discovery") for s in skipped]
-        if require_deidentified:
-            _require_deidentified(records)
         if preflight:
             records, found = _preflight(records, spatial_dims, skip_undecodable, intensity)
             problems += found
+        if require_deidentified:  # after preflight: checks exactly the files that are used
+            _require_deidentified(records)
     if not records:
         raise DataError(_nothing_usable(source, problems, spatial_dims))
     class_splits = _class_splits(records, split_ratios=split_ratios, splits=splits, seed=seed)
@@ -156,7 +158,11 @@ def _preflight(
     return usable, problems
 
 
-def _check_arrays(records: list[ImageRecord], arrays: np.ndarray) -> tuple[list[ImageRecord], list[FileProblem]]:
+def _check_arrays(
+    records: list[ImageRecord], arrays: np.ndarray, spatial_dims: int, source: Path
+) -> tuple[list[ImageRecord], list[FileProblem]]:
+    """The usable array images; ``DataError`` (naming ``source``) if their shape does not fit ``spatial_dims``."""
+    array_channel_dim(arrays.shape[1:], spatial_dims, source)  # one shape for all: (H, W[, 1|3]) or (D, H, W)
     usable, problems = [], []
     for record in records:
         problem = pixel_value_problem(arrays[record.item])
@@ -169,17 +175,38 @@ def _check_arrays(records: list[ImageRecord], arrays: np.ndarray) -> tuple[list[
 
 
 def _require_deidentified(records: list[ImageRecord]) -> None:
+    """``DataError`` naming the file unless every DICOM file the records are read from is marked de-identified."""
     for record in records:
-        files = sorted(record.path.iterdir()) if record.path.is_dir() else [record.path]
-        for path in files:
-            if not path.name.lower().endswith(DICOM_SUFFIXES):
-                continue
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientIdentityRemoved"])
-            if str(getattr(header, "PatientIdentityRemoved", "")).upper() != "YES":
-                raise DataError(
-                    f"{path} is not marked de-identified (PatientIdentityRemoved != YES) and "
-                    "require_deidentified is set; de-identify the export or unset the option"
-                )
+        path = record.path
+        try:
+            for path in _dicom_files(record.path):
+                header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientIdentityRemoved"])
+                if str(getattr(header, "PatientIdentityRemoved", "")).upper() != "YES":
+                    raise DataError(
+                        f"{path} is not marked de-identified (PatientIdentityRemoved != YES) and "
+                        "require_deidentified is set; de-identify the export or unset the option"
+                    )
+        except DataError:
+            raise
+        except Exception as error:  # never a raw traceback; no message text (it may hold tag values)
+            raise DataError(
+                f"{path} cannot be read to check that it is de-identified ({type(error).__name__}) and "
+                "require_deidentified is set; fix or remove the file"
+            ) from error
+
+
+def _dicom_files(path: Path) -> list[Path]:
+    """The DICOM files an image is read from: a file with a DICOM suffix, or every slice of a series folder.
+
+    For a folder this mirrors the file filter of ``medmeta.data.dicom._read_series`` (non-hidden files other
+    than DICOMDIR, non-empty, ``is_dicom``), so the gate checks exactly the slices the series reader stacks.
+    """
+    if not path.is_dir():
+        return [path] if path.name.lower().endswith(DICOM_SUFFIXES) else []
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+    )
+    return [p for p in files if p.stat().st_size > 0 and is_dicom(p)]
 
 
 def _class_splits(

@@ -26,13 +26,13 @@ def transform_images(
     """The images of ``records`` through the deterministic load transforms, ``[n, C, *spatial]`` in [0, 1].
 
     ``arrays`` holds the images of an array source (MedMNIST ``.npz``), indexed by ``record.item``;
-    ``source`` names the data in messages. A file that cannot be transformed, a wrong shape or
-    non-finite pixels raise ``DataError`` naming the file.
+    ``source`` names the data in messages. A file that cannot be transformed, a wrong shape (for arrays:
+    :func:`array_channel_dim`) or non-finite pixels raise ``DataError`` naming the file.
     """
+    channel_dim = "no_channel" if arrays is None else array_channel_dim(arrays.shape[1:], spatial_dims, source)
     transform = load_transforms(
         image_size=image_size, window=window, preset=preset, spatial_dims=spatial_dims, in_channels=in_channels,
-        from_array=arrays is not None, spacing=spacing, roi_size=roi_size,
-        array_channel_dim=-1 if arrays is not None and arrays.ndim == spatial_dims + 2 else "no_channel",
+        from_array=arrays is not None, spacing=spacing, roi_size=roi_size, array_channel_dim=channel_dim,
     )  # fmt: skip
     items = [{KEY: arrays[r.item] if arrays is not None else str(r.path)} for r in records]
     try:
@@ -55,6 +55,32 @@ def transform_images(
     if bad.any():
         raise DataError(f"non-finite pixel values in {records[int(bad.nonzero()[0])].path}")
     return images
+
+
+def array_channel_dim(shape: Sequence[int], spatial_dims: int, source: Path | str) -> int | str:
+    """Where the channels of one array image of ``shape`` are (``-1`` or ``"no_channel"``), decided from its shape.
+
+    The MedMNIST layouts: a 2D image is ``(H, W)``, or ``(H, W, C)`` with a trailing colour axis of 1 or 3;
+    a 3D volume is ``(D, H, W)``, with no channel axis. Any other shape raises ``DataError`` naming ``source``
+    and, when the images look like the other dimensionality, suggesting it: a 3D volume is never averaged
+    into a 2D image, nor an RGB image stacked into a volume 3 slices deep.
+    """
+    shape = tuple(int(n) for n in shape)
+    looks_2d = len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3))
+    if spatial_dims == 2 and looks_2d:
+        return "no_channel" if len(shape) == 2 else -1
+    if spatial_dims == 3 and len(shape) == 3 and not looks_2d and shape[0] > 1:
+        return "no_channel"
+    message = (
+        f"{source}: array images of shape {shape} do not fit spatial_dims={spatial_dims} (MedMNIST 2D images are "
+        f"(H, W) or (H, W, 3), 3D volumes (D, H, W))"
+    )
+    other = 3 if len(shape) == 3 and not looks_2d else 2 if looks_2d else None
+    if other is not None and other != spatial_dims:
+        message += (
+            f"; they look {other}D: try --spatial-dims {other} (data check) or --data.spatial_dims {other} (fit)"
+        )
+    raise DataError(message)
 
 
 def _reason(error: BaseException) -> str:

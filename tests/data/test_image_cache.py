@@ -6,12 +6,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import pydicom
 import pytest
 import torch
 
 from medmeta.data import image_cache
 from medmeta.data.image_cache import cache_key, cached_images
 from medmeta.data.records import ImageRecord
+from tests.data.test_readers import write_series
 
 SETTINGS = {"image_size": 8, "window": (0.0, 1.0), "preset": None, "spatial_dims": 2, "in_channels": 1,
             "spacing": None, "roi_size": None}  # fmt: skip
@@ -79,3 +81,17 @@ def test_the_key_follows_files_settings_and_cache_version(
     monkeypatch.setattr(image_cache, "IMAGE_CACHE_VERSION", image_cache.IMAGE_CACHE_VERSION + 1)
     assert cache_key(records, SETTINGS) != touched
     assert all(str(r.path) not in key for r in records)
+
+
+def test_the_key_follows_every_slice_of_a_series_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "class0" / "patient0"
+    write_series(folder, n=3)
+    records = [ImageRecord(folder, "class0", "p")]
+    key, folder_stat = cache_key(records, SETTINGS), folder.stat()
+    slice_file = sorted(folder.glob("*.dcm"))[1]
+    ds = pydicom.dcmread(slice_file)
+    ds.PixelData = bytes(len(ds.PixelData))  # rewritten in place: same name, same size
+    ds.save_as(slice_file)
+    os.utime(slice_file, ns=(0, slice_file.stat().st_mtime_ns + 10**9))
+    assert (folder.stat().st_size, folder.stat().st_mtime_ns) == (folder_stat.st_size, folder_stat.st_mtime_ns)
+    assert cache_key(records, SETTINGS) != key

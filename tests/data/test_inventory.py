@@ -7,13 +7,16 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
 from medmeta.cli import data_check_main
+from medmeta.data.dicom import load_dicom
 from medmeta.data.inventory import take_inventory
 from medmeta.errors import DataError
 from tests.data.test_preflight import _decoder_missing
+from tests.data.test_readers import write_series
 
 
 def test_missing_decoder_is_an_error_naming_packages_or_a_reported_skip(
@@ -64,3 +67,45 @@ def test_data_check_reports_duplicates_and_loops_and_counts_them_once(
     data_check_main([str(root), "--n-way", "2", "--q-query", "1"])
     table = capsys.readouterr().out
     assert "duplicate" in table and "symlink-loop" in table
+
+
+def _deidentified_series(root: Path, classes: int = 2, patients: int = 2) -> None:
+    """3D DICOM series folders ``class<c>/patient<p>``, every slice marked de-identified."""
+    for c in range(classes):
+        for p in range(patients):
+            folder = root / f"class{c}" / f"patient{p}"
+            write_series(folder, n=3, seed=10 * c + p)
+            for path in folder.glob("*.dcm"):
+                ds = pydicom.dcmread(path)
+                ds.PatientID, ds.PatientIdentityRemoved = f"anon{c}{p}", "YES"
+                ds.save_as(path)
+
+
+def test_require_deidentified_checks_suffixless_slices_the_series_reader_reads(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _deidentified_series(root)
+    folder = root / "class0" / "patient0"
+    victim = sorted(folder.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(victim)
+    del ds.PatientIdentityRemoved
+    ds.save_as(folder / "IM0003")  # a PACS-style name without suffix: the series reader still stacks it
+    victim.unlink()
+    assert load_dicom(folder).array.shape[0] == 3
+    with pytest.raises(DataError, match=r"IM0003 is not marked de-identified"):
+        take_inventory(root, spatial_dims=3, n_way=2, k_shot=1, q_query=1, require_deidentified=True, window=None)
+
+
+def test_require_deidentified_skips_a_rejected_series_and_names_an_unreadable_slice(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    _deidentified_series(root, classes=3)
+    (root / "class0" / "patient0" / "slice99.dcm").write_bytes(np.random.default_rng(0).bytes(500))
+    inventory = take_inventory(root, spatial_dims=3, n_way=2, k_shot=1, q_query=1, require_deidentified=True,
+                               window=None)  # fmt: skip
+    assert [(p.path.name, p.reason) for p in inventory.problems] == [("patient0", "inconsistent-series")]
+    assert len(inventory.records) == 5
+    # without preflight, a listed .dcm file the gate cannot parse is named, not a traceback
+    manifest = tmp_path / "manifest.csv"
+    files = sorted(root.rglob("*.dcm"))
+    manifest.write_text("path,label\n" + "".join(f"{f},{f.parent.parent.name}\n" for f in files))
+    with pytest.raises(DataError, match=r"slice99\.dcm cannot be read to check that it is de-identified"):
+        take_inventory(manifest, n_way=2, k_shot=1, q_query=1, require_deidentified=True, preflight=False)

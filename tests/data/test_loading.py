@@ -58,3 +58,25 @@ def test_transform_images_names_the_file_it_cannot_read(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot read .*bad.png"):
         transform_images([good, ImageRecord(bad, "a", "p")], image_size=8, window=None, preset=None, spatial_dims=2,
                          in_channels=1)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("shape", "spatial_dims", "expected"),
+    [((6, 7), 2, (1, 8, 8)), ((6, 7, 1), 2, (1, 8, 8)), ((6, 7, 3), 2, (1, 8, 8)), ((5, 6, 7), 3, (1, 8, 8, 8))],
+)
+def test_array_channels_follow_the_shape_not_the_number_of_axes(
+    shape: tuple[int, ...], spatial_dims: int, expected: tuple[int, ...]
+) -> None:
+    arrays = np.random.default_rng(0).integers(0, 255, (2, *shape)).astype(np.uint8)
+    records = [ImageRecord(Path("m.npz"), "a", "p", item=i) for i in range(2)]
+    images = transform_images(records, image_size=8, window=None, preset="photo", spatial_dims=spatial_dims,
+                              in_channels=1, arrays=arrays)  # fmt: skip
+    assert tuple(images.shape[1:]) == expected
+
+
+@pytest.mark.parametrize(("shape", "spatial_dims"), [((5, 6, 7), 2), ((6, 7, 3), 3), ((6, 7), 3), ((2, 5, 6, 7), 2)])
+def test_array_shapes_that_do_not_fit_the_dimensionality_are_refused(shape: tuple[int, ...], spatial_dims: int) -> None:
+    arrays = np.zeros((1, *shape), dtype=np.uint8)
+    with pytest.raises(DataError, match=rf"m\.npz: array images of shape .* do not fit spatial_dims={spatial_dims}"):
+        transform_images([ImageRecord(Path("m.npz"), "a", "p", item=0)], image_size=8, window=None, preset="photo",
+                         spatial_dims=spatial_dims, in_channels=1, arrays=arrays, source="m.npz")  # fmt: skip

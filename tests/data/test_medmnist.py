@@ -58,3 +58,27 @@ def test_nan_and_constant_array_images_are_skipped_with_reasons(tmp_path: Path) 
     np.savez(path, **data)
     problems = take_inventory(path, n_way=2, k_shot=1, q_query=1, split_ratios=(0.34, 0.33, 0.33)).problems
     assert [(p.reason, p.detail.split(":")[0]) for p in problems] == [("non-finite", "image 3"), ("constant", "image 5")]
+
+
+@pytest.mark.parametrize(
+    ("shape", "spatial_dims", "words"),
+    [((8, 8, 8), 2, r"shape \(8, 8, 8\) do not fit spatial_dims=2.*look 3D.*--data\.spatial_dims 3"),
+     ((8, 8, 3), 3, r"shape \(8, 8, 3\) do not fit spatial_dims=3.*look 2D.*--data\.spatial_dims 2"),
+     ((8, 8, 8, 1), 3, r"shape \(8, 8, 8, 1\) do not fit spatial_dims=3")],
+    ids=["volume-as-2d", "rgb-as-3d", "volume-with-channel"],
+)
+def test_npz_of_the_other_dimensionality_is_refused(
+    tmp_path: Path, shape: tuple[int, ...], spatial_dims: int, words: str
+) -> None:
+    from medmeta.data.inventory import take_inventory
+    from medmeta.data.loading import transform_images
+    from medmeta.data.medmnist import load_medmnist, medmnist_records
+
+    path = _npz(tmp_path / "organmnist3d.npz", shape)
+    with pytest.raises(DataError, match=rf"organmnist3d\.npz: array images of {words}"):
+        take_inventory(path, spatial_dims=spatial_dims, n_way=2, k_shot=1, q_query=1, preset="photo",
+                       split_ratios=(0.34, 0.33, 0.33))  # fmt: skip
+    arrays, labels = load_medmnist(path)
+    with pytest.raises(DataError, match=words):
+        transform_images(medmnist_records(path, labels)[:2], image_size=8, window=None, preset="photo",
+                         spatial_dims=spatial_dims, in_channels=1, arrays=arrays, source=path)  # fmt: skip
