@@ -2,9 +2,9 @@
 
 The file is a medmeta checkpoint (e.g. of a fine-tune pre-training run: its backbone, the
 ``algorithm.model.*`` weights, is taken) or a plain state dict with torchvision, MONAI or
-MedicalNet/RadImageNet-style keys (wrapper prefixes such as ``module.`` are removed; a key that
-only matches under the backbone's ``features.`` is mapped there). The classification head is never
-loaded: it is re-initialised for the episodes' ``n_way``. Running batch-norm statistics in the file
+MedicalNet/RadImageNet-style keys (a key is matched as it is, else without wrapper prefixes such as
+``module.``, each also under the backbone's ``features.``). The classification head (the backbone's
+``head``, else its last linear layer) is never loaded: it is re-initialised for the episodes' ``n_way``. Running batch-norm statistics in the file
 are left out when the backbone keeps none. Anything else that does not fit (a backbone weight the
 file lacks, a file weight the backbone lacks, a shape that differs) is a ``DataError`` listing them.
 """
@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_BACKBONE = "algorithm.model."  # where a medmeta checkpoint keeps the backbone's weights
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "net.")  # DataParallel, Lightning, ...
-HEAD_NAMES = ("head", "fc", "classifier", "class_layers", "pretrain_head")  # classification heads, re-initialised
+# heads a file may hold that the backbone lacks (another library's, or ImageNet's 1000 classes): left out
+HEAD_NAMES = ("head", "fc", "_fc", "last_linear", "classifier", "classification_head", "class_layers", "pretrain_head")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 SHOWN = 8  # names listed per kind of problem
 
@@ -65,10 +66,12 @@ def read_weights(path: Path) -> dict[str, Tensor]:
 def initialise_backbone(model: nn.Module, path: Path) -> Initialisation:
     """Load the weights of ``path`` into ``model`` (all but its head); ``DataError`` listing what does not fit."""
     own = model.state_dict()
+    heads = head_prefixes(model)
+    is_head = lambda name: _is_head(name) or name.startswith(heads)  # noqa: E731
     matched, head, statistics, unexpected, mismatched = {}, 0, 0, [], []
     for key, value in read_weights(path).items():
-        name = _own_name(_unwrapped(key), own)
-        if _is_head(name or _unwrapped(key)):
+        name = _own_name(key, own)
+        if is_head(name or _unwrapped(key)):
             head += 1
         elif name is None:
             if key.rsplit(".", 1)[-1] in STATISTICS:
@@ -79,7 +82,7 @@ def initialise_backbone(model: nn.Module, path: Path) -> Initialisation:
             mismatched.append(f"{name} {tuple(value.shape)} in the file, {tuple(own[name].shape)} in the backbone")
         else:
             matched[name] = value
-    missing = [n for n in own if n not in matched and not _is_head(n) and n.rsplit(".", 1)[-1] not in STATISTICS]
+    missing = [n for n in own if n not in matched and not is_head(n) and n.rsplit(".", 1)[-1] not in STATISTICS]
     problems = [
         f"{label} ({len(names)}): {', '.join(names[:SHOWN])}{', ...' if len(names) > SHOWN else ''}"
         for label, names in (("missing from the file", missing), ("unexpected in the file", unexpected),
@@ -92,28 +95,48 @@ def initialise_backbone(model: nn.Module, path: Path) -> Initialisation:
         for name, value in matched.items():
             own[name].copy_(value.to(own[name].dtype))
     logger.info(
-        "initialised %d backbone tensors from %s; the head (%d tensors in the file) is re-initialised%s",
-        len(matched), path, head, f"; {statistics} running statistics left out" if statistics else "",
+        "initialised %d backbone tensors from %s; the head (%s) keeps its new initialisation (%d head tensors in the "
+        "file left out)%s", len(matched), path, ", ".join(sorted(p.rstrip(".") for p in heads)) or "none found", head,
+        f"; {statistics} running statistics left out" if statistics else "",
     )  # fmt: skip
     return Initialisation(len(matched), head, statistics)
 
 
+def head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The state-dict prefixes of ``model``'s classification head: its ``head``, else its last linear layer.
+
+    Found on the model itself, so a head of any name (MONAI's ``fc``, ``_fc``, ``last_linear``,
+    ``class_layers.out``) is re-initialised rather than loaded from a file trained for other classes.
+    """
+    if isinstance(getattr(model, "head", None), nn.Module):
+        return ("head.",)
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name]
+    return (f"{linears[-1]}.",) if linears else ()
+
+
 def _unwrapped(key: str) -> str:
     """``key`` without the wrapper prefixes of DataParallel, Lightning and similar."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
+    return _unwrappings(key)[-1]
+
+
+def _unwrappings(key: str) -> list[str]:
+    """``key``, then ``key`` less each wrapper prefix in turn (``module.model.x`` -> ``model.x`` -> ``x``)."""
+    forms = [key]
+    while prefix := next((p for p in WRAPPER_PREFIXES if forms[-1].startswith(p)), None):
+        forms.append(forms[-1][len(prefix) :])
+    return forms
 
 
 def _own_name(key: str, own: Mapping[str, Tensor]) -> str | None:
-    """The backbone's name for a file key: the same name, or the same under ``features.`` (a trunk's keys)."""
-    for name in (key, f"features.{key}"):
-        if name in own:
-            return name
+    """The backbone's name for a file key: the key itself, else without wrapper prefixes, each also under ``features.``.
+
+    The exact key comes first, so a backbone whose own names start like a wrapper (``net.``,
+    ``encoder.``) takes a file of its own kind as it is.
+    """
+    for form in _unwrappings(key):
+        for name in (form, f"features.{form}"):
+            if name in own:
+                return name
     return None
 
 

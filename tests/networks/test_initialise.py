@@ -72,6 +72,32 @@ def test_what_does_not_fit_is_listed(tmp_path: Path) -> None:
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # nothing loaded
 
 
+class _Encoded(torch.nn.Module):
+    """A user's network whose names start like a wrapper (``encoder.``) and whose head is ``_fc`` (MONAI EfficientNet's)."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 8))
+        self._fc = torch.nn.Linear(8, classes)
+
+
+@pytest.mark.parametrize("classes", [4, 1000])  # the same head width as the file's, and ImageNet's
+def test_exact_keys_come_first_and_the_head_is_found_on_the_model(tmp_path: Path, classes: int) -> None:
+    torch.manual_seed(0)
+    source = _Encoded(classes)
+    torch.save(source.state_dict(), tmp_path / "own.pt")
+    torch.manual_seed(1)
+    target = _Encoded(4)
+    fresh_head = target._fc.weight.clone()
+    done = initialise_backbone(target, tmp_path / "own.pt")
+    assert torch.equal(target.encoder[0].weight, source.encoder[0].weight)  # "encoder." kept, not stripped away
+    assert torch.equal(target.encoder[2].weight, source.encoder[2].weight)  # a linear layer, but not the last
+    assert torch.equal(target._fc.weight, fresh_head)  # the head is re-initialised, never taken from the file
+    assert (done.loaded, done.head) == (4, 2)
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "wrapped.pt")
+    assert initialise_backbone(_Encoded(4), tmp_path / "wrapped.pt").loaded == 4  # a wrapper prefix still comes off
+
+
 class _FirstWeights(L.Callback):
     """The first conv's weights when training starts (after ``on_fit_start``)."""
 
