@@ -411,3 +411,24 @@ def test_throughput_benchmark_runs_at_small_size(tmp_path: Path) -> None:
     assert [(r["cohort"], r["cases"]) for r in results] == [("2D DICOM 64x64", 50), ("2D PNG 64x64", 50), ("3D NIfTI 64^3", 10)]
     assert all(r["cases_per_s"] > 0 and 0 < r["forward_share"] < 1 for r in results)
     assert "| 2D DICOM 64x64 | 64^2 | 50 |" in done.stdout and "command: python benchmarks/predict_speed.py" in done.stdout
+
+
+def test_cohort_folders_follow_links_like_discovery_and_count_each_file_once(tmp_path: Path) -> None:
+    from medmeta.data.cohort import find_cases
+
+    def image(path: Path, seed: int) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return png(path, np.random.default_rng(seed).integers(0, 200, (16, 16)).astype(np.uint8))
+
+    image(tmp_path / "store" / "patientB" / "img.png", 1)
+    cohort = tmp_path / "cohort"
+    image(cohort / "patientA" / "img.png", 2)
+    (cohort / "patientB").symlink_to(tmp_path / "store" / "patientB", target_is_directory=True)  # a linked case folder
+    (cohort / "patientA" / "again").symlink_to(cohort / "patientA", target_is_directory=True)  # a loop: not descended
+    os.link(cohort / "patientA" / "img.png", cohort / "patientA" / "img_hard.png")  # the same file twice
+    (cohort / "patientA" / "gone.png").symlink_to(tmp_path / "deleted.png")  # a broken link: a case, not silence
+    cases = find_cases([cohort], spatial_dims=2)
+    assert [c.case_id for c in cases] == ["patientA/gone.png", "patientA/img.png", "patientB/img.png"]
+    assert [c.case_id for c in find_cases([cohort, tmp_path / "store"], spatial_dims=2)] == [
+        c.case_id for c in cases
+    ]  # the store's file is the linked case already listed

@@ -7,16 +7,19 @@ into its outputs and skips the ids it already wrote when it resumes.
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from medmeta.data.formats import DICOM_SUFFIXES, format_of
-from medmeta.data.records import resolved
+from medmeta.data.manifest import manifest_rows
+from medmeta.data.records import file_key, image_files
 from medmeta.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,14 +31,15 @@ class Case:
 
 
 def find_cases(inputs: Sequence[Path], spatial_dims: int) -> list[Case]:
-    """The cases of ``inputs`` in order, each file or series once (links resolved); ids must be unique.
+    """The cases of ``inputs`` in order, each file or series once (links followed); ids must be unique.
 
-    A folder is searched recursively for files of a known image format (others and hidden files
-    are ignored); in 3D a folder holding two or more DICOM files is one series, one case. A
-    ``.csv`` input is a manifest. A file is a case named by its file name.
+    A folder is searched recursively, folder links followed as in training discovery (each folder
+    once, loops not descended), for files of a known image format (others and hidden files are
+    ignored); in 3D a folder holding two or more DICOM files is one series, one case. A ``.csv``
+    input is a manifest. A file is a case named by its file name.
     """
     cases: list[Case] = []
-    seen: set[Path] = set()
+    seen: set[tuple[int, int] | Path] = set()
     ids: dict[str, Path] = {}
     for root in inputs:
         if not root.exists():
@@ -47,7 +51,7 @@ def find_cases(inputs: Sequence[Path], spatial_dims: int) -> list[Case]:
         else:
             found = [Case(root.name, root)]
         for case in found:
-            real = resolved(case.path)
+            real = file_key(case.path)
             if real in seen:
                 continue
             if case.case_id in ids:
@@ -64,7 +68,13 @@ def find_cases(inputs: Sequence[Path], spatial_dims: int) -> list[Case]:
 
 
 def _folder_cases(root: Path, spatial_dims: int) -> list[Case]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".") and format_of(p) is not None)
+    """The cases under a folder, walked as training discovery walks a class folder (links followed, loop-safe)."""
+    files, skipped = image_files(root)
+    # a broken link to an image is a case all the same: its row says it was not predicted, and why
+    broken = [s.path for s in skipped if s.reason != "duplicate" and format_of(s.path) and not s.path.is_dir()]
+    files = sorted(files + broken)
+    if len(skipped) > len(broken):
+        logger.info("left out %d path(s) under %s (duplicate or symlink-loop)", len(skipped) - len(broken), root)
     series: set[Path] = set()
     if spatial_dims == 3:
         dicom_counts: dict[Path, int] = {}
@@ -78,20 +88,18 @@ def _folder_cases(root: Path, spatial_dims: int) -> list[Case]:
 
 def _manifest_cases(manifest: Path) -> list[Case]:
     """The rows of a CSV manifest's ``path`` column, relative to its folder (an absolute path stays absolute)."""
-    with manifest.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        if "path" not in columns:
-            raise DataError(f"manifest {manifest} has no 'path' column; found {columns}")
-        cases = []
-        for number, row in enumerate(reader, start=2):
-            value = next((v or "").strip() for k, v in row.items() if k is not None and k.strip() == "path")
-            if not value:
-                raise DataError(f"manifest {manifest} row {number}: empty path")
-            given = Path(value).expanduser()
-            path = given if given.is_absolute() else manifest.parent / given
-            case_id = given.as_posix() if given.is_absolute() else Path(os.path.normpath(given)).as_posix()
-            cases.append(Case(case_id, path))
+    columns, rows = manifest_rows(manifest)
+    if "path" not in columns:
+        raise DataError(f"manifest {manifest} has no 'path' column; found {columns}")
+    cases = []
+    for number, row in rows:
+        value = row.get("path", "")
+        if not value:
+            raise DataError(f"manifest {manifest} row {number}: empty path")
+        given = Path(value).expanduser()
+        path = given if given.is_absolute() else manifest.parent / given
+        case_id = given.as_posix() if given.is_absolute() else Path(os.path.normpath(given)).as_posix()
+        cases.append(Case(case_id, path))
     return cases
 
 

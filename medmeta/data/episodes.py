@@ -60,6 +60,7 @@ def split_classes(
         seed: seed of the shuffle that assigns classes to splits.
         explicit: class lists per split (``{"train": [...], "val": [...], "test": [...]}``).
     """
+    _check_seed(seed)
     names = sorted(set(classes))
     if explicit is not None:
         unknown_splits = set(explicit) - set(SPLITS)
@@ -75,19 +76,43 @@ def split_classes(
                     raise DataError(f"class {name!r} is in both {seen[name]!r} and {split!r} meta-splits")
                 seen[name] = split
         return ClassSplits(**chosen)
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or sum(ratios) <= 0:
-        raise DataError(f"split ratios must be three non-negative numbers, got {list(ratios)}")
+    if len(ratios) != 3 or not all(math.isfinite(r) and r >= 0 for r in ratios) or sum(ratios) <= 0:
+        raise DataError(f"split ratios must be three non-negative numbers, not all zero; got {list(ratios)}")
     order = np.random.default_rng([seed, 7919]).permutation(len(names))
     shuffled = [names[i] for i in order]
-    total = sum(ratios)
-    n_val = round(len(names) * ratios[1] / total)
-    n_test = round(len(names) * ratios[2] / total)
-    n_train = len(names) - n_val - n_test
-    return ClassSplits(
+    n_train, n_val, n_test = _split_counts(len(names), ratios)
+    splits = ClassSplits(
         train=tuple(sorted(shuffled[:n_train])),
         val=tuple(sorted(shuffled[n_train : n_train + n_val])),
         test=tuple(sorted(shuffled[n_train + n_val :])),
     )
+    members = [name for split in SPLITS for name in splits.of(split)]
+    assert len(members) == len(set(members)) == len(names), "meta-splits must be disjoint and cover every class"
+    return splits
+
+
+def _split_counts(n: int, ratios: Sequence[float]) -> tuple[int, int, int]:
+    """Class counts of train, val and test: non-negative and summing to ``n``.
+
+    Val and test are rounded and train takes the rest (the rule of earlier versions, kept so that
+    existing meta-splits do not change); when that leaves train negative, or gives train classes at a
+    train ratio of 0, the counts are the largest-remainder apportionment of ``n``.
+    """
+    total = sum(ratios)
+    shares = [n * r / total for r in ratios]
+    n_val, n_test = round(shares[1]), round(shares[2])
+    if n_val + n_test <= n and (ratios[0] > 0 or n_val + n_test == n):
+        return n - n_val - n_test, n_val, n_test
+    counts = [math.floor(share) for share in shares]
+    by_remainder = sorted(range(3), key=lambda i: (-(shares[i] - counts[i]), i))
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    return counts[0], counts[1], counts[2]
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DataError(f"seed must be a non-negative integer, got {seed!r}")
 
 
 @dataclass(frozen=True)
@@ -153,6 +178,7 @@ class EpisodeSampler:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if n_way < 2 or k_shot < 1 or q_query < 1:
             raise DataError(f"need n_way >= 2, k_shot >= 1, q_query >= 1; got {n_way}, {k_shot}, {q_query}")
+        _check_seed(seed)
         self.split, self.n_way, self.k_shot, self.q_query, self.seed = split, n_way, k_shot, q_query, seed
         self.classes = tuple(sorted(classes))
         if len(self.classes) < n_way:

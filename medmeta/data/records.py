@@ -4,9 +4,10 @@ Patient identifiers are read from DICOM headers only to keep support and query s
 patient-disjoint; they are kept as salted hashes with a salt that lives in this process only,
 so no identifier can reach a log, a cache, a checkpoint or a report.
 
-An image is identified by its resolved file (engineering notes, trap 15): folder links are
-followed, but a file or folder reached twice is used once and reported (``duplicate``), and a
-folder linking to itself, an ancestor or the data folder is not descended (``symlink-loop``).
+An image is identified by its file, i.e. its device and inode (engineering notes, trap 15): folder
+links are followed, but a file or folder reached twice (through a symbolic or a hard link) is used
+once and reported (``duplicate``), and a folder linking to itself, an ancestor or the data folder is
+not descended (``symlink-loop``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.errors import BytesLengthException
 
 from medmeta.data.formats import DICOM_SUFFIXES, IMAGE_SUFFIXES, format_of
 from medmeta.errors import DataError
@@ -64,6 +65,17 @@ def resolved(path: Path) -> Path:
         return Path(os.path.abspath(path))
 
 
+def file_key(path: Path) -> tuple[int, int] | Path:
+    """What identifies the file or folder ``path`` names: its device and inode, links followed, so a
+    symbolic or hard link and its target agree; its resolved path when it cannot be read (a missing file).
+    """
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):
+        return resolved(path)
+    return info.st_dev, info.st_ino
+
+
 def data_folder(source: str | Path) -> Path:
     """A data set's own folder: ``source`` itself, or the folder of a CSV manifest or MedMNIST ``.npz``.
 
@@ -83,27 +95,36 @@ def _is_image(path: Path) -> bool:
     return not path.name.startswith(".") and format_of(path) is not None
 
 
+def dicom_patient(path: Path) -> str | None:
+    """The hashed PatientID of a DICOM file's header, ``None`` if it has none; raises if the header cannot be read."""
+    header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    patient_id = str(getattr(header, "PatientID", "") or "")
+    return hash_patient("dicom:" + patient_id) if patient_id else None
+
+
 def _patient_of(path: Path, class_dir: Path) -> str:
     """The patient a file belongs to: DICOM PatientID, else its sub-folder, else the file itself."""
     if path.name.lower().endswith(DICOM_SUFFIXES):
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-        patient_id = str(getattr(header, "PatientID", "") or "")
-        if patient_id:
-            return hash_patient("dicom:" + patient_id)
+        patient = dicom_patient(path)
+        if patient is not None:
+            return patient
     relative = path.relative_to(class_dir)
     key = relative.parts[0] if len(relative.parts) > 1 else str(relative)
     return hash_patient(f"path:{class_dir.name}/{key}")
 
 
 def _series_patient(folder: Path, class_dir: Path) -> str:
-    """The patient of a DICOM series folder: from its first readable slice, else from the folder path."""
+    """The patient of a DICOM series folder: from its first readable slice, else from the folder path.
+
+    A series that is the class folder itself (two or more slices right in it) is its own patient.
+    """
     for slice_path in sorted(p for p in folder.iterdir() if p.name.lower().endswith(DICOM_SUFFIXES)):
         try:
             return _patient_of(slice_path, class_dir)
-        except (InvalidDicomError, OSError, ValueError, LookupError, EOFError, struct.error, BytesLengthException):
+        except Exception:  # noqa: BLE001 - any unreadable header: the next slice; the preflight reports the series
             continue
     relative = folder.relative_to(class_dir)
-    return hash_patient(f"path:{class_dir.name}/{relative.parts[0]}")
+    return hash_patient(f"path:{class_dir.name}/{relative.parts[0] if relative.parts else '.'}")
 
 
 def _series_folders(files: list[Path]) -> set[Path]:
@@ -122,29 +143,30 @@ def _at_or_above(folder: Path, other: Path) -> bool:
 class _Walk:
     """Files under the class folders, folder links followed, each real file and folder reached once.
 
-    ``seen`` maps a resolved file or folder to the first path it was reached by and its class; a
-    second path to it is reported (``duplicate``), or, under another class, is an error.
+    ``seen`` maps a file or folder (:func:`file_key`: device and inode) to the first path it was
+    reached by and its class; a second path to it (a symbolic or hard link) is reported
+    (``duplicate``), or, under another class, is an error. Loops are found on resolved paths.
     """
 
     def __init__(self, root: Path, skipped: list[SkippedFile]) -> None:
         self.root, self.root_real, self.skipped = root, resolved(root), skipped
-        self.seen: dict[Path, tuple[Path, str]] = {}
-        self.classes: set[Path] = set()
+        self.seen: dict[tuple[int, int] | Path, tuple[Path, str]] = {}
+        self.classes: set[tuple[int, int] | Path] = set()
 
     def class_folder(self, class_dir: Path) -> list[Path] | None:
         """The files of one class folder; ``None`` (reported) if it is a loop or another class's folder."""
-        real = resolved(class_dir)
+        real, key = resolved(class_dir), file_key(class_dir)
         if _at_or_above(real, self.root_real):
             self._skip(class_dir, "symlink-loop", "class folder links to the data folder or above it: not a class")
             return None
-        if real in self.seen:
-            first, label = self.seen[real]
-            if real in self.classes:
+        if key in self.seen:
+            first, label = self.seen[key]
+            if key in self.classes:
                 self._skip(class_dir, "duplicate", f"same folder as class {label!r} ({first}): not a class")
                 return None
             self._ambiguous(class_dir, class_dir.name, first, label, "folder")
-        self.seen[real] = (class_dir, class_dir.name)
-        self.classes.add(real)
+        self.seen[key] = (class_dir, class_dir.name)
+        self.classes.add(key)
         files: list[Path] = []
         self._folder(class_dir, real, class_dir.name, files)
         return files
@@ -159,31 +181,33 @@ class _Walk:
             path = folder / entry.name
             try:
                 is_dir, is_file = entry.is_dir(), entry.is_file()
+                info = entry.stat() if is_dir or is_file else None  # links followed
             except OSError as error:
                 loop = error.errno == errno.ELOOP
                 self._skip(path, "symlink-loop" if loop else "unreadable", f"cannot follow ({type(error).__name__})")
                 continue
             target = resolved(path) if entry.is_symlink() else real / entry.name  # ``real`` is resolved already
+            key = (info.st_dev, info.st_ino) if info is not None else target
             if is_dir:
                 if _at_or_above(target, real) or _at_or_above(target, self.root_real):
                     self._skip(path, "symlink-loop", "folder links to itself, a folder above it or the data folder")
-                elif target in self.seen:
-                    first, first_label = self.seen[target]
+                elif key in self.seen:
+                    first, first_label = self.seen[key]
                     if first_label != label:
                         self._ambiguous(path, label, first, first_label, "folder")
                     self._skip(path, "duplicate", f"same folder as {first}")
                 else:
-                    self.seen[target] = (path, label)
+                    self.seen[key] = (path, label)
                     self._folder(path, target, label, files)
             elif is_file:
                 if _is_image(path):
-                    if target in self.seen:
-                        first, first_label = self.seen[target]
+                    if key in self.seen:
+                        first, first_label = self.seen[key]
                         if first_label != label:
                             self._ambiguous(path, label, first, first_label, "file")
                         self._skip(path, "duplicate", f"same file as {first}")
                         continue
-                    self.seen[target] = (path, label)
+                    self.seen[key] = (path, label)
                 files.append(path)
             elif entry.is_symlink():
                 self._skip(path, "unreadable", "broken link: its target does not exist")
@@ -198,6 +222,20 @@ class _Walk:
             f"{path} (class {label!r}) is the same {kind} as {first} (class {first_label!r}): an image belongs to "
             "one class; remove one of the two"
         )
+
+
+def image_files(folder: Path) -> tuple[list[Path], list[SkippedFile]]:
+    """The image files under ``folder`` (no classes), walked as class folders are: links followed, each file once.
+
+    Returns:
+        The files, sorted, and the paths left out (``duplicate``, ``symlink-loop``, ``unreadable``).
+    """
+    skipped: list[SkippedFile] = []
+    walk = _Walk(folder, skipped)
+    walk.seen[file_key(folder)] = (folder, "")
+    files: list[Path] = []
+    walk._folder(folder, walk.root_real, "", files)
+    return sorted(p for p in files if _is_image(p)), skipped
 
 
 def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[ImageRecord], list[SkippedFile]]:
@@ -243,9 +281,10 @@ def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[I
                 except (EOFError, struct.error, BytesLengthException) as error:  # cut inside an element
                     logger.warning("skipping %s: truncated (%s)", path, type(error).__name__)
                     skipped.append(SkippedFile(path, "truncated"))
-                except (InvalidDicomError, OSError, ValueError, LookupError) as error:
+                except Exception as error:  # noqa: BLE001 - any unreadable header; its message may hold the id
                     logger.warning("skipping %s: unreadable (%s)", path, type(error).__name__)
-                    skipped.append(SkippedFile(path, "unreadable"))
+                    detail = f"cannot read the DICOM header ({type(error).__name__})"
+                    skipped.append(SkippedFile(path, "unreadable", detail))
     if not records:
         raise DataError(
             f"no images found under {root}: expected one sub-folder per class holding "

@@ -213,3 +213,32 @@ def test_episodes_with_shared_patients_depend_only_on_seed_split_and_index() -> 
         assert not _shared_patients(a, patients)
     a = first.episode(5)
     assert all(not np.array_equal(a.query, o.query) for o in [first.episode(6), make(1, "train").episode(5)])
+
+
+@pytest.mark.parametrize(
+    ("n", "ratios"),
+    [(3, (0.0, 0.5, 0.5)), (7, (0.0, 0.5, 0.5)), (5, (0.0, 1.0, 1.0)), (1, (0.0, 0.5, 0.5)), (12, (0.6, 0.2, 0.2))],
+)
+def test_ratio_splits_never_overlap_even_with_a_zero_train_ratio(n: int, ratios: tuple[float, float, float]) -> None:
+    classes = [f"c{i}" for i in range(n)]
+    for seed in range(5):
+        splits = split_classes(classes, ratios=ratios, seed=seed)
+        members = [name for split in SPLITS for name in splits.of(split)]
+        assert sorted(members) == sorted(classes)  # each class in exactly one meta-split
+        if ratios[0] == 0:
+            assert splits.train == ()
+    assert [len(s) for s in split_classes([f"c{i}" for i in range(12)], seed=0).to_json().values()] == [8, 2, 2]
+
+
+@pytest.mark.parametrize("ratios", [(0.0, 0.0, 0.0), (-1.0, 1.0, 1.0), (float("nan"), 0.5, 0.5), (0.5, 0.5)])
+def test_impossible_split_ratios_are_refused(ratios: tuple[float, ...]) -> None:
+    with pytest.raises(DataError, match="split ratios must be three non-negative numbers"):
+        split_classes(["a", "b", "c"], ratios=ratios)
+
+
+def test_a_negative_seed_is_refused_naming_the_setting() -> None:
+    with pytest.raises(DataError, match="seed must be a non-negative integer, got -1"):
+        split_classes(["a", "b", "c"], seed=-1)
+    labels, patients = _bank()
+    with pytest.raises(DataError, match="seed must be a non-negative integer, got -3"):
+        EpisodeSampler(labels, patients, sorted(set(labels)), split="train", n_way=2, k_shot=1, q_query=1, seed=-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -122,3 +123,59 @@ def test_ids_are_unique_per_file_and_the_same_for_relative_and_absolute_rows(tmp
     sources = (relative, absolute, linked / "rel.csv")
     ids = [[sample_id(r, m) for r in take_inventory(m, n_way=1, k_shot=1, q_query=1).records] for m in sources]
     assert len(set(ids[0])) == 3 and ids[0] == ids[1] == ids[2]
+
+
+def test_a_hard_link_listed_beside_its_target_is_one_image(tmp_path: Path) -> None:
+    for k in range(2):
+        _png(tmp_path / "imgs" / f"{k}.png", seed=k)
+    os.link(tmp_path / "imgs" / "0.png", tmp_path / "imgs" / "hard.png")  # same inode, two names
+    manifest = _write(tmp_path / "m.csv", "path,label\nimgs/0.png,cyst\nimgs/1.png,cyst\nimgs/hard.png,cyst\n")
+    records, skipped = read_manifest(manifest)
+    assert [r.path.name for r in records] == ["0.png", "1.png"]
+    assert [(s.path.name, s.reason, s.detail) for s in skipped] == [
+        ("hard.png", "duplicate", "manifest row 4: same file as row 2")
+    ]
+
+
+def test_dicom_rows_without_patient_columns_take_the_header_patient_id_as_folders_do(tmp_path: Path) -> None:
+    from medmeta.data.records import discover_records
+    from tests.data.test_readers import ct_dataset, stored_image, write
+
+    rows = ["path,label"]
+    for c, name in enumerate(["cyst", "met"]):
+        for p in range(2):
+            for k in range(2):
+                ds = ct_dataset(stored_image(100 * c + 10 * p + k))
+                ds.PatientID = f"PAT{p}"  # one patient in both classes
+                write(ds, tmp_path / "data" / name / f"{c}{p}{k}.dcm")
+                rows.append(f"data/{name}/{c}{p}{k}.dcm,{name}")
+    _png(tmp_path / "data" / "met" / "extra.png", seed=9)
+    (tmp_path / "data" / "met" / "broken.dcm").write_bytes(b"not dicom")
+    rows += ["data/met/extra.png,met", "data/met/broken.dcm,met"]
+    records, _ = read_manifest(_write(tmp_path / "m.csv", "\n".join(rows) + "\n"))
+    by_name = {r.path.name: r.patient for r in records}
+    assert len(set(by_name.values())) == 4  # PAT0, PAT1, and the PNG and the unreadable file each on their own
+    assert by_name["000.dcm"] == by_name["001.dcm"] == by_name["100.dcm"] != by_name["010.dcm"]
+    folder, _ = discover_records(tmp_path / "data")
+    assert {r.path.name: r.patient for r in folder if r.path.suffix == ".dcm"} == {
+        n: p for n, p in by_name.items() if n.endswith(".dcm") and n != "broken.dcm"
+    }  # the same keys (and salt) as folder discovery
+    assert all("PAT" not in patient for patient in by_name.values())
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("path,label\nimgs/a.png,lésion\n".encode("cp1252"), r"m\.csv is not UTF-8 text: byte 23 \(line 2\).*UTF-8"),
+        (b"path,label\na.png,cyst\n" + b"x" * 200_000 + b",cyst\n", r"m\.csv line 3: not valid CSV \(field larger"),
+    ],
+)
+def test_a_manifest_that_is_not_utf8_csv_is_refused_naming_it(tmp_path: Path, data: bytes, message: str) -> None:
+    from medmeta.data.cohort import find_cases
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(data)
+    with pytest.raises(DataError, match=message):
+        read_manifest(manifest)
+    with pytest.raises(DataError, match=message):
+        find_cases([manifest], spatial_dims=2)  # medmeta predict reads it the same way

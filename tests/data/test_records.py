@@ -97,3 +97,48 @@ def test_a_linked_series_folder_is_one_volume_in_3d(tmp_path: Path) -> None:
     assert len(records) == 4 and all(r.path.is_dir() for r in records)
     assert [(s.path.name, s.reason) for s in skipped] == [("s0_link", "duplicate")]
     assert os.path.islink(skipped[0].path)
+
+
+def test_a_hard_link_is_one_image_reported_like_a_symbolic_link(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    os.link(root / "a" / "p0" / "IM0000.png", root / "a" / "p1" / "IM0000_copy.png")  # same inode, two names
+    os.link(root / "b" / "p0" / "IM0001.png", root / "a" / "p1" / "borrowed.png")
+    with pytest.raises(DataError, match=r"b/p0/IM0001\.png \(class 'b'\) is the same file as .*a/p1/borrowed\.png"):
+        discover_records(root)
+    (root / "a" / "p1" / "borrowed.png").unlink()
+    records, skipped = discover_records(root)
+    assert len(records) == 8 and len({os.stat(r.path).st_ino for r in records}) == 8
+    assert [(s.path.relative_to(root).as_posix(), s.reason, s.detail) for s in skipped] == [
+        ("a/p1/IM0000_copy.png", "duplicate", f"same file as {root / 'a' / 'p0' / 'IM0000.png'}")
+    ]
+
+
+def test_unreadable_slices_of_a_series_in_the_class_folder_itself_are_left_to_the_preflight(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")
+    (root / "c").mkdir()
+    (root / "c" / "a.dcm").write_bytes(b"")
+    (root / "c" / "b.dcm").write_bytes(b"not dicom at all")
+    records, skipped = discover_records(root, spatial_dims=3)
+    series = [r for r in records if r.label == "c"]
+    assert [r.path for r in series] == [root / "c"] and not skipped
+
+
+def test_a_dicom_header_that_pydicom_cannot_parse_is_reported_unreadable_by_type_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.data.test_readers import ct_dataset, stored_image, write
+
+    root = _folder(tmp_path / "data")
+    ds = ct_dataset(stored_image(0))
+    ds.PatientID = "SECRET-ID-42"
+    bad = write(ds, root / "a" / "p0" / "odd.dcm")
+    data = bytearray(bad.read_bytes())
+    at = data.find(b"\x10\x00\x20\x00LO")  # PatientID's VR made unknown: pydicom raises NotImplementedError
+    data[at + 4 : at + 6] = b"L^"
+    bad.write_bytes(bytes(data))
+    records, skipped = discover_records(root)
+    assert len(records) == 8
+    assert [(s.path.name, s.reason, s.detail) for s in skipped] == [
+        ("odd.dcm", "unreadable", "cannot read the DICOM header (NotImplementedError)")
+    ]
+    assert "SECRET" not in caplog.text
