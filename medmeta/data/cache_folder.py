@@ -19,8 +19,8 @@ def default_cache_dir() -> Path:
 
 def synthetic_root(seed: int, spatial_dims: int = 2) -> Path:
     """Folder of the built-in synthetic lesion data set (2D DICOM or 3D NIfTI) for ``seed``."""
-    kind = "synthetic-lesions" if spatial_dims == 2 else "synthetic-lesions-3d"
-    return default_cache_dir() / f"{kind}-v1-seed{seed}"
+    kind = "synthetic-lesions-v1" if spatial_dims == 2 else "synthetic-lesions-3d-v2"  # v2: patient folders unique
+    return default_cache_dir() / f"{kind}-seed{seed}"
 
 
 def ensure_synthetic(seed: int, spatial_dims: int = 2) -> Path:

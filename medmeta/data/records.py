@@ -8,6 +8,9 @@ An image is identified by its file, i.e. its device and inode (engineering notes
 links are followed, but a file or folder reached twice (through a symbolic or a hard link) is used
 once and reported (``duplicate``), and a folder linking to itself, an ancestor or the data folder is
 not descended (``symlink-loop``).
+
+A file's patient is its DICOM PatientID, else its first sub-folder under the class folder, the same
+sub-folder name under any class being one patient (as a PatientID is), else the file itself.
 """
 
 from __future__ import annotations
@@ -103,14 +106,15 @@ def dicom_patient(path: Path) -> str | None:
 
 
 def _patient_of(path: Path, class_dir: Path) -> str:
-    """The patient a file belongs to: DICOM PatientID, else its sub-folder, else the file itself."""
+    """The patient a file belongs to: DICOM PatientID, else its first sub-folder (across classes), else the file."""
     if path.name.lower().endswith(DICOM_SUFFIXES):
         patient = dicom_patient(path)
         if patient is not None:
             return patient
     relative = path.relative_to(class_dir)
-    key = relative.parts[0] if len(relative.parts) > 1 else str(relative)
-    return hash_patient(f"path:{class_dir.name}/{key}")
+    if len(relative.parts) > 1:
+        return hash_patient(f"folder:{relative.parts[0]}")
+    return hash_patient(f"path:{class_dir.name}/{relative}")
 
 
 def _series_patient(folder: Path, class_dir: Path) -> str:
@@ -124,7 +128,9 @@ def _series_patient(folder: Path, class_dir: Path) -> str:
         except Exception:  # noqa: BLE001 - any unreadable header: the next slice; the preflight reports the series
             continue
     relative = folder.relative_to(class_dir)
-    return hash_patient(f"path:{class_dir.name}/{relative.parts[0] if relative.parts else '.'}")
+    if relative.parts:
+        return hash_patient(f"folder:{relative.parts[0]}")
+    return hash_patient(f"path:{class_dir.name}/.")
 
 
 def _series_folders(files: list[Path]) -> set[Path]:

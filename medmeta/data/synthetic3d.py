@@ -456,13 +456,14 @@ def generate_synthetic_volumes(out_dir: str | Path, *, n_classes: int = 30, pati
         for ci, cls in enumerate(classes):
             (staging / cls.name).mkdir()
             for p in range(patients_per_class):
-                patient_dir = staging / cls.name / f"patient{p:03d}"  # a folder per patient: NIfTI has no PatientID
+                # a folder per patient (NIfTI has no PatientID), named apart across classes: a folder name is a patient
+                patient_dir = staging / cls.name / f"patient{ci * patients_per_class + p:04d}"
                 patient_dir.mkdir()
                 for k in range(volumes_per_patient):
                     hu = render_volume(cls, *image_rngs(seed, ci, p, k), size=size)
                     _save_nifti(patient_dir / f"{k:02d}.nii.gz", hu, spacing_mm)
         summary = {
-            "generator": __name__, "version": 1, "format": "nifti", "seed": seed, "n_classes": n_classes,
+            "generator": __name__, "version": 2, "format": "nifti", "seed": seed, "n_classes": n_classes,
             "patients_per_class": patients_per_class, "volumes_per_patient": volumes_per_patient,
             "size": size, "spacing_mm": spacing_mm, "units": "HU",
             "classes": [{"index": i, "name": c.name, "shape": c.shape, "margin": c.margin, "density": c.density}

@@ -17,7 +17,7 @@ def test_cache_folder_follows_the_environment(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("MEDMETA_CACHE", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
     assert synthetic_root(4) == tmp_path / "mine" / "synthetic-lesions-v1-seed4"
-    assert synthetic_root(4, spatial_dims=3) == tmp_path / "mine" / "synthetic-lesions-3d-v1-seed4"
+    assert synthetic_root(4, spatial_dims=3) == tmp_path / "mine" / "synthetic-lesions-3d-v2-seed4"
 
 
 @pytest.mark.parametrize("dims", [2, 3])

@@ -20,7 +20,7 @@ def _mixed_folder(root: Path) -> Path:
     rng = np.random.default_rng(0)
     for c, kind in enumerate(["png-rgb", "png-rgb", "jpeg", "nifti"]):
         for p in range(3):
-            folder = root / f"class_{kind}_{c}" / f"patient{p}"
+            folder = root / f"class_{kind}_{c}" / f"patient{c}{p}"  # a folder name is a patient, across classes
             folder.mkdir(parents=True)
             for k in range(2):
                 pixels = rng.integers(0, 255, size=(20, 20, 3) if kind == "png-rgb" else (20, 20), dtype=np.uint8)

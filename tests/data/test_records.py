@@ -142,3 +142,12 @@ def test_a_dicom_header_that_pydicom_cannot_parse_is_reported_unreadable_by_type
         ("odd.dcm", "unreadable", "cannot read the DICOM header (NotImplementedError)")
     ]
     assert "SECRET" not in caplog.text
+
+
+def test_a_patient_folder_under_two_classes_is_one_patient(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "data")  # a/p0, a/p1, b/p0, b/p1: p0 and p1 each have images in both classes
+    _png(root / "b" / "loose.png", seed=99)
+    records, _ = discover_records(root)
+    patient = {r.path.relative_to(root).as_posix(): r.patient for r in records}
+    assert patient["a/p0/IM0000.png"] == patient["b/p0/IM0001.png"] != patient["a/p1/IM0000.png"]
+    assert len(set(patient.values())) == 3  # p0, p1 and the loose file

@@ -33,9 +33,10 @@ def _load_all(root: Path) -> dict[str, np.ndarray]:
 def test_layout_and_metadata(small_volumes: Path) -> None:
     classes = lesion_classes(SMALL["n_classes"])
     assert sorted(p.name for p in small_volumes.iterdir() if p.is_dir()) == sorted(c.name for c in classes)
-    for c in classes:
+    for ci, c in enumerate(classes):  # patient folders named apart across classes: a folder name is one patient
+        first, second = (f"patient{2 * ci + p:04d}" for p in (0, 1))
         assert sorted(str(p.relative_to(small_volumes / c.name)) for p in (small_volumes / c.name).rglob("*.nii.gz")) == [
-            "patient000/00.nii.gz", "patient000/01.nii.gz", "patient001/00.nii.gz", "patient001/01.nii.gz"]
+            f"{first}/00.nii.gz", f"{first}/01.nii.gz", f"{second}/00.nii.gz", f"{second}/01.nii.gz"]
     meta = json.loads((small_volumes / "dataset.json").read_text())
     assert meta["seed"] == 3 and meta["size"] == 24 and meta["spacing_mm"] == 0.8
     assert [c["name"] for c in meta["classes"]] == [c.name for c in classes]
@@ -65,7 +66,7 @@ def test_hu_values_round_trip(small_volumes: Path) -> None:
     classes = lesion_classes(SMALL["n_classes"])
     for ci in (0, 2):
         for p, k in ((0, 0), (1, 1)):
-            img = nib.load(small_volumes / classes[ci].name / f"patient{p:03d}" / f"{k:02d}.nii.gz")
+            img = nib.load(small_volumes / classes[ci].name / f"patient{2 * ci + p:04d}" / f"{k:02d}.nii.gz")
             expected = np.round(render_volume(classes[ci], *image_rngs(3, ci, p, k), size=24))
             np.testing.assert_array_equal(np.asanyarray(img.dataobj), expected)
             np.testing.assert_array_equal(img.get_fdata(), expected)
