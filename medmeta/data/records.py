@@ -195,7 +195,9 @@ class _Walk:
             target = resolved(path) if entry.is_symlink() else real / entry.name  # ``real`` is resolved already
             key = (info.st_dev, info.st_ino) if info is not None else target
             if is_dir:
-                if _at_or_above(target, real) or _at_or_above(target, self.root_real):
+                if entry.name.startswith("."):  # .thumbnails, .git: not images of the class, as a hidden class folder
+                    self._skip(path, "not-image", "hidden folder: its files are not used")
+                elif _at_or_above(target, real) or _at_or_above(target, self.root_real):
                     self._skip(path, "symlink-loop", "folder links to itself, a folder above it or the data folder")
                 elif key in self.seen:
                     first, first_label = self.seen[key]

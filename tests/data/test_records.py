@@ -151,3 +151,14 @@ def test_a_patient_folder_under_two_classes_is_one_patient(tmp_path: Path) -> No
     patient = {r.path.relative_to(root).as_posix(): r.patient for r in records}
     assert patient["a/p0/IM0000.png"] == patient["b/p0/IM0001.png"] != patient["a/p1/IM0000.png"]
     assert len(set(patient.values())) == 3  # p0, p1 and the loose file
+
+
+def test_a_hidden_sub_folder_of_a_class_is_reported_and_not_used(tmp_path: Path) -> None:
+    """Thumbnails or a tool's folder inside a class folder would be near-copies of its images, maybe in support and query."""
+    root = _folder(tmp_path / "data")
+    _png(root / "a" / ".thumbnails" / "IM0000.png", seed=7)
+    _png(root / "a" / "p0" / ".cache" / "IM0000.png", seed=8)
+    records, skipped = discover_records(root)
+    assert not [r for r in records if "/." in r.path.as_posix()] and len(records) == 8
+    hidden = {s.path.relative_to(root).as_posix(): (s.reason, s.detail) for s in skipped}
+    assert hidden == {name: ("not-image", "hidden folder: its files are not used") for name in ("a/.thumbnails", "a/p0/.cache")}
