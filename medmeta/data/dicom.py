@@ -244,12 +244,31 @@ def _rescale(array: np.ndarray, ds: Dataset) -> np.ndarray:
     if "ModalityLUTSequence" in ds:
         return np.asarray(apply_modality_lut(array, ds), dtype=np.float32)
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    per_frame = _per_frame_rescale(ds) if slope is None and intercept is None else None
+    if per_frame is not None and array.ndim == 3 and len(per_frame) == array.shape[0]:  # each frame its own rescale
+        factors = np.asarray(per_frame, dtype=np.float32)
+        return array.astype(np.float32) * factors[:, 0, None, None] + factors[:, 1, None, None]
     if slope is None and intercept is None:
         item = _functional_item(ds, "PixelValueTransformationSequence")
         if item is not None:
             slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
     out = array.astype(np.float32) * float(1.0 if slope is None else slope)
     return (out + float(0.0 if intercept is None else intercept)).astype(np.float32, copy=False)
+
+
+def _per_frame_rescale(ds: Dataset) -> list[tuple[float, float]] | None:
+    """Each frame's (slope, intercept) when an enhanced file gives them per frame and they differ, else ``None``."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and shared[0].get("PixelValueTransformationSequence"):
+        return None
+    pairs = []
+    for item in ds.get("PerFrameFunctionalGroupsSequence") or []:
+        transform = item.get("PixelValueTransformationSequence")
+        if not transform:
+            return None
+        slope, intercept = transform[0].get("RescaleSlope"), transform[0].get("RescaleIntercept")
+        pairs.append((float(1.0 if slope is None else slope), float(0.0 if intercept is None else intercept)))
+    return pairs if len(set(pairs)) > 1 else None
 
 
 def _as_shown(array: np.ndarray, ds: Dataset, path: Path) -> np.ndarray:

@@ -179,3 +179,20 @@ def test_multi_frame_with_positions_for_only_some_frames_is_rejected(tmp_path: P
     ds.save_as(path)
     with pytest.raises(DicomSeriesError, match="mf.dcm.*no ImagePositionPatient"):
         read_dicom(path)
+
+
+def test_multi_frame_with_a_rescale_per_frame_applies_each_frames_own(tmp_path: Path) -> None:
+    """An enhanced CT may rescale every frame differently: frame k's HU come from frame k's slope and intercept."""
+    intercepts = [-1024.0 + 100 * k for k in range(N_FRAMES)]
+    for k in range(N_FRAMES):
+        write(ct_dataset(FRAMES[k], position=(5.0, -2.0, 3.0 * k), series_uid="1.2.9", intercept=intercepts[k]),
+              tmp_path / "series" / f"{k}.dcm")  # fmt: skip
+    path = _multiframe(tmp_path / "mf.dcm", list(range(N_FRAMES)))
+    ds = pydicom.dcmread(path)
+    del ds.RescaleSlope, ds.RescaleIntercept
+    for item, intercept in zip(ds.PerFrameFunctionalGroupsSequence, intercepts):
+        transform = Dataset()
+        transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 1.0, intercept, "HU"
+        item.PixelValueTransformationSequence = Sequence([transform])
+    ds.save_as(path)
+    np.testing.assert_array_equal(read_dicom(path)[0], read_dicom(tmp_path / "series")[0])
