@@ -4,7 +4,9 @@ A bundle folder holds::
 
     configs/inference.json   network_def (a medmeta class and plain arguments) and MONAI's usual keys
     configs/metadata.json    class names (the output channels), input spec, intensity settings,
-                             normalisation, medmeta version, learner, support-set counts per class
+                             normalisation, medmeta version, learner, support-set counts per class,
+                             the kinds of images the model was trained on (``training_images``:
+                             format family -> native channel counts; absent when not known)
     models/model.pt          the network's state dict (tensors only: torch.load(..., weights_only=True))
     docs/README.md           the same in words, and how to load it
 
@@ -13,6 +15,9 @@ MONAI users load it with ``monai.bundle.ConfigParser`` (instantiate ``network_de
 evaluating any expression from the files: it builds ``network_def`` only when its ``_target_`` is a
 medmeta class, from plain arguments. Nothing in a bundle names a file, a folder or a patient:
 :func:`save_bundle` refuses a string that looks like a path.
+
+Why this module is longer than 300 lines: writing, checking and reading a bundle are one file format,
+and its refusals (paths, expressions, settings that disagree) are easiest to check read together.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import medmeta
 from medmeta.adapted import AdaptedClassifier
 from medmeta.checkpoints import non_finite, weights_problem
 from medmeta.errors import DataError
+from medmeta.data.image_kinds import kinds_text
 from medmeta.plugins import import_object
 
 INFERENCE, METADATA, WEIGHTS = Path("configs/inference.json"), Path("configs/metadata.json"), Path("models/model.pt")
@@ -188,6 +194,8 @@ def readme(metadata: Mapping[str, Any]) -> str:
         "after the bundle's `preprocessing` (medmeta's load transforms)",
         *(f"- {key.replace('_', ' ')}: {metadata[key]}" for key in ("algorithm", "adaptation", "normalisation", "support_counts")
           if key in metadata),
+        *([f"- trained on: {kinds_text(metadata['training_images'])} images (medmeta predict warns on other kinds)"]
+          if isinstance(metadata.get("training_images"), Mapping) else []),
         f"- medmeta {metadata['medmeta_version']}", "",
         "Load with medmeta: `medmeta.bundle.load_bundle(folder)`, or run `medmeta predict --bundle FOLDER --input ...`.",
         "Load with MONAI: `ConfigParser().read_config('configs/inference.json')`, set `bundle_root`, build `network_def`, "

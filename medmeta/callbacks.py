@@ -1,4 +1,5 @@
-"""Callbacks every ``medmeta fit`` carries: checkpoint on pre-emption, a fresh ``last.ckpt``, RNG state and seen classes in checkpoints."""
+"""Callbacks every ``medmeta fit`` carries: checkpoint on pre-emption, a fresh ``last.ckpt``, RNG state, seen classes and
+training image kinds in checkpoints."""
 
 from __future__ import annotations
 
@@ -102,14 +103,27 @@ def _as_tuple(value: Any) -> Any:
 
 
 class SeenClasses(L.Callback):
-    """Record in every checkpoint the class names (diagnosis labels only) its model was meta-trained and validated on.
+    """Record in every checkpoint the class names (diagnosis labels only) its model was meta-trained and validated on,
+    and the kinds of its training images (format families and native channel counts, :mod:`medmeta.data.image_kinds`).
 
     ``medmeta evaluate`` refuses a test class among them and ``medmeta test`` warns. Names from an
-    earlier checkpoint the run resumed or started from (``module.seen_classes``) are kept too.
+    earlier checkpoint the run resumed or started from (``module.seen_classes``) are kept too, and so
+    are the image kinds of a checkpoint the run resumed from. ``diagnose`` and ``predict`` warn on a
+    case of a kind the model was not trained on.
     """
+
+    def __init__(self) -> None:
+        self._resumed_kinds: dict[str, list[int]] = {}
+        self._kinds: dict[str, list[int]] | None = None  # of this run's training images: read once per fit
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        from medmeta.data.image_kinds import TRAINING_IMAGES_KEY, trained_kinds
+
+        self._resumed_kinds = trained_kinds(checkpoint.get(TRAINING_IMAGES_KEY)) or {}
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         from medmeta.checkpoints import SEEN_CLASSES_KEY
+        from medmeta.data.image_kinds import TRAINING_IMAGES_KEY
 
         seen = {split: set(names) for split, names in (pl_module.seen_classes or {}).items()}
         datamodule = trainer.datamodule
@@ -119,3 +133,17 @@ class SeenClasses(L.Callback):
                 seen.setdefault(split, set()).update(splits.of(split))
         if seen:
             checkpoint[SEEN_CLASSES_KEY] = {split: sorted(names) for split, names in seen.items()}
+        kinds = {family: set(channels) for family, channels in self._resumed_kinds.items()}
+        for family, channels in self._training_kinds(datamodule).items():
+            kinds.setdefault(family, set()).update(channels)
+        if kinds:
+            checkpoint[TRAINING_IMAGES_KEY] = {family: sorted(channels) for family, channels in sorted(kinds.items())}
+
+    def _training_kinds(self, datamodule: object) -> dict[str, list[int]]:
+        """The kinds of the data module's meta-training images (after its setup), read once."""
+        from medmeta.data.image_kinds import training_kinds
+
+        inventory = datamodule.inventory if isinstance(datamodule, EpisodicDataModule) else None
+        if self._kinds is None and inventory is not None:
+            self._kinds = training_kinds(inventory.split_records("train"), inventory.arrays)
+        return self._kinds or {}

@@ -187,7 +187,13 @@ def _shown(value: object) -> str:
 
 
 def load_trained(path: Path) -> tuple[object, dict[str, object]]:
-    """The ``FewShotModule`` of a checkpoint (CPU, eval mode) and the data module settings saved with it."""
+    """The ``FewShotModule`` of a checkpoint (CPU, eval mode) and the data module settings saved with it.
+
+    The module's ``training_images`` is the record of the kinds of images it was trained on
+    (:func:`medmeta.data.image_kinds.trained_kinds`), ``None`` for a checkpoint written before it was kept:
+    nothing is known then.
+    """
+    from medmeta.data.image_kinds import TRAINING_IMAGES_KEY, trained_kinds
     from medmeta.module import FewShotModule
 
     checkpoint = read_checkpoint(path)
@@ -201,5 +207,6 @@ def load_trained(path: Path) -> tuple[object, dict[str, object]]:
         raise DataError(
             f"cannot load checkpoint {path}: its model cannot be rebuilt from it ({type(error).__name__}: {first_line})"
         ) from error
+    module.training_images = trained_kinds(checkpoint.get(TRAINING_IMAGES_KEY))
     settings = {k: v for k, v in (checkpoint.get("datamodule_hyper_parameters") or {}).items() if not k.startswith("_")}
     return module.eval(), settings

@@ -337,6 +337,7 @@ def evaluate_main(argv: list[str]) -> int:
         parser.error("give the checkpoint once: medmeta evaluate CKPT (or --ckpt CKPT)")
     path = args.checkpoint or args.ckpt
     model, settings = load_trained(path)
+    settings.update(_model_shape(path, model.hparams, settings, data_root=args.data_root))
     if args.data_root is not None:
         settings["root"] = args.data_root
     if args.test_episodes is not None:
@@ -359,6 +360,31 @@ def evaluate_main(argv: list[str]) -> int:
     )
     console.print(f"outputs: {Path(summary['metrics_file']).parent}", highlight=False)
     return 0
+
+
+def _model_shape(path: Path, hparams: dict, settings: dict, *, data_root: str | None) -> dict[str, object]:
+    """The episode and image shape of the checkpoint's model, which the test data must have (``evaluate``).
+
+    A saved data setting that disagrees is refused; a checkpoint without data settings (fit with plain
+    loaders) needs ``--data-root``, and its intensity and episode settings are then the defaults (a warning).
+    """
+    shape = {key: hparams[key] for key in ("n_way", "in_channels", "image_size", "spatial_dims")}
+    differs = [f"{key}={settings[key]!r} (the model: {value!r})" for key, value in shape.items()
+               if key in settings and settings[key] != value]  # fmt: skip
+    if differs:
+        raise DataError(f"checkpoint {path}: its saved data settings do not fit its model: {', '.join(differs)}; "
+                        "it cannot be evaluated on them")  # fmt: skip
+    if not settings:
+        if data_root is None:
+            raise DataError(f"checkpoint {path} holds no data settings (fit without medmeta's data module): give the "
+                            "test data with --data-root DIR")  # fmt: skip
+        console.print(
+            f"[yellow]warning:[/] checkpoint {escape(str(path))} holds no data settings: the test images are read with "
+            "the default intensity window and episodes (k_shot=1, q_query=15), which may not be how the model was "
+            "trained",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+    return shape
 
 
 def _check_unseen_test_classes(path: Path, checkpoint: dict, test_classes: Sequence[str], *, allow: bool) -> None:

@@ -18,7 +18,10 @@ predictor, they come from the learner's exported adapted model
 (:meth:`~medmeta.algorithms.MetaLearner.adapted_network`: a standalone, non-transductive network,
 saved as a MONAI bundle by :mod:`medmeta.bundle`). Any learner that offers either can be diagnosed.
 A query image that is constant after the intensity window carries no information: it is still
-predicted, with a warning on its row, in ``predictions.csv``/``.json`` and in the report.
+predicted, with a warning on its row, in ``predictions.csv``/``.json`` and in the report. So is a query
+of a kind (format family, grey or colour) the model was not trained on (:mod:`medmeta.data.image_kinds`;
+nothing is known for a checkpoint without that record); a support case of such a kind is warned about
+in the report.
 
 Why this module is longer than 300 lines: it is one command's whole data flow (inputs, adaptation,
 explanation, outputs), and its privacy and refusal rules are easiest to check read together.
@@ -51,6 +54,7 @@ from medmeta.data.formats import format_of
 from medmeta.data.records import ImageRecord, discover_records
 from medmeta.errors import DataError
 from medmeta.explain import grad_cam, image_png, overlay_png
+from medmeta.data.image_kinds import image_kind, kind_warning
 from medmeta.module import FewShotModule
 from medmeta.report import ReportRow, write_html_report
 
@@ -93,6 +97,9 @@ def diagnose(
     spatial_dims = int(settings["spatial_dims"])
     support_records, names = read_support(Path(support), spatial_dims)
     query_records, warnings = read_queries([Path(q) for q in queries], spatial_dims)
+    trained = getattr(module, "training_images", None)  # the kinds of images it was trained on; None: unknown
+    warnings += [f"support case of {r.label} ({_file_id(r.path)}): {w}" for r in support_records
+                 if (w := kind_warning(image_kind(r.path), trained))]  # fmt: skip
     support_x = transform_images(support_records, source=support, **_image_settings(settings))
     _refuse_constant_support(support_records, support_x, settings)
     query_x = transform_images(query_records, source="the query cases", **_image_settings(settings))
@@ -127,6 +134,7 @@ def diagnose(
         digest = content_sha256(record.path)
         file_id = digest[:12]
         case_warnings = [_constant_warning(settings, float(query_x[i].max()))] if constant[i] else []
+        case_warnings += [w for w in [kind_warning(image_kind(record.path), trained)] if w]
         if digest in shown:
             case_warnings.append(f"the same image as a support case of {shown[digest]} (identical file contents): "
                                  "its prediction repeats what the model was shown, it is no test of it")  # fmt: skip
@@ -385,6 +393,7 @@ def _bundle_metadata(
         "algorithm": algorithm.label(), "backbone": type(algorithm.model).__name__,
         "adaptation": algorithm.adaptation_text(steps), "norm_mode": module.hparams["norm_mode"],
         "normalisation": exported_normalisation(network), "support_counts": counts, "n_way_trained": int(module.hparams["n_way"]),
+        **({"training_images": kinds} if (kinds := getattr(module, "training_images", None)) else {}),
     }  # fmt: skip
 
 

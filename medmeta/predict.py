@@ -9,11 +9,16 @@ bundle's network (non-transductive: a case's probabilities never depend on its b
 ``predictions.json`` (the same rows, a summary of the bundle's metadata) is written from the CSV at the end.
 
 An unusable case is a row without a prediction and with its reason in ``warnings``; a case that
-is constant after the intensity window is predicted with ``diagnose``'s warning. A re-run with the
+is constant after the intensity window is predicted with ``diagnose``'s warning, and so is a case of a
+kind (format family, grey or colour) the model was not trained on (the bundle's ``training_images``;
+a bundle without it records nothing, and no case is warned about). A re-run with the
 same output folder skips the cases already in ``predictions.csv`` (a partly written last line is
 dropped), and refuses a folder written by another bundle (``predict_state.json``). On SIGTERM (or
 Ctrl-C) the batch in flight is finished and written, then the run stops (``PredictResult.stopped``).
 Log lines give counts only, never a case's path: a file name may hold a patient identifier.
+
+Why this module is longer than 300 lines: it is one command's whole data flow (inputs, batches,
+resumable outputs, signals), and its resume and privacy rules are easiest to check read together.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from medmeta.data.preflight import check_image
 from medmeta.data.records import ImageRecord, resolved
 from medmeta.diagnose import _constant_warning, _refuse_inside_inputs, constant_images
 from medmeta.errors import DataError
+from medmeta.data.image_kinds import image_kind, kind_warning, trained_kinds
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +129,7 @@ def predict_batch(bundle: Bundle, cases: Sequence[Case]) -> list[list[str]]:
     """One CSV row per case: preflight, ``diagnose``'s transforms, the network, warnings."""
     settings = bundle.image_settings
     spatial_dims = int(settings["spatial_dims"])
+    trained = trained_kinds(bundle.metadata.get("training_images"))  # None: not recorded, nothing is known
     rows: dict[int, list[str]] = {}
     usable = []
     for i, case in enumerate(cases):
@@ -144,6 +151,7 @@ def predict_batch(bundle: Bundle, cases: Sequence[Case]) -> list[list[str]]:
                 rows[i] = _unpredicted(bundle, cases[i], "not predicted: the network's output is NaN or infinite")
                 continue
             warnings = [_constant_warning(settings, float(images[j].max()))] if constant else []
+            warnings += [w for w in [kind_warning(image_kind(cases[i].path), trained)] if w]
             predicted = bundle.class_names[int(probs[j].argmax())]
             rows[i] = [cases[i].case_id, predicted, *(f"{float(p):.6f}" for p in probs[j]), SEPARATOR.join(warnings)]
     return [rows[i] for i in range(len(cases))]

@@ -222,3 +222,23 @@ def test_medmeta_test_runs_a_checkpoint_with_the_old_flat_hyperparameters(
     (metrics,) = (tmp_path / "run").rglob("metrics.json")
     summary = json.loads(metrics.read_text())
     assert summary["algorithm"] == "maml-second-order" and summary["eval_inner_steps"] == 3  # the checkpoint's, not 2
+
+
+def test_fit_records_the_kinds_of_its_training_images(trained_checkpoint: Path, tmp_path: Path) -> None:
+    """Format families and native channel counts go into the checkpoint; without them nothing is known (no warning)."""
+    from medmeta.data.image_kinds import TRAINING_IMAGES_KEY, kind_warning
+
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    assert checkpoint[TRAINING_IMAGES_KEY] == {"dicom": [1]}  # the tiny set: grey CT DICOM
+    module, _ = load_trained(trained_checkpoint)
+    assert module.training_images == {"dicom": [1]}
+    warning = kind_warning(("picture", 3), module.training_images)
+    assert warning == ("a colour PNG/JPEG image, but the model was trained on grey DICOM images: its prediction may not "
+                       "mean anything")  # fmt: skip
+    assert kind_warning(("picture", 1), module.training_images).startswith("a grey PNG/JPEG image, but")
+    assert kind_warning(("dicom", 3), module.training_images).startswith("a colour DICOM image, but")
+    assert kind_warning(("dicom", 1), module.training_images) is None
+    assert kind_warning(("dicom", None), {"dicom": [1]}) is None  # channels unknown: the family alone is checked
+    torch.save({k: v for k, v in checkpoint.items() if k != TRAINING_IMAGES_KEY}, tmp_path / "old.ckpt")
+    old, _ = load_trained(tmp_path / "old.ckpt")
+    assert old.training_images is None and kind_warning(("picture", 3), old.training_images) is None

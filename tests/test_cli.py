@@ -408,3 +408,34 @@ def test_the_real_data_configs_and_the_two_stage_recipe_run_as_documented(
     assert last["hyper_parameters"]["algorithm"]["init_args"]["eval_inner_steps"] == 20
     assert json.loads(next((tmp_path / "runs" / "real_data_maml").rglob("metrics.json")).read_text())["algorithm"] == (
         "maml-second-order")
+
+
+def test_evaluate_takes_the_episode_shape_from_the_model_and_needs_data_settings_or_a_data_root(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """No data settings saved: never the built-in data set with its defaults, but one line naming --data-root."""
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    here = dict(cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    nodata = tmp_path / "nodata.ckpt"
+    torch.save({k: v for k, v in checkpoint.items() if k != "datamodule_hyper_parameters"}, nodata)
+    for extra in ((), ("--allow-seen-classes",)):
+        status, printed = _medmeta_here("evaluate", str(nodata), "--out", str(tmp_path / "eval"), *extra, **here)
+        assert status == 2, printed
+        (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
+        assert "holds no data settings" in line and "--data-root" in line and "Traceback" not in printed
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "eval").exists()  # nothing generated, nothing run
+    # with --data-root: the model's 3-way episodes (the tiny set's test split has 2 classes), and a warning on defaults
+    status, printed = _medmeta_here("evaluate", str(nodata), "--data-root", str(tiny_dicom_root), "--out",
+                                    str(tmp_path / "eval"), **here)  # fmt: skip
+    assert status == 2 and "warning:" in printed and "holds no data settings" in printed.replace("\n", " ")
+    (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
+    assert "n_way=3 episodes" in line and "n_way=5" not in printed
+    # saved data settings that do not fit the model are refused, naming them
+    checkpoint["datamodule_hyper_parameters"] = {**checkpoint["datamodule_hyper_parameters"], "n_way": 5}
+    torch.save(checkpoint, tmp_path / "mismatch.ckpt")
+    status, printed = _medmeta_here("evaluate", str(tmp_path / "mismatch.ckpt"), "--out", str(tmp_path / "eval2"),
+                                    **here)  # fmt: skip
+    assert status == 2, printed
+    (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
+    assert "n_way=5 (the model: 3)" in line and not (tmp_path / "eval2").exists()

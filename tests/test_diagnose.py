@@ -331,3 +331,33 @@ def test_the_report_says_grad_cam_leaves_out_the_earlier_stages_a_head_sees(lear
     text = saliency_text(algorithm)
     assert text.startswith("Grad-CAM (MONAI) of the function that gave the probabilities")
     assert ("at the last convolution only: the head also sees each earlier stage" in text) is caveat
+
+
+def test_a_case_of_another_kind_than_the_training_images_is_flagged(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    """A colour and a grey PNG sent to a model trained on grey CT DICOM: predicted, with a warning; DICOM cases: none."""
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(queries / "zz-grey.png")  # query-005
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), "RGB").save(queries / "zz-rgb.png")  # query-006
+    second = sorted(support.iterdir())[1]
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), "RGB").save(second / "photo.png")
+    result = diagnose(trained_checkpoint, support, [queries], tmp_path / "out")
+    body = json.loads((result.out / "predictions.json").read_text())
+    kinds = {c["case"]: [w for w in c["warnings"] if "the model was trained on" in w] for c in body["cases"]}
+    trained = "but the model was trained on grey DICOM images: its prediction may not mean anything"
+    assert kinds == {**{f"query-00{i}": [] for i in range(1, 5)}, "query-005": [f"a grey PNG/JPEG image, {trained}"],
+                     "query-006": [f"a colour PNG/JPEG image, {trained}"]}  # fmt: skip
+    support_warnings = [w for w in result.warnings if w.startswith("support case")]
+    assert len(support_warnings) == 1 and support_warnings[0].startswith(f"support case of {second.name} (")
+    assert "a colour PNG/JPEG image, but the model was trained on grey DICOM images" in support_warnings[0]
+    rows = {row.split(",")[0]: row for row in (result.out / "predictions.csv").read_text().splitlines()}
+    assert "a colour PNG/JPEG image" in rows["query-006"] and "trained on" not in rows["query-001"]
+    written = (result.out / "warnings.txt").read_text() + result.report.read_text()
+    assert "query-005 (" in written and "photo" not in written and "zz-" not in written  # by case and hash, not name
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    del checkpoint["medmeta_training_images"]  # a checkpoint written before the record: nothing known, no warning
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    old = diagnose(tmp_path / "old.ckpt", support, [queries], tmp_path / "out-old")
+    assert not any("the model was trained on" in w for w in old.warnings)

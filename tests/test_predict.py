@@ -22,6 +22,7 @@ from medmeta.bundle import load_bundle, save_bundle
 from medmeta.cli import main
 from medmeta.data.loading import transform_images
 from medmeta.data.records import ImageRecord
+from medmeta.diagnose import diagnose
 from medmeta.errors import DataError
 from medmeta.predict import CSV_NAME, JSON_NAME, SEPARATOR, predict_cohort
 from tests.data.test_preflight import ct, cut, nifti, png, png16, raw
@@ -432,3 +433,37 @@ def test_cohort_folders_follow_links_like_discovery_and_count_each_file_once(tmp
     assert [c.case_id for c in find_cases([cohort, tmp_path / "store"], spatial_dims=2)] == [
         c.case_id for c in cases
     ]  # the store's file is the linked case already listed
+
+
+def test_a_case_of_another_kind_than_the_model_was_trained_on_is_flagged(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    """The bundle keeps the checkpoint's record (grey DICOM); a colour or grey PNG is predicted with a warning."""
+    from PIL import Image
+
+    support, cohort = tmp_path / "support", tmp_path / "cohort"
+    for name in sorted(p.name for p in tiny_dicom_root.iterdir() if p.is_dir())[:2]:
+        (support / name).mkdir(parents=True)
+        for f in sorted((tiny_dicom_root / name).glob("*.dcm"))[:3]:
+            shutil.copy(f, support / name / f.name)
+    cohort.mkdir()
+    shutil.copy(sorted((tiny_dicom_root / name).glob("*.dcm"))[-1], cohort / "ct.dcm")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(cohort / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), "RGB").save(cohort / "rgb_photo.png")
+    diagnose(trained_checkpoint, support, [cohort], tmp_path / "dx", save_adapted=tmp_path / "model")
+    metadata = json.loads((tmp_path / "model" / "configs" / "metadata.json").read_text())
+    assert metadata["training_images"] == {"dicom": [1]}
+    assert "- trained on: grey DICOM images" in (tmp_path / "model" / "docs" / "README.md").read_text()
+    predict_cohort(load_bundle(tmp_path / "model"), [cohort], tmp_path / "px", progress=False)
+    rows = {row["case"]: row for row in csv_rows(tmp_path / "px")}
+    trained = "but the model was trained on grey DICOM images: its prediction may not mean anything"
+    assert rows["grey.png"]["warnings"] == f"a grey PNG/JPEG image, {trained}" and rows["grey.png"]["predicted"]
+    assert rows["rgb_photo.png"]["warnings"] == f"a colour PNG/JPEG image, {trained}" and rows["rgb_photo.png"]["predicted"]
+    assert rows["ct.dcm"]["warnings"] == ""
+    old = tmp_path / "old-model"  # a bundle written before the record: nothing known, no warning
+    shutil.copytree(tmp_path / "model", old)
+    del metadata["training_images"]
+    (old / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    predict_cohort(load_bundle(old), [cohort], tmp_path / "px-old", progress=False)
+    assert all(row["warnings"] == "" for row in csv_rows(tmp_path / "px-old"))

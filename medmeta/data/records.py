@@ -9,6 +9,10 @@ links are followed, but a file or folder reached twice (through a symbolic or a 
 once and reported (``duplicate``), and a folder linking to itself, an ancestor or the data folder is
 not descended (``symlink-loop``).
 
+Why this module is longer than 300 lines: which files are images, which are the same image and
+which patient each belongs to are decided together by one link-safe walk; they are easiest to check
+read together.
+
 A file's patient is its DICOM PatientID, else its first sub-folder under the class folder, the same
 sub-folder name under any class being one patient (as a PatientID is), else the file itself.
 """
