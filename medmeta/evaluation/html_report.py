@@ -133,6 +133,8 @@ def _metrics_table(summary: Mapping[str, Any], extra_metrics: Sequence[str]) -> 
         accuracy = list(curve["accuracy_after_step"])
         last = int(curve.get("after_steps", range(len(accuracy)))[-1])  # metrics.json before after_steps: every step
         text = f"{_number('accuracy', accuracy[0])} before adaptation → {_number('accuracy', accuracy[-1])} after {last} step{'s' * (last != 1)}"
+        if isinstance(curve.get("episodes"), int) and curve["episodes"] != summary.get("test_episodes"):
+            text += f" (mean of the first {curve['episodes']} episodes)"  # not the headline's episodes: say so
         rows.append(f'<tr class="metric-row" data-metric="adaptation_curve"><th>query accuracy</th>'
                     f'<td class="num">{html.escape(text)}</td></tr>')  # fmt: skip
     return '<table class="data metrics"><thead><tr><th>metric</th><th>mean ± 95% CI</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"

@@ -115,6 +115,8 @@ def test_report_renders_in_headless_chromium(test_run: Path, tmp_path: Path) -> 
 @pytest.mark.parametrize(("curve", "text"), [
     ({"accuracy_after_step": [0.25, 0.5, 0.75], "after_steps": [0, 20, 40]}, "25.0% before adaptation → 75.0% after 40 steps"),
     ({"accuracy_after_step": [0.25, 0.5, 0.75]}, "25.0% before adaptation → 75.0% after 2 steps"),  # written before after_steps
+    ({"accuracy_after_step": [0.25, 0.75], "episodes": 4}, "75.0% after 1 step</td>"),  # every test episode: nothing to add
+    ({"accuracy_after_step": [0.25, 0.75], "episodes": 2}, "75.0% after 1 step (mean of the first 2 episodes)"),
 ])  # fmt: skip
 def test_report_names_the_curve_s_last_step(curve: dict[str, list[float]], text: str) -> None:
     g = torch.Generator().manual_seed(0)
