@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medmeta.data.cache_folder import default_cache_dir, ensure_synthetic, synthetic_root
+from medmeta.data.episode_manifest import EpisodeManifest, ManifestEpisodeSampler, image_settings
 from medmeta.data.episodes import SPLITS, ClassSplits
 from medmeta.data.image_cache import cached_images
 from medmeta.data.inventory import Inventory, take_inventory
@@ -64,7 +65,8 @@ class EpisodicDataModule(L.LightningDataModule):
         val_episodes: frozen validation episodes.
         test_episodes: frozen test episodes (written to ``test_episodes.json`` in the run folder).
         episodes_file: replay the test episodes of this manifest (a ``test_episodes.json``) instead
-            of drawing them: identical tasks on any machine; refused if the data set changed.
+            of drawing them: identical tasks on any machine; refused if the data set or the image
+            settings changed. The manifest's seed, not ``seed``, then decides the test episodes.
         augment: random flips/rotations of training images.
         num_workers: data-loader worker processes.
         synthetic_seed: seed of the generated data set when ``root`` is ``None``.
@@ -177,7 +179,8 @@ class EpisodicDataModule(L.LightningDataModule):
         shape = {"n_way": self.n_way, "k_shot": self.k_shot, "q_query": self.q_query}
         if split == "test" and self.episodes_file is not None:
             sampler = replayed_episodes(self.episodes_file, records, self.inventory.class_splits.of(split),
-                                        all_records=self.inventory.records, root=self.data_root, **shape)  # fmt: skip
+                                        all_records=self.inventory.records, root=self.data_root,
+                                        images=self.image_settings(), **shape)  # fmt: skip
             length = len(sampler)
         else:
             sampler = self.inventory.episode_sampler(split, seed=self.seed, **shape)
@@ -193,9 +196,24 @@ class EpisodicDataModule(L.LightningDataModule):
             return None
         manifest = frozen_episodes(
             dataset.sampler, len(dataset), self._test_records, all_records=self.inventory.records,
-            root=self.data_root, seed=self.seed, k_shot=self.k_shot, q_query=self.q_query,
+            root=self.data_root, seed=self.seed, k_shot=self.k_shot, q_query=self.q_query, images=self.image_settings(),
         )  # fmt: skip
         return manifest.write(path)
+
+    def image_settings(self) -> dict[str, object]:
+        """The settings that decide each image's tensor, as stored in (and checked against) a frozen manifest."""
+        return image_settings(
+            image_size=self.image_size, in_channels=self.in_channels, spatial_dims=self.spatial_dims,
+            window=self.window, preset=self.preset, spacing=self.spacing, roi_size=self.roi_size,
+        )  # fmt: skip
+
+    @property
+    def test_seed(self) -> int:
+        """The seed of the test episodes: the replayed manifest's (``episodes_file``), else ``seed``."""
+        dataset = self._datasets.get("test")
+        if dataset is not None and isinstance(dataset.sampler, ManifestEpisodeSampler):
+            return dataset.sampler.seed
+        return EpisodeManifest.read(self.episodes_file).seed if self.episodes_file is not None else self.seed
 
     def _world(self) -> tuple[int, int]:
         """(number of processes, this one's global rank) of the attached trainer."""
@@ -256,10 +274,10 @@ class EpisodicDataModule(L.LightningDataModule):
         return self._loader("test", self.eval_batch_size)
 
     def describe(self) -> Mapping[str, object]:
-        """A JSON-ready summary of the episodes (no file paths, no patient keys)."""
+        """A JSON-ready summary of the episodes (no file paths, no patient keys); ``seed`` is the test episodes'."""
         splits = self.class_splits.to_json() if self.class_splits else None
         return {
-            "n_way": self.n_way, "k_shot": self.k_shot, "q_query": self.q_query, "seed": self.seed,
+            "n_way": self.n_way, "k_shot": self.k_shot, "q_query": self.q_query, "seed": self.test_seed,
             "test_episodes": len(self._datasets["test"]) if "test" in self._datasets else self.episodes["test"],
             "episodes_file": "replayed" if self.episodes_file else "drawn (seed, split, index)", "class_splits": splits,
         }  # fmt: skip

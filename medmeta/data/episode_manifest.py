@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import numpy as np
 from medmeta.data.episodes import Episode
 from medmeta.data.records import ImageRecord, data_folder, resolved
 from medmeta.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "medmeta-episodes/2"
 _OLD_FORMATS = ("medmeta-episodes/1",)  # ids by path only: not unique across folders of a CSV manifest
@@ -116,6 +119,45 @@ def data_hash(records: Sequence[ImageRecord], ids: Sequence[str]) -> str:
     return digest.hexdigest()[:32]
 
 
+def image_settings(
+    *, image_size: int, in_channels: int, spatial_dims: int, window: Sequence[float] | None, preset: str | None,
+    spacing: Sequence[float] | None, roi_size: Sequence[int] | None,
+) -> dict[str, object]:  # fmt: skip
+    """The settings of the load transforms that decide an image's tensor, JSON-ready, as they take effect.
+
+    A preset overrides the window, and spacing and ROI size apply to volumes only, so an ignored
+    setting is ``None``: two configs that load the same tensors give the same settings.
+    """
+    volume = spatial_dims == 3
+    return {
+        "image_size": int(image_size), "in_channels": int(in_channels), "spatial_dims": int(spatial_dims),
+        "preset": preset, "window": [float(v) for v in window] if window is not None and preset is None else None,
+        "spacing": [float(v) for v in spacing] if spacing is not None and volume else None,
+        "roi_size": [int(v) for v in roi_size] if roi_size is not None and volume else None,
+    }  # fmt: skip
+
+
+def check_image_settings(manifest: EpisodeManifest, settings: Mapping[str, object], source: Path) -> None:
+    """Refuse replaying ``manifest`` under other image ``settings`` (:func:`image_settings`) than it was frozen with.
+
+    A manifest written before image settings were stored is replayed with a warning.
+
+    Raises:
+        DataError: naming the manifest and every setting that differs (frozen and now).
+    """
+    if manifest.images is None:
+        logger.warning("episode manifest %s stores no image settings (written by an older medmeta): replayed, but "
+                       "its image size and intensity window cannot be checked against this config", source)  # fmt: skip
+        return
+    differ = [f"{key} {manifest.images.get(key)!r} there, {value!r} now"
+              for key, value in settings.items() if manifest.images.get(key) != value]  # fmt: skip
+    if differ:
+        raise DataError(
+            f"episode manifest {source} was frozen with other image settings ({'; '.join(differ)}): its image ids "
+            "would load as other images; replay refused: use the image settings of the run that wrote it"
+        )
+
+
 @dataclass(frozen=True)
 class EpisodeManifest:
     """The frozen episodes of one meta-split."""
@@ -127,25 +169,28 @@ class EpisodeManifest:
     q_query: int
     data_hash: str
     episodes: tuple[dict, ...]
+    images: Mapping[str, object] | None = None  # the image settings (``image_settings``); None: an older manifest
 
     @classmethod
     def freeze(
         cls, episodes: Sequence[Episode], ids: Sequence[str], *, split: str, seed: int, k_shot: int, q_query: int,
-        data_hash: str,
+        data_hash: str, images: Mapping[str, object] | None = None,
     ) -> EpisodeManifest:  # fmt: skip
-        """A manifest of ``episodes``, whose support/query entries index ``ids``."""
+        """A manifest of ``episodes``, whose support/query entries index ``ids``, loaded with settings ``images``."""
         frozen = tuple(
             {"index": e.index, "classes": list(e.classes), "support": [ids[i] for i in e.support],
              "query": [ids[i] for i in e.query]}
             for e in episodes
         )  # fmt: skip
         n_way = len(episodes[0].classes) if episodes else 0
-        return cls(split, seed, n_way, k_shot, q_query, data_hash, frozen)
+        return cls(split, seed, n_way, k_shot, q_query, data_hash, frozen, dict(images) if images is not None else None)
 
     def write(self, path: Path) -> Path:
         """Write the manifest as JSON (atomically)."""
         body = {"format": FORMAT, "split": self.split, "seed": self.seed, "n_way": self.n_way, "k_shot": self.k_shot,
                 "q_query": self.q_query, "data_hash": self.data_hash, "episodes": list(self.episodes)}  # fmt: skip
+        if self.images is not None:
+            body["images"] = dict(self.images)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(body) + "\n")
@@ -173,8 +218,11 @@ class EpisodeManifest:
                         and len(e["support"]) == body["n_way"] * body["k_shot"]
                         and len(e["query"]) == body["n_way"] * body["q_query"]):  # fmt: skip
                     raise ValueError(f"episode {e.get('index')} does not have the manifest's shape")
+            images = body.get("images")
+            if images is not None and not isinstance(images, dict):
+                raise ValueError(f"images must be an object of image settings, not {type(images).__name__}")
             return cls(str(body["split"]), int(body["seed"]), int(body["n_way"]), int(body["k_shot"]),
-                       int(body["q_query"]), str(body["data_hash"]), episodes)  # fmt: skip
+                       int(body["q_query"]), str(body["data_hash"]), episodes, images)  # fmt: skip
         except (KeyError, TypeError, ValueError) as error:
             raise DataError(f"episode manifest {path} is malformed: {type(error).__name__}: {error}") from error
 
@@ -183,9 +231,16 @@ class ManifestEpisodeSampler:
     """Replays a manifest's episodes against an image bank (same interface as ``EpisodeSampler``)."""
 
     def __init__(
-        self, manifest: EpisodeManifest, ids: Sequence[str], classes: Sequence[str], *, source: Path,
-        patients: Sequence[str] | None = None,
+        self, manifest: EpisodeManifest, ids: Sequence[str], classes: Sequence[str], *, labels: Sequence[str],
+        source: Path, patients: Sequence[str] | None = None,
     ) -> None:  # fmt: skip
+        """Replay ``manifest`` over the images ``ids`` (of classes ``labels``, their patients ``patients``).
+
+        Raises:
+            DataError: naming the manifest (and episode) if a class is not a test class here, an id is
+                unknown, an episode lists an image twice or under another class than the image's own, or
+                (with ``patients``) its support and query share a patient.
+        """
         self.manifest, self.seed, self.classes = manifest, manifest.seed, tuple(sorted(classes))
         self.n_way, self.k_shot, self.q_query = manifest.n_way, manifest.k_shot, manifest.q_query
         position = {sid: i for i, sid in enumerate(ids)}
@@ -199,6 +254,8 @@ class ManifestEpisodeSampler:
         missing = {sid for e in manifest.episodes for sid in (*e["support"], *e["query"]) if sid not in position}
         if missing:
             raise DataError(f"episode manifest {source} does not fit this data set: {len(missing)} image id(s) not found")
+        for e in manifest.episodes:
+            _refuse_wrong_slots(e, position, labels, manifest, source)
         self._episodes = [
             Episode(
                 index=e["index"], classes=tuple(e["classes"]),
@@ -218,6 +275,25 @@ class ManifestEpisodeSampler:
     def episode(self, index: int) -> Episode:
         """The manifest's ``index``-th episode (position in the file)."""
         return self._episodes[index]
+
+
+def _refuse_wrong_slots(
+    episode: Mapping, position: Mapping[str, int], labels: Sequence[str], manifest: EpisodeManifest, source: Path
+) -> None:  # fmt: skip
+    """Refuse an episode listing an image twice, or under another class than its own (it would get the wrong label)."""
+    listed = [*episode["support"], *episode["query"]]
+    if len(set(listed)) != len(listed):
+        raise DataError(f"episode manifest {source}: episode {episode['index']} lists the same image more than once; "
+                        "replay refused")  # fmt: skip
+    slots = [*(c for c in episode["classes"] for _ in range(manifest.k_shot)),
+             *(c for c in episode["classes"] for _ in range(manifest.q_query))]  # fmt: skip
+    for sid, slot in zip(listed, slots):
+        actual = labels[position[sid]]
+        if actual != slot:
+            raise DataError(
+                f"episode manifest {source}: episode {episode['index']} lists an image of class {actual!r} as class "
+                f"{slot!r}, so it would be scored against the wrong label; replay refused"
+            )
 
 
 def _refuse_shared_patients(episodes: Sequence[Episode], patients: Sequence[str], source: Path) -> None:

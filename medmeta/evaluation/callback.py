@@ -139,7 +139,7 @@ def run_settings(trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path
     if datamodule is not None:
         described = datamodule.describe()
         settings["episodes"] = f"{datamodule.n_way}-way {datamodule.k_shot}-shot, {datamodule.q_query} queries per class"
-        settings["test episodes"] = f"{described['test_episodes']}, {described['episodes_file']}, seed {datamodule.seed}"
+        settings["test episodes"] = f"{described['test_episodes']}, {described['episodes_file']}, seed {described['seed']}"
         settings["images"] = image_label(
             datamodule.image_size, datamodule.spatial_dims, datamodule.in_channels, datamodule.window,
             datamodule.preset, datamodule.spacing, datamodule.roi_size,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -46,9 +48,11 @@ def test_replayed_manifest_gives_identical_episodes_and_results(tiny_dicom_root:
     replayed = _test_run(tiny_dicom_root, tmp_path / "b", episodes_file=manifest, test_episodes=3)
     assert replayed == first and len(first) == 9  # header + 8 episodes
     assert json.loads((tmp_path / "b" / "test_episodes.json").read_text()) == body
-    shuffled = tmp_path / "shuffled.json"  # the counter-check: other episodes, other results
-    shuffled.write_text(json.dumps({**body, "episodes": [{**e, "query": e["query"][::-1]} for e in body["episodes"]]}))
-    assert _test_run(tiny_dicom_root, tmp_path / "c", episodes_file=shuffled) != first
+    rotated = tmp_path / "rotated.json"  # the counter-check: other valid episodes under the same indices, other results
+    episodes = body["episodes"]
+    moved = [{**e, "index": at["index"]} for at, e in zip(episodes, episodes[1:] + episodes[:1])]
+    rotated.write_text(json.dumps({**body, "episodes": moved}))
+    assert _test_run(tiny_dicom_root, tmp_path / "c", episodes_file=rotated) != first
 
 
 def test_manifest_from_another_class_split_is_refused(tiny_dicom_root: Path, tmp_path: Path) -> None:
@@ -181,9 +185,76 @@ def test_replay_refuses_an_episode_whose_support_and_query_share_a_patient(tmp_p
                      support_labels=torch.tensor([0, 1]).numpy(), query=torch.tensor([1, 3]).numpy(),
                      query_labels=torch.tensor([0, 1]).numpy())  # fmt: skip
     manifest = EpisodeManifest.freeze([frozen], ids, split="test", seed=0, k_shot=1, q_query=1, data_hash="x")
-    sampler = ManifestEpisodeSampler(manifest, ids, ["a", "b"], source=tmp_path / "m.json")  # no patients: no check
+    labels = ["a", "a", "b", "b"]
+    source = tmp_path / "m.json"
+    sampler = ManifestEpisodeSampler(manifest, ids, ["a", "b"], labels=labels, source=source)  # no patients: no check
     assert sampler.episode(0).index == 7
     with pytest.raises(DataError, match="episode 7 has 1 patient"):
-        ManifestEpisodeSampler(manifest, ids, ["a", "b"], source=tmp_path / "m.json", patients=patients)
+        ManifestEpisodeSampler(manifest, ids, ["a", "b"], labels=labels, source=source, patients=patients)
     fine = ["p1", "p2", "p3", "p4"]
-    assert len(ManifestEpisodeSampler(manifest, ids, ["a", "b"], source=tmp_path / "m.json", patients=fine)) == 1
+    assert len(ManifestEpisodeSampler(manifest, ids, ["a", "b"], labels=labels, source=source, patients=fine)) == 1
+
+
+def _frozen_body(root: Path, tmp_path: Path, **overrides: object) -> tuple[dict, dict]:
+    """The settings and the manifest (as JSON) of 4 test episodes drawn and frozen by a data module."""
+    settings = {**SETTINGS, "test_episodes": 4, **overrides}
+    drawn = EpisodicDataModule(str(root), **settings)
+    drawn.setup("test")
+    return settings, json.loads(drawn.freeze_test_episodes(tmp_path / "run" / "test_episodes.json").read_text())
+
+
+def test_an_image_listed_under_another_class_or_twice_is_refused(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """Reversed query lists put class A's images in class B's slots: they would be scored against the wrong label."""
+    settings, body = _frozen_body(tiny_dicom_root, tmp_path)
+    swapped = tmp_path / "swapped.json"
+    swapped.write_text(json.dumps({**body, "episodes": [{**e, "query": e["query"][::-1]} for e in body["episodes"]]}))
+    first = body["episodes"][0]
+    expected = (f"swapped.json: episode {first['index']} lists an image of class {first['classes'][-1]!r} as class "
+                f"{first['classes'][0]!r}, so it would be scored against the wrong label; replay refused")  # fmt: skip
+    with pytest.raises(DataError, match=re.escape(expected)) as refused:
+        EpisodicDataModule(str(tiny_dicom_root), episodes_file=str(swapped), **settings).setup("test")
+    assert str(tiny_dicom_root) not in str(refused.value) and ".dcm" not in str(refused.value)
+    twice = tmp_path / "twice.json"  # an image in two query slots of its own class
+    twice.write_text(json.dumps({**body, "episodes": [{**first, "query": [first["query"][0], *first["query"][:-1]]}]}))
+    with pytest.raises(DataError, match=rf"twice.json: episode {first['index']} lists the same image more than once"):
+        EpisodicDataModule(str(tiny_dicom_root), episodes_file=str(twice), **settings).setup("test")
+
+
+def test_replay_reports_the_manifest_s_seed_not_the_config_s(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """With explicit splits another seed passes the class check; episodes and seed reported are the manifest's."""
+    drawn = EpisodicDataModule(str(tiny_dicom_root), **SETTINGS)
+    drawn.setup("test")
+    splits = drawn.class_splits.to_json()
+    first = _test_run(tiny_dicom_root, tmp_path / "a", splits=splits, seed=0)
+    replayed = _test_run(tiny_dicom_root, tmp_path / "b", episodes_file=tmp_path / "a" / "test_episodes.json",
+                         splits=splits, seed=7)  # fmt: skip
+    assert replayed == first
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["episodes"]["seed"] == 0 and metrics["episodes"]["episodes_file"] == "replayed"
+    report = (tmp_path / "b" / "report.html").read_text()
+    assert "replayed, seed 0" in report and "seed 7" not in report
+
+
+def test_replay_under_other_image_settings_is_refused(
+    tiny_dicom_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same ids under another size or window are other images; a manifest without settings replays, warned."""
+    settings, body = _frozen_body(tiny_dicom_root, tmp_path)
+    assert body["images"] == {"image_size": 16, "in_channels": 1, "spatial_dims": 2, "preset": None,
+                              "window": [-1100.0, 400.0], "spacing": None, "roi_size": None}  # fmt: skip
+    frozen = tmp_path / "run" / "test_episodes.json"
+    for change, reason in [({"image_size": 8}, "image_size 16 there, 8 now"),
+                           ({"window": None}, "window [-1100.0, 400.0] there, None now"),
+                           ({"preset": "ct-brain"}, "preset None there, 'ct-brain' now")]:  # fmt: skip
+        expected = f"test_episodes.json was frozen with other image settings ({reason}"
+        with pytest.raises(DataError, match=re.escape(expected)):
+            EpisodicDataModule(str(tiny_dicom_root), episodes_file=str(frozen), **{**settings, **change}).setup("test")
+    EpisodicDataModule(str(tiny_dicom_root), episodes_file=str(frozen), **settings).setup("test")  # the same: replayed
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({k: v for k, v in body.items() if k != "images"}))
+    with caplog.at_level(logging.WARNING, logger="medmeta.data.episode_manifest"):
+        data = EpisodicDataModule(str(tiny_dicom_root), episodes_file=str(old), **{**settings, "image_size": 8})
+        data.setup("test")
+    assert len(data._datasets["test"]) == 4
+    assert "old.json stores no image settings" in caplog.text and "cannot be checked" in caplog.text
+
