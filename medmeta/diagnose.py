@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import json
 import logging
 from collections.abc import Iterator
