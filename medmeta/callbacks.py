@@ -25,6 +25,29 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
 
 
+def save_resumable_checkpoint(trainer: L.Trainer, path: Path) -> None:
+    """Save a checkpoint that resumes with the batch after the last trained one, also after the epoch loop ended.
+
+    Once the training epoch loop has ended (fit stopping at ``max_steps``, or a signal at the end of an
+    epoch), Lightning counts the epoch as done but keeps its batch count, and a checkpoint of that state
+    resumes in a new epoch even when ``max_steps`` cut the epoch short, or after an empty epoch. Saved
+    here instead: a cut epoch as still in progress, a finished one with the next epoch not yet begun.
+    """
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint()
+    epochs, batches = trainer.fit_loop.epoch_progress.current, trainer.fit_loop.epoch_loop.batch_progress
+    if trainer.state.fn == "fit" and epochs.processed == epochs.ready > 0:  # the epoch loop has ended
+        loop = checkpoint["loops"]["fit_loop"]
+        if batches.current.ready < trainer.num_training_batches and not batches.is_last_batch:  # cut short
+            for counts in loop["epoch_progress"].values():
+                counts["processed"], counts["completed"] = counts["processed"] - 1, counts["completed"] - 1
+            checkpoint["epoch"] = loop["epoch_progress"]["current"]["completed"]
+        else:  # finished: no batch of the next epoch yet
+            progress = loop["epoch_loop.batch_progress"]
+            progress["current"], progress["is_last_batch"] = dict.fromkeys(progress["current"], 0), False
+    trainer.strategy.save_checkpoint(checkpoint, path)
+    trainer.strategy.barrier("Trainer.save_checkpoint")
+
+
 class PreemptionCheckpoint(L.Callback):
     """On SIGTERM during fit (and SIGUSR1, SLURM's usual pre-emption warning, outside Lightning's own SLURM
     requeueing), finish the step in progress, write ``last.ckpt`` and stop; ``fit --ckpt_path last``
@@ -45,7 +68,7 @@ class PreemptionCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
             self.saved = last_checkpoint_path(trainer)
-            trainer.save_checkpoint(self.saved)
+            save_resumable_checkpoint(trainer, self.saved)
 
 
 class LastCheckpoint(L.Callback):
@@ -70,10 +93,13 @@ class LastCheckpoint(L.Callback):
             return
         path = last_checkpoint_path(trainer)
         for callback in trainer.checkpoint_callbacks:
-            # a ModelCheckpoint that finds a last.ckpt it did not write itself would start last-v1.ckpt
+            # a ModelCheckpoint that finds a last.ckpt it did not write itself would start last-v1.ckpt, and one that
+            # never wrote it would overwrite it when training ends (without this state's resume fixes)
             if getattr(callback, "save_last", False) and Path(getattr(callback, "dirpath", "") or "") == path.parent:
                 callback.last_model_path = str(path)
-        trainer.save_checkpoint(path)
+                if callback.save_last is True and hasattr(callback, "_last_checkpoint_saved"):
+                    callback._last_checkpoint_saved = str(path)
+        save_resumable_checkpoint(trainer, path)
 
 
 class RandomStateCheckpoint(L.Callback):

@@ -11,6 +11,7 @@ parser and printed report is short, and all of them share the error handling in 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import sys
@@ -18,7 +19,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.markup import escape
@@ -146,6 +148,44 @@ class MedMetaCLI(LightningCLI):
             raise DataError(f"--ckpt_path last: no last.ckpt found under {logger.save_dir if logger else self.trainer.default_root_dir}")
         config["ckpt_path"] = str(max(found, key=lambda path: path.stat().st_mtime))
         console.print(f"resuming from {config['ckpt_path']}", highlight=False, soft_wrap=True)
+        self._continue_run_folder(Path(config["ckpt_path"]))
+
+    def _continue_run_folder(self, checkpoint: Path) -> None:
+        """Log and checkpoint a resumed run in the folder of the run it continues (``<logger dir>/version_N``).
+
+        ``ModelCheckpoint`` then finds its folder unchanged and restores its best-model bookkeeping, so the
+        best checkpoint (``test_after_fit``) is chosen over the whole run. The CSV log goes on in the same
+        ``metrics.csv`` (its rows after the checkpoint's step, from training that is redone, are dropped) and
+        the first run's ``config.yaml`` is kept: the resumed run's settings go to ``config_resume_<k>.yaml``.
+        """
+        logger, run = self.trainer.logger, checkpoint.parent.parent.resolve()
+        root = getattr(logger, "root_dir", None)  # CSVLogger and TensorBoardLogger: <save_dir>/<name>
+        if root is None or not hasattr(logger, "_version") or checkpoint.parent.name != "checkpoints" or (
+            Path(root).resolve() != run.parent
+        ):
+            return
+        number = run.name.removeprefix("version_")
+        logger._version = int(number) if number.isdigit() else run.name  # as CSVLogger and TensorBoardLogger name it
+        logger._experiment = None
+        metrics = run / "metrics.csv"
+        if isinstance(logger, CSVLogger) and metrics.is_file() and self.trainer.is_global_zero:
+            with metrics.open(newline="") as file:
+                reader = csv.DictReader(file)
+                keys, step = list(reader.fieldnames or []), read_checkpoint(checkpoint)["global_step"]
+                rows = [row for row in reader if not row.get("step", "").isdigit() or int(row["step"]) < step]
+            with warnings.catch_warnings():  # CSVLogger deletes the metrics.csv of a folder it reuses: written back
+                warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+                logger.experiment.metrics_keys = sorted(keys)
+            with metrics.open("w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=sorted(keys))
+                writer.writeheader()
+                writer.writerows(rows)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback) and (run / callback.config_filename).exists():
+                stem, k = Path(callback.config_filename).stem, 1
+                while (run / f"{stem}_resume_{k}.yaml").exists():
+                    k += 1
+                callback.config_filename = f"{stem}_resume_{k}.yaml"
 
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit"):

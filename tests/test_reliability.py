@@ -232,7 +232,6 @@ def test_signal_during_fit_writes_a_checkpoint_and_fit_last_continues(
     assert stopped_at >= 3
     if signum != signal.SIGTERM:
         return  # the resume is the same for both signals
-    runs_before = set(out.rglob("metrics.csv"))
     # the same validation interval as the stopped run: Lightning numbers logged steps one higher when a run
     # resumes on a step that the new configuration would have validated at
     resumed = _medmeta(*_tiny_fit_args(tiny_dicom_root, out), "--trainer.max_steps", str(stopped_at + 2),
@@ -240,10 +239,10 @@ def test_signal_during_fit_writes_a_checkpoint_and_fit_last_continues(
                        "--test_after_fit", "false", cwd=tmp_path)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"resuming from {last}" in resumed.stdout.replace("\n", "")
-    # the resumed run's own log: it trained exactly the two steps after the checkpoint, not from step 0
-    (log,) = set(out.rglob("metrics.csv")) - runs_before
-    trained = sorted({int(row["step"]) for row in csv.DictReader(log.open()) if row.get("train/loss")})
-    assert trained == [stopped_at, stopped_at + 1]  # CSVLogger counts steps from 0
+    # the run's one log goes on: the resumed run trained exactly the two steps after the checkpoint, not from step 0
+    (log,) = out.rglob("metrics.csv")
+    trained = [int(row["step"]) for row in csv.DictReader(log.open()) if row.get("train/loss")]
+    assert trained == list(range(stopped_at + 2))  # CSVLogger counts steps from 0
 
 
 def _logged_steps(out: Path) -> int:
@@ -326,3 +325,85 @@ def test_full_pipeline_on_a_read_only_data_folder(tiny_dicom_root: Path, tmp_pat
     finally:
         for path in [root, *root.rglob("*")]:
             path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+class _SignalAt(L.Callback):
+    """Sends this process SIGTERM at the start of training step ``step`` (0-based), as a scheduler would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _fit_validated(
+    root: Path, out: Path, max_steps: int, ckpt_path: str | None = None, signal_at: int | None = None
+) -> tuple[FewShotModule, EpisodeLog]:
+    """``_fit`` with ``medmeta fit``'s callbacks and a validation after every step (the best model kept)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from medmeta.callbacks import PreemptionCheckpoint
+
+    L.seed_everything(0)
+    module = module_for(n_way=3, image_size=16, hidden_channels=8, inner_steps=1, eval_inner_steps=1, pixel_baseline=False)
+    log = EpisodeLog()
+    callbacks = [PreemptionCheckpoint(), LastCheckpoint(), RandomStateCheckpoint(), log,
+                 ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/acc", mode="max", save_last=True),
+                 *([_SignalAt(signal_at)] if signal_at is not None else [])]  # fmt: skip
+    trainer = L.Trainer(max_steps=max_steps, val_check_interval=1, check_val_every_n_epoch=None, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        inference_mode=False, default_root_dir=out, callbacks=callbacks)  # fmt: skip
+    try:
+        trainer.fit(module, datamodule=EpisodicDataModule(str(root), **DATA), ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        pass
+    return module, log
+
+
+def test_resume_at_an_epoch_boundary_with_validation_equals_the_uninterrupted_run(
+    tiny_dicom_root: Path, tmp_path: Path
+) -> None:
+    """4 steps per epoch, validation after every step; stopped by ``max_steps`` inside an epoch (3) and at its last
+    step (4), and by SIGTERM during an epoch's last step: the resumed run trains the same episodes, with the same
+    losses, to the same weights (Lightning counts an epoch cut by ``max_steps`` as done: it must not skip its rest)."""
+    full, full_log = _fit_validated(tiny_dicom_root, tmp_path / "full", 8)
+    for name, stop, signal_at in (("cut", 3, None), ("epoch_end", 4, None), ("sigterm", 8, 3)):
+        out = tmp_path / name
+        _fit_validated(tiny_dicom_root, out, stop, signal_at=signal_at)
+        stopped_at = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        assert stopped_at == min(stop, 4), name
+        resumed, resumed_log = _fit_validated(tiny_dicom_root, out, 8, ckpt_path=str(out / "checkpoints" / "last.ckpt"))
+        assert resumed_log.episodes == full_log.episodes[stopped_at:], name
+        assert resumed_log.losses == full_log.losses[stopped_at:], name
+        for (key, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+            assert torch.equal(a, b), (name, key)
+
+
+def test_fit_last_keeps_the_best_checkpoint_of_the_whole_run(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """``medmeta fit`` stopped at step 3, then ``--ckpt_path last`` to step 6 (validation after every step): the run
+    goes on in its own version folder and log, and the best checkpoint at the end is the uninterrupted run's, chosen
+    over the validations before and after the resume."""
+
+    def fit(out: Path, steps: int, *extra: str) -> Path:
+        done = _medmeta(*_tiny_fit_args(tiny_dicom_root, out), "--trainer.max_steps", str(steps),
+                        "--trainer.val_check_interval", "1", "--trainer.log_every_n_steps", "1",
+                        "--model.meta_lr", "0.05", "--test_after_fit", "false", *extra, cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "dirpath has changed" not in done.stdout + done.stderr
+        return next(out.rglob("last.ckpt"))
+
+    def best(last: Path) -> tuple[str, float, int]:
+        checkpoint = torch.load(last, weights_only=True)
+        (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint")]
+        return Path(state["best_model_path"]).name, float(state["best_model_score"]), checkpoint["global_step"]
+
+    full = best(fit(tmp_path / "full", 6))
+    fit(tmp_path / "part", 3)
+    resumed = best(fit(tmp_path / "part", 6, "--ckpt_path", "last"))
+    assert resumed == full
+    (log,) = (tmp_path / "part").rglob("metrics.csv")  # one run folder, one log
+    scores = [float(row["val/acc"]) for row in csv.DictReader(log.open()) if row.get("val/acc")]
+    assert len(scores) == 6 and resumed[1] == pytest.approx(max(scores))
+    assert sorted(p.name for p in log.parent.glob("config*.yaml")) == ["config.yaml", "config_resume_1.yaml"]

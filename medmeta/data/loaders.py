@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from medmeta.data.episode_manifest import ManifestEpisodeSampler
 from medmeta.data.episodes import EpisodeSampler
 from medmeta.data.transforms import augment_images
+from medmeta.errors import DataError
 
 
 class EpisodeDataset(Dataset):
@@ -54,12 +55,14 @@ class EpochEpisodeSampler(DistributedSampler):
 
     New episodes every epoch; under DDP rank ``r`` of ``w`` takes every ``w``-th index from ``r``,
     so the ranks adapt distinct tasks (a ``DistributedSampler``, so Lightning does not wrap it and
-    calls its ``set_epoch``). After a mid-epoch resume, the next iteration starts ``skip``
-    episodes into the epoch (once).
+    calls its ``set_epoch``). After a resume, the next iteration starts at ``resume_at``, the first
+    episode (counted over all epochs) that the checkpointed run had not trained, or ``skip`` episodes
+    into the epoch (once).
     """
 
     def __init__(self, length: int, num_replicas: int = 1, rank: int = 0) -> None:
         self.length, self.num_replicas, self.rank, self.epoch, self.skip = length, num_replicas, rank, 0, 0
+        self.resume_at: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
@@ -67,6 +70,14 @@ class EpochEpisodeSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         start, self.skip = self.skip, 0
+        if self.resume_at is not None:
+            resume_at, self.resume_at = self.resume_at, None
+            start = resume_at - self.epoch * self.length
+            if not 0 <= start <= self.length:  # never silently train other episodes than the uninterrupted run
+                raise DataError(f"cannot resume exactly: Lightning resumes in training epoch {self.epoch}, but the "
+                                f"checkpoint's next training episode ({resume_at}) is in epoch {resume_at // self.length} "
+                                "(a last.ckpt written at the end of a fit by an older medmeta?); resume from an earlier "
+                                "checkpoint, or start the run again")  # fmt: skip
         return iter(range(self.epoch * self.length + start + self.rank, (self.epoch + 1) * self.length, self.num_replicas))
 
     def __len__(self) -> int:
@@ -89,9 +100,12 @@ class ResumableLoader(DataLoader):
         return {"epoch": self.sampler.epoch, "batches": int(self.position())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Start the next iteration where the checkpointed run stopped."""
-        self.sampler.skip = state["batches"] * self.episodes_per_batch
+        """Start the next iteration at the first episode the checkpointed run had not trained.
 
+        Counted over all epochs: when the run stopped after the last meta-batch of an epoch, Lightning
+        resumes in the next one, which then starts at its first episode.
+        """
+        self.sampler.resume_at = state["epoch"] * self.sampler.length + state["batches"] * self.episodes_per_batch
 
 
 def per_rank_batch(meta_batch_size: int, world_size: int) -> int:
