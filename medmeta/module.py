@@ -155,7 +155,7 @@ class FewShotModule(L.LightningModule):
         self._graphed = GraphedOuterLoss(self.algorithm) if cuda_graph else None
         self.skipped_steps, self._last_episodes = 0, []
         self._buffers_before: dict[str, torch.Tensor] = {}  # this training step's buffers as they were before it
-        self.on_validation_epoch_start()
+        self.on_validation_epoch_start()  # the per-episode validation outputs, empty
         self.seen_classes: dict[str, list[str]] | None = None  # of the checkpoint this module was loaded from
         self.test_summary: dict[str, object] = {}  # written by the evaluation callback after a test
         self.test_results: TestResults | None = None
