@@ -133,9 +133,14 @@ class MedMetaCLI(LightningCLI):
             check_checkpoint(Path(path), self.model.hparams)
 
     def _resolve_last_checkpoint(self) -> None:
-        """``--ckpt_path last``: the newest ``last.ckpt`` of this run's logger folder (any version), or a clear error."""
+        """``--ckpt_path last``: the newest ``last.ckpt`` of this run's logger folder (any version), or a clear error.
+
+        A resumed fit (``last`` or a checkpoint's path) goes on in the run folder the checkpoint is in.
+        """
         config = self.config_init["fit"]
         if config.get("ckpt_path") != "last":
+            if config.get("ckpt_path") and Path(config["ckpt_path"]).is_file():
+                self._continue_run_folder(Path(config["ckpt_path"]))
             return
         callback = self.trainer.checkpoint_callback
         candidates = [Path(callback.dirpath) / "last.ckpt"] if callback is not None and callback.dirpath else []

@@ -381,10 +381,11 @@ def test_resume_at_an_epoch_boundary_with_validation_equals_the_uninterrupted_ru
             assert torch.equal(a, b), (name, key)
 
 
-def test_fit_last_keeps_the_best_checkpoint_of_the_whole_run(tiny_dicom_root: Path, tmp_path: Path) -> None:
-    """``medmeta fit`` stopped at step 3, then ``--ckpt_path last`` to step 6 (validation after every step): the run
-    goes on in its own version folder and log, and the best checkpoint at the end is the uninterrupted run's, chosen
-    over the validations before and after the resume."""
+@pytest.mark.parametrize("how", ["last", "path"])
+def test_fit_last_keeps_the_best_checkpoint_of_the_whole_run(tiny_dicom_root: Path, tmp_path: Path, how: str) -> None:
+    """``medmeta fit`` stopped at step 3, then ``--ckpt_path last`` (or the checkpoint's path) to step 6 (validation
+    after every step): the run goes on in its own version folder and log, and the best checkpoint at the end is the
+    uninterrupted run's, chosen over the validations before and after the resume."""
 
     def fit(out: Path, steps: int, *extra: str) -> Path:
         done = _medmeta(*_tiny_fit_args(tiny_dicom_root, out), "--trainer.max_steps", str(steps),
@@ -400,8 +401,8 @@ def test_fit_last_keeps_the_best_checkpoint_of_the_whole_run(tiny_dicom_root: Pa
         return Path(state["best_model_path"]).name, float(state["best_model_score"]), checkpoint["global_step"]
 
     full = best(fit(tmp_path / "full", 6))
-    fit(tmp_path / "part", 3)
-    resumed = best(fit(tmp_path / "part", 6, "--ckpt_path", "last"))
+    stopped = fit(tmp_path / "part", 3)
+    resumed = best(fit(tmp_path / "part", 6, "--ckpt_path", "last" if how == "last" else str(stopped)))
     assert resumed == full
     (log,) = (tmp_path / "part").rglob("metrics.csv")  # one run folder, one log
     scores = [float(row["val/acc"]) for row in csv.DictReader(log.open()) if row.get("val/acc")]
