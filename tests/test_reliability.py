@@ -381,7 +381,7 @@ def test_resume_at_an_epoch_boundary_with_validation_equals_the_uninterrupted_ru
             assert torch.equal(a, b), (name, key)
 
 
-@pytest.mark.parametrize("how", ["last", "path"])
+@pytest.mark.parametrize("how", ["last", pytest.param("path", marks=pytest.mark.slow)])  # 1 min each
 def test_fit_last_keeps_the_best_checkpoint_of_the_whole_run(tiny_dicom_root: Path, tmp_path: Path, how: str) -> None:
     """``medmeta fit`` stopped at step 3, then ``--ckpt_path last`` (or the checkpoint's path) to step 6 (validation
     after every step): the run goes on in its own version folder and log, and the best checkpoint at the end is the

@@ -7,6 +7,10 @@ compared on identical episodes; a data set that changed since is detected from t
 refused. Sample ids are hashes of each image's resolved file relative to the data set's own
 folder (the data folder, or the folder holding the CSV manifest or ``.npz``), plus the array
 item: no file name, path or patient identifier is written.
+
+Why this module is longer than 300 lines: the manifest's format and every check a replay makes
+against it (shape, image settings, data hash, ids, classes, patients) are one promise, easiest to
+check read together.
 """
 
 from __future__ import annotations
