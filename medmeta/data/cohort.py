@@ -74,7 +74,8 @@ def _folder_cases(root: Path, spatial_dims: int) -> list[Case]:
     broken = [s.path for s in skipped if s.reason != "duplicate" and format_of(s.path) and not s.path.is_dir()]
     files = sorted(files + broken)
     if len(skipped) > len(broken):
-        logger.info("left out %d path(s) under %s (duplicate or symlink-loop)", len(skipped) - len(broken), root)
+        logger.info("left out %d path(s) under %s (duplicates, link loops or hidden folders)",
+                    len(skipped) - len(broken), root)  # fmt: skip
     series: set[Path] = set()
     if spatial_dims == 3:
         dicom_counts: dict[Path, int] = {}
