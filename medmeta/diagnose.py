@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -48,12 +49,12 @@ from medmeta.checkpoints import load_trained
 from medmeta.data.loading import transform_images
 from medmeta.data.preflight import check_image, window_problem
 from medmeta.data.presets import DEFAULT_WINDOW, Intensity
-from medmeta.data.cohort import content_sha256
+from medmeta.data.episode_manifest import content_hash
 from medmeta.data.formats import format_of
+from medmeta.data.image_kinds import image_kind, kind_warning
 from medmeta.data.records import ImageRecord, discover_records
 from medmeta.errors import DataError
 from medmeta.explain import grad_cam, image_png, overlay_png
-from medmeta.data.image_kinds import image_kind, kind_warning
 from medmeta.module import FewShotModule
 from medmeta.report import ReportRow, write_html_report
 
@@ -126,15 +127,14 @@ def diagnose(
     with torch.enable_grad():
         cams = grad_cam(explained, query_x, predicted, target_layer=explained.TARGET)
     constant = constant_images(query_x)
-    shown = {content_sha256(r.path): r.label for r in support_records}  # a query that is a support case is no test
+    shown = {content_hash(r.path): r.label for r in support_records}  # a query that is a support case is no test
     rows, predictions = [], []
     for i, record in enumerate(query_records):
         case_id = f"query-{i + 1:03d}"
-        digest = content_sha256(record.path)
-        file_id = digest[:12]
+        file_id = _file_id(record.path)
         case_warnings = [_constant_warning(settings, float(query_x[i].max()))] if constant[i] else []
         case_warnings += [w for w in [kind_warning(image_kind(record.path), trained)] if w]
-        if digest in shown:
+        if (digest := content_hash(record.path)) in shown:
             case_warnings.append(f"the same image as a support case of {shown[digest]} (identical file contents): "
                                  "its prediction repeats what the model was shown, it is no test of it")  # fmt: skip
         warnings += [f"{case_id} ({file_id}): {w}" for w in case_warnings]
@@ -410,7 +410,11 @@ def _scale(images: Tensor) -> int:
 
 def _file_id(path: Path) -> str:
     """The first 12 hex digits of the SHA-256 of the file's bytes (a folder: of its sorted files)."""
-    return content_sha256(path)[:12]
+    digest = hashlib.sha256()
+    for part in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if part.is_file():
+            digest.update(part.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _write_predictions(out: Path, predictions: list[dict[str, object]], names: list[str]) -> None:

@@ -41,8 +41,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from medmeta.bundle import Bundle
-from medmeta.data.cohort import Case, content_sha256, find_cases
+from medmeta.data.cohort import Case, find_cases
 from medmeta.data.loading import transform_images
+from medmeta.data.episode_manifest import content_hash
 from medmeta.data.preflight import check_image
 from medmeta.data.records import ImageRecord, resolved
 from medmeta.diagnose import _constant_warning, _refuse_inside_inputs, constant_images
@@ -100,7 +101,8 @@ def predict_cohort(
     names = list(bundle.class_names)
     header = ["case", "predicted", *(f"p({name})" for name in names), "warnings"]
     fingerprint = bundle_fingerprint(bundle)
-    done = _open_output(out, fingerprint, header, {case.case_id: content_sha256(case.path) for case in cases})
+    contents = {case.case_id: content_hash(case.path) if case.path.exists() else "missing" for case in cases}
+    done = _open_output(out, fingerprint, header, contents)
     pending = [case for case in cases if case.case_id not in done]
     logger.info("%d case(s): %d already in %s, %d to predict", len(cases), len(cases) - len(pending), CSV_NAME,
                 len(pending))  # fmt: skip
@@ -201,12 +203,12 @@ def bundle_fingerprint(bundle: Bundle) -> str:
 def _open_output(out: Path, fingerprint: str, header: list[str], contents: dict[str, str]) -> dict[str, list[str]]:
     """Prepare ``out`` (state file, CSV header) and return the rows already written, by case id.
 
-    ``contents`` is each case's SHA-256 by case id: recorded in the state file, so that a re-run
-    refuses to reuse a row whose case id now names other contents (another cohort with the same
-    file names, or a file changed since it was predicted).
+    ``contents`` is each case's content hash (``episode_manifest.content_hash``) by case id: recorded
+    in the state file, so that a re-run refuses to reuse a row whose case id now names other contents
+    (another cohort with the same file names, or a file changed since it was predicted).
     """
     state_path = out / STATE_NAME
-    state: dict[str, object] = {"bundle_sha256": fingerprint, "columns": header, "case_sha256": {}}
+    state: dict[str, object] = {"bundle_sha256": fingerprint, "columns": header, "case_content_hash": {}}
     if state_path.is_file():
         try:
             state = json.loads(state_path.read_text())
@@ -220,9 +222,9 @@ def _open_output(out: Path, fingerprint: str, header: list[str], contents: dict[
         raise DataError(f"output folder {out} is not empty and holds no earlier medmeta predict run; choose a new --out")
     else:  # a new run: the state file first, so that a folder holding predictions always has one
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(state_path, json.dumps({**state, "case_sha256": contents}, indent=2) + "\n")
+        _write_atomic(state_path, json.dumps({**state, "case_content_hash": contents}, indent=2) + "\n")
         return _existing_rows(out, header)
-    recorded = state.get("case_sha256")
+    recorded = state.get("case_content_hash")
     unverified = not isinstance(recorded, dict)  # written before the cases' contents were recorded
     recorded = {} if unverified else dict(recorded)
     done = _existing_rows(out, header)
@@ -236,7 +238,7 @@ def _open_output(out: Path, fingerprint: str, header: list[str], contents: dict[
         logger.warning("%d case(s) in %s were predicted before medmeta recorded the cases' contents: they are kept "
                        "without checking that their files are unchanged", len(unchecked), CSV_NAME)  # fmt: skip
     recorded.update({case: digest for case, digest in contents.items() if case not in done or case in recorded})
-    state["case_sha256"] = recorded
+    state["case_content_hash"] = recorded
     _write_atomic(state_path, json.dumps(state, indent=2) + "\n")
     return done
 

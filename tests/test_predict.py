@@ -208,7 +208,7 @@ def test_a_rerun_refuses_rows_whose_case_now_names_other_contents(
     resumed = predict_cohort(bundle, [first], out)
     assert (resumed.done_before, resumed.predicted) == (3, 1)
     state = json.loads((out / "predict_state.json").read_text())
-    state.pop("case_sha256")  # a folder written before the contents were recorded: kept, with a warning
+    state.pop("case_content_hash")  # a folder written before the contents were recorded: kept, with a warning
     (out / "predict_state.json").write_text(json.dumps(state))
     with caplog.at_level(logging.WARNING, logger="medmeta"):
         assert predict_cohort(bundle, [first], out).done_before == 4

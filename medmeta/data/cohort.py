@@ -7,7 +7,6 @@ into its outputs and skips the ids it already wrote when it resumes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -102,14 +101,3 @@ def _manifest_cases(manifest: Path) -> list[Case]:
         case_id = given.as_posix() if given.is_absolute() else Path(os.path.normpath(given)).as_posix()
         cases.append(Case(case_id, path))
     return cases
-
-
-def content_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes (a series folder: of its files' bytes, in sorted order), in hex."""
-    digest = hashlib.sha256()
-    for part in sorted(path.rglob("*")) if path.is_dir() else [path]:
-        if part.is_file():
-            with part.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()

@@ -364,11 +364,25 @@ def _orientation(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return row_cos, col_cos, origin
 
 
+def series_slices(folder: Path, files: list[Path] | None = None) -> list[Path]:
+    """The files a series folder's volume is read from: visible files but DICOMDIR, non-empty, DICOM by content.
+
+    ``files``: the folder's visible files other than DICOMDIR, when the caller has listed them already.
+    """
+    files = _series_files(folder) if files is None else files
+    return [p for p in files if p.stat().st_size > 0 and is_dicom(p)]
+
+
+def _series_files(folder: Path) -> list[Path]:
+    """A series folder's visible files other than DICOMDIR, sorted (README.txt and the like included)."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR")
+
+
 def _read_series(folder: Path) -> DicomImage:
     """Read one series folder; slices ordered along the slice normal, gaps checked."""
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR")
-    dicom_files = [p for p in files if p.stat().st_size > 0 and is_dicom(p)]
+    files = _series_files(folder)
+    dicom_files = series_slices(folder, files)
     for p in set(files) - set(dicom_files):  # README.txt and the like are ignored, a bad slice is not
         if p.suffix.lower() in DICOM_SUFFIXES:
             raise DicomSeriesError(folder, f"slice file {p.name} is empty or not DICOM")

@@ -21,7 +21,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from medmeta.data.formats import DICOM, PICTURE, format_of
+from medmeta.data.dicom import series_slices
+from medmeta.data.formats import PICTURE, format_of
 from medmeta.data.pictures import read_picture
 from medmeta.data.records import ImageRecord
 
@@ -42,8 +43,8 @@ def image_kind(path: Path) -> Kind | None:
     """
     path = Path(path)
     if path.is_dir():  # a DICOM series folder (3D): its first slice tells
-        first = next((p for p in sorted(path.iterdir()) if p.is_file() and DICOM.matches(p)), None)
-        return "dicom", None if first is None else _channels("dicom", first)
+        slices = series_slices(path)
+        return "dicom", _channels("dicom", slices[0]) if slices else None
     family = _family(path)
     return None if family is None else (family, _channels(family, path))
 

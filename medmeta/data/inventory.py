@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.misc import is_dicom
 
+from medmeta.data.dicom import series_slices
 from medmeta.data.episodes import SPLITS, ClassSplits, EpisodeSampler, split_classes
 from medmeta.data.formats import DICOM_SUFFIXES
 from medmeta.data.loading import array_channel_dim
@@ -196,17 +196,10 @@ def _require_deidentified(records: list[ImageRecord]) -> None:
 
 
 def _dicom_files(path: Path) -> list[Path]:
-    """The DICOM files an image is read from: a file with a DICOM suffix, or every slice of a series folder.
-
-    For a folder this mirrors the file filter of ``medmeta.data.dicom._read_series`` (non-hidden files other
-    than DICOMDIR, non-empty, ``is_dicom``), so the gate checks exactly the slices the series reader stacks.
-    """
+    """The DICOM files an image is read from: a file with a DICOM suffix, or every slice of a series folder."""
     if not path.is_dir():
         return [path] if path.name.lower().endswith(DICOM_SUFFIXES) else []
-    files = sorted(
-        p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
-    )
-    return [p for p in files if p.stat().st_size > 0 and is_dicom(p)]
+    return series_slices(path)
 
 
 def _class_splits(
