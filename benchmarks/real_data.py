@@ -529,15 +529,14 @@ def seed_summary(results: list[dict[str, object]], baseline: str = "finetune") -
         accuracy = [by_run[protocol, shots, method, seed] for seed in seeds]
         paired = [seed for seed in seeds if (protocol, shots, baseline, seed) in by_run]
         gains = [by_run[protocol, shots, method, seed] - by_run[protocol, shots, baseline, seed] for seed in paired]
-        shown = method != baseline and gains
-        if paired == seeds:  # one gain under each seed of the seeds column
+        per_seed = over = ""  # the baseline itself, or no seed the baseline also ran: no gain to show
+        if method != baseline and paired == seeds:  # one gain under each seed of the seeds column
             per_seed, over = " / ".join(f"{g:+.1f}" for g in gains), spread(gains)
-        else:  # the baseline lacks some seeds: each gain names its seed, and the mean says how many it covers
+        elif method != baseline and paired:  # the baseline lacks some seeds: each gain names its seed
             per_seed = " / ".join(f"seed {seed}: {g:+.1f}" for seed, g in zip(paired, gains))
             over = f"{spread(gains)}, {len(paired)} of {len(seeds)} seeds"
         rows.append(f"| {protocol} | {shots} | {method} | {', '.join(map(str, seeds))} | "
-                    f"{' / '.join(f'{a:.1f}' for a in accuracy)} | {mean(accuracy)} | "
-                    f"{per_seed if shown else ''} | {over if shown else ''} |")  # fmt: skip
+                    f"{' / '.join(f'{a:.1f}' for a in accuracy)} | {mean(accuracy)} | {per_seed} | {over} |")  # fmt: skip
     return "\n".join(rows) + "\n"
 
 

@@ -245,7 +245,7 @@ def test_real_data_seed_summary_pairs_each_seed_with_its_own_baseline(tmp_path: 
     """seeds.md: every seed's accuracy, mean and sd, and the gain over the baseline of the same seed only."""
     real_data = _real_data_module()
     rows = [("finetune", 0, 0.40), ("finetune", 1, 0.50), ("finetune", 2, 0.45), ("levels", 0, 0.43), ("levels", 1, 0.52),
-            ("levels", 3, 0.90), ("maml", 2, 0.41)]  # fmt: skip
+            ("levels", 3, 0.90), ("maml", 2, 0.41), ("proto", 5, 0.30)]  # fmt: skip
     for method, seed, accuracy in rows:
         row = {"protocol": "R1", "shots": 5, "method": method, "accuracy": accuracy, **({"seed": seed} if seed else {})}
         (tmp_path / "results").mkdir(exist_ok=True)
@@ -257,6 +257,7 @@ def test_real_data_seed_summary_pairs_each_seed_with_its_own_baseline(tmp_path: 
     assert table[3] == ("| R1 | 5 | levels | 0, 1, 3 | 43.0 / 52.0 / 90.0 | 61.7 (sd 24.9) | seed 0: +3.0 / seed 1: +2.0 | "
                         "+2.5 (sd 0.7), 2 of 3 seeds |")  # fmt: skip
     assert table[4] == "| R1 | 5 | maml | 2 | 41.0 | 41.0 | -4.0 | -4.0 |"
+    assert table[5] == "| R1 | 5 | proto | 5 | 30.0 | 30.0 |  |  |"  # no seed the baseline ran: no gain, and no crash
 
 
 def test_real_data_meta_val_selection_picks_by_meta_val_never_by_test() -> None:
