@@ -301,6 +301,7 @@ class FewShotModule(L.LightningModule):
             per_step, self._outputs["curve_steps"] = curve
             self._outputs["curve"].append((per_step.argmax(dim=-1) == qy).float().mean(dim=-1).T.cpu())
             self._outputs["curve_episodes"] += sx.shape[0]
+            self._outputs["curve_ids"].append(_episode_ids(batch).cpu())
         probs = logits.float().softmax(dim=-1)
         self._outputs["probs"].append(probs.cpu())
         self._outputs["labels"].append(qy.cpu())
@@ -344,7 +345,7 @@ class FewShotModule(L.LightningModule):
         )
         self.test_results = TestResults(
             probs=probs, labels=labels, class_ids=class_ids, episode_ids=episode_ids,
-            curve=torch.cat(out["curve"]) if out["curve"] else None, curve_steps=out["curve_steps"],
+            curve=self._gathered_curve(), curve_steps=out["curve_steps"],
             pixel_acc=pixel_acc[0] if pixel_acc else None, example=out["example"],
         )  # fmt: skip
         per_episode = per_episode_metrics(self.test_results.probs, self.test_results.labels)
@@ -359,16 +360,35 @@ class FewShotModule(L.LightningModule):
 
     def _reset_test_outputs(self) -> None:
         self._outputs: dict[str, Any] = {
-            "probs": [], "labels": [], "class_ids": [], "episode_ids": [], "curve": [], "pixel_acc": [],
+            "probs": [], "labels": [], "class_ids": [], "episode_ids": [], "curve": [], "curve_ids": [], "pixel_acc": [],
             "curve_episodes": 0, "curve_steps": None, "example": None,
         }  # fmt: skip
 
     def _gather(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Per-episode values of this process, or of all DDP processes together."""
         values = torch.cat(parts)
-        if self.trainer.world_size > 1:
-            values = self.all_gather(values).flatten(0, 1)  # [world, E, ...] -> [world * E, ...]
+        if self.trainer.world_size > 1:  # on the module's device: NCCL gathers CUDA tensors only
+            values = self.all_gather(values.to(self.device)).flatten(0, 1).cpu()  # [world, E, ...] -> [world * E, ...]
         return values
+
+    def _gathered_curve(self) -> torch.Tensor | None:
+        """The adaptation curve ``[E', P]`` of the first ``CURVE_EPISODES`` test episodes, of all DDP processes together.
+
+        Each process records the curve on its own first episodes; under DDP's strided sampler their
+        union holds the first ``CURVE_EPISODES`` by id, which are kept, so the curve is the one
+        process's curve.
+        """
+        out = self._outputs
+        if not out["curve"]:  # a learner without a curve: the same on every process
+            return None
+        curve, ids = torch.cat(out["curve"]), torch.cat(out["curve_ids"])
+        if self.trainer.world_size > 1:
+            rows = int(self._gather([torch.tensor([len(ids)])]).max())  # pad to one length for the gather
+            ids = torch.cat([ids, ids.new_full((rows - len(ids),), -1)])
+            curve = torch.cat([curve, curve.new_full((rows - len(curve), curve.shape[1]), float("nan"))])
+            ids, curve = self._gather([ids]), self._gather([curve])
+            ids, curve = self._unique_episodes(ids[ids >= 0], curve[ids >= 0])
+        return curve[:CURVE_EPISODES]
 
     def _unique_episodes(self, episode_ids: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each episode once, in id order, under DDP (whose sampler repeats episodes to fill the last ranks).

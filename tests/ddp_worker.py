@@ -2,7 +2,8 @@
 
     python tests/ddp_worker.py grad OUT_DIR          one meta-step on 4 fixed tasks, 2 per rank
     python tests/ddp_worker.py data OUT_DIR ROOT     two meta-steps on the real data module
-    python tests/ddp_worker.py eval OUT_DIR          validate and test on 5 fixed tasks (not a multiple of 2 ranks)
+    python tests/ddp_worker.py eval OUT_DIR          validate and test on 5 fixed tasks (not a multiple of 2 ranks),
+                                                     with an adaptation curve over the first 2
 
 Each rank writes ``OUT_DIR/<mode>-rank<R>.pt`` with what it saw (Lightning re-runs this script for
 rank 1, so it must stay importable and deterministic).
@@ -17,6 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+import medmeta.module
 from medmeta.data.datamodule import EpisodicDataModule, default_cache_dir
 from medmeta.module import FewShotModule
 
@@ -76,11 +78,12 @@ def main() -> None:
         callbacks=[record], default_root_dir=out, limit_val_batches=None if mode == "eval" else 0, num_sanity_val_steps=0,
     )  # fmt: skip
     if mode == "eval":
+        medmeta.module.CURVE_EPISODES = 2  # fewer than each rank's 3 episodes: the curve must be the first 2 by id
         module = fresh_module()
         scores = trainer.validate(module, DataLoader(eval_tasks(), batch_size=1), verbose=False)[0]
         trainer.test(module, DataLoader(eval_tasks(), batch_size=1), verbose=False)
         result = module.test_results
-        torch.save({"val_acc": scores["val/acc"], "episode_ids": result.episode_ids, "probs": result.probs,
+        torch.save({"val_acc": scores["val/acc"], "episode_ids": result.episode_ids, "probs": result.probs, "curve": result.curve,
                     "test_episodes": module.test_summary.get("test_episodes"), "world": trainer.world_size},
                    out / f"eval-rank{trainer.global_rank}.pt")  # fmt: skip
         return

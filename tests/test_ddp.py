@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lightning as L
+import medmeta.module
 from torch.utils.data import DataLoader
 
 from tests.ddp_worker import eval_tasks, fixed_tasks, fresh_module
@@ -58,13 +59,17 @@ def test_ddp_ranks_get_distinct_episodes_and_share_one_mapped_cache(tmp_path: Pa
     assert not any(p.suffix == ".partial" for p in (tmp_path / "cache" / "tensors").iterdir())
 
 
-def test_ddp_evaluation_counts_each_episode_once_and_validates_on_all_of_them(tmp_path: Path) -> None:
-    """5 episodes on 2 ranks: the sampler repeats one to give each rank 3; val/acc and the test count each once."""
+def test_ddp_evaluation_counts_each_episode_once_and_validates_on_all_of_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5 episodes on 2 ranks: the sampler repeats one to give each rank 3; val/acc and the test count each once.
+
+    The adaptation curve covers the first 2 episodes by id (ids 0 and 1, one from each rank), as on one process.
+    """
     _run(["eval", str(tmp_path)], tmp_path)
     ranks = [torch.load(tmp_path / f"eval-rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         inference_mode=False, default_root_dir=tmp_path / "one")  # fmt: skip
+    monkeypatch.setattr(medmeta.module, "CURVE_EPISODES", 2)
     module = fresh_module()
     single = trainer.validate(module, DataLoader(eval_tasks(), batch_size=1), verbose=False)[0]["val/acc"]
     trainer.test(module, DataLoader(eval_tasks(), batch_size=1), verbose=False)
@@ -72,3 +77,6 @@ def test_ddp_evaluation_counts_each_episode_once_and_validates_on_all_of_them(tm
         assert rank["val_acc"] == pytest.approx(single, abs=1e-6)  # every episode once, on every rank
     assert ranks[0]["episode_ids"].tolist() == [0, 1, 2, 3, 4] and ranks[0]["test_episodes"] == 5
     assert torch.allclose(ranks[0]["probs"], module.test_results.probs, atol=1e-5)
+    assert module.test_results.curve.shape[0] == 2
+    for rank in ranks:  # not each rank's own first 2 (ids 0, 2 on rank 0): that curve would differ
+        assert torch.allclose(rank["curve"], module.test_results.curve, atol=1e-5)
