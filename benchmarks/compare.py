@@ -110,7 +110,7 @@ def run_one(
     return {
         "algorithm": algorithm, "shots": shots, "steps": steps, "test_episodes": summary["test_episodes"],
         "accuracy": summary["accuracy"], "ci95": summary["accuracy_ci95"], "train_s": train_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # ru_maxrss is KiB: this is MiB
         "normalisation": summary["normalisation"], "options": options or {},
         "settings": model.hparams["algorithm"]["init_args"],
     }  # fmt: skip
@@ -171,11 +171,11 @@ def main() -> None:
             results.append(json.loads(line))
             r = results[-1]
             print(f"{algorithm:9s} {shots}-shot  {100 * r['accuracy']:5.1f}% ± {100 * r['ci95']:.1f}  "
-                  f"train {r['train_s']:6.1f} s  peak {r['peak_rss_mb']:6.0f} MB", flush=True)  # fmt: skip
+                  f"train {r['train_s']:6.1f} s  peak {r['peak_rss_mb']:6.0f} MiB", flush=True)  # fmt: skip
     (args.out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = ["| algorithm | shots | accuracy ± 95% CI | train time | peak memory |", "|---|---|---|---|---|"]
     rows += [f"| {r['algorithm']} | {r['shots']} | {100 * r['accuracy']:.1f}% ± {100 * r['ci95']:.1f}% | "
-             f"{r['train_s']:.0f} s | {r['peak_rss_mb']:.0f} MB |" for r in results]  # fmt: skip
+             f"{r['train_s']:.0f} s | {r['peak_rss_mb']:.0f} MiB |" for r in results]  # fmt: skip
     (args.out / "compare.md").write_text("\n".join(rows) + "\n")
     plot(results, args.out / "compare.png")
     print(f"wrote {args.out / 'compare.md'} and {args.out / 'compare.png'}")

@@ -34,6 +34,7 @@ import csv
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -309,21 +310,40 @@ def explainer(
     """
     if network is not None:
         calls = getattr(network, "backbone_calls", 1)  # an AdaptedClassifier averaging over flips runs it once per flip
-        return _Explained(network, Predictor(network, backbone_calls=calls), _target_layer(network)).eval()
+        return _Explained(network, Predictor(network, backbone_calls=calls), _target_layer(network, support_x)).eval()
     predictor = algorithm.predictor(support_x, support_y, steps=steps)
     if predictor is None:
         raise DataError(f"diagnose cannot explain {algorithm.label()}: the learner offers no predictor")
-    return _Explained(algorithm.model, predictor, _target_layer(algorithm.model)).eval()
+    return _Explained(algorithm.model, predictor, _target_layer(algorithm.model, support_x)).eval()
 
 
-def _target_layer(model: nn.Module) -> str:
-    """The activation after the backbone's last convolution (still spatial), else that convolution."""
-    names = [(name, m) for name, m in model.named_modules()]
-    convs = [i for i, (_, m) in enumerate(names) if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+def _target_layer(model: nn.Module, example: Tensor) -> str:
+    """The backbone's last feature map: the last module to finish at its last convolution's resolution.
+
+    Found by running ``example[:2]`` through a copy of ``model`` (its weights and buffers untouched),
+    in the order modules finish, not the order they are registered: after a residual block's last
+    convolution that is the block (or its stage), whose output includes the skip path, then any
+    activation after it, never a pooled map. A module must run as often as that convolution (a
+    ReLU reused inside a block does not), so Grad-CAM's tap counts its calls right.
+    """
+    finished: list[tuple[str, torch.Size]] = []
+    probe = copy.deepcopy(model).eval()
+    for name, module in probe.named_modules():
+        if name:
+            module.register_forward_hook(lambda _m, _i, out, name=name: finished.append((name, out.shape))
+                                         if isinstance(out, Tensor) else None)  # fmt: skip
+    with torch.no_grad():
+        probe(example[:2])  # two images: a transductive batch norm needs more than one value per channel
+    modules = dict(probe.named_modules())
+    convs = [i for i, (name, _) in enumerate(finished) if isinstance(modules[name], (nn.Conv2d, nn.Conv3d))]
     if not convs:
         raise DataError("the backbone has no convolution to explain with Grad-CAM")
-    after = [name for name, m in names[convs[-1]:] if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU))]
-    return after[0] if after else names[convs[-1]][0]
+    conv, shape = finished[convs[-1]]
+    calls = Counter(name for name, _ in finished)
+    pooling = "torch.nn.modules.pooling"  # a pool can keep a 1x1 map's shape, but it is no longer a feature map
+    same = [name for name, out in finished[convs[-1]:] if out[2:] == shape[2:] and len(out) == len(shape)
+            and calls[name] == calls[conv] and type(modules[name]).__module__ != pooling]  # fmt: skip
+    return same[-1]
 
 
 def saliency_text(algorithm: MetaLearner) -> str:

@@ -25,7 +25,7 @@ from torch import nn
 from medmeta.algorithms import DEFAULT_ALGORITHM, EpisodeBatch, MetaLearner, pixel_nearest_neighbour, resolve_algorithm
 from medmeta.algorithms.base import curve_steps
 from medmeta.algorithms.cuda_graph import GraphedOuterLoss
-from medmeta.evaluation.metrics import mean_and_ci95, per_episode_metrics
+from medmeta.evaluation.metrics import mean_and_ci95, per_episode_metrics, pooled_ece
 from medmeta.networks import DEFAULT_BACKBONE, backbone_spec, build_backbone
 from medmeta.networks.initialise import initialise_backbone
 from medmeta.networks.norm import describe_normalisation, norm_kinds, set_running_stat_slots, uses_running_statistics
@@ -352,9 +352,10 @@ class FewShotModule(L.LightningModule):
         accuracy, accuracy_ci = mean_and_ci95(per_episode["accuracy"])
         self.log("test/acc", accuracy)
         self.log("test/acc_ci95", accuracy_ci)
-        for key in ("balanced_accuracy", "macro_auroc", "ece"):
+        for key in ("balanced_accuracy", "macro_auroc"):
             values = per_episode[key].double()
             self.log(f"test/{key.replace('accuracy', 'acc')}", float(values[~values.isnan()].mean()))  # as in metrics.json
+        self.log("test/ece", pooled_ece(self.test_results.probs, self.test_results.labels, resamples=0)[0])
         if self.test_results.pixel_acc is not None:
             self.log("test/pixel_nn_acc", mean_and_ci95(self.test_results.pixel_acc)[0])
 

@@ -361,3 +361,30 @@ def test_a_case_of_another_kind_than_the_training_images_is_flagged(
     torch.save(checkpoint, tmp_path / "old.ckpt")
     old = diagnose(tmp_path / "old.ckpt", support, [queries], tmp_path / "out-old")
     assert not any("the model was trained on" in w for w in old.warnings)
+
+
+@pytest.mark.parametrize(("backbone", "target"), [
+    ("conv4", "features.14"),  # the ReLU after the last convolution, before the last pool
+    ("resnet12", "features.3.act"),  # the last block's activation after its residual addition, before its pool
+    ("resnet18", "features.layer4"),  # the last stage's output, skip path included; not layer4.1.conv2 (registration order)
+    ("monai.networks.nets.ResNet", "layer4"),
+])  # fmt: skip
+def test_grad_cam_target_is_the_last_feature_map_in_the_order_modules_run(backbone: str, target: str) -> None:
+    """Grad-CAM explains the backbone's last feature map, found by running it, and the probe changes no weight or buffer."""
+    from medmeta.diagnose import _target_layer
+    from medmeta.networks.conv4 import Conv4
+    from medmeta.networks.resnet import ResNet12, ResNet18
+
+    torch.manual_seed(0)
+    if backbone.startswith("monai"):
+        from monai.networks.nets import ResNet
+
+        model = ResNet("basic", [1, 1, 1, 1], [8, 16, 32, 64], spatial_dims=2, n_input_channels=1, num_classes=3)
+    else:
+        model = {"conv4": Conv4, "resnet12": ResNet12, "resnet18": ResNet18}[backbone](
+            in_channels=1, image_size=64, n_way=3, **({} if backbone == "resnet18" else {"hidden_channels": 8}))
+    model.train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    assert _target_layer(model, torch.randn(4, 1, 64, 64)) == target
+    assert model.training and all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+

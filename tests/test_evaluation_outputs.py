@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 
 from medmeta.data.datamodule import EpisodicDataModule
+from medmeta.evaluation.metrics import reliability_bins
 from tests.conftest import module_for
 
 FIGURES = ("confusion_matrix.png", "reliability_diagram.png", "adaptation_curve.png", "episode_grid.png")
@@ -31,6 +33,9 @@ def test_test_run_writes_metrics_csv_figures_and_logs(tiny_dicom_root: Path, tmp
     for key in ("accuracy", "balanced_accuracy", "macro_auroc", "ece"):
         assert 0.0 <= metrics[key] <= 1.0 and metrics[f"{key}_ci95"] >= 0.0, key
     assert metrics["test_episodes"] == 8 and "bootstrap" in metrics["ci_method"]
+    bins = reliability_bins(module.test_results.probs, module.test_results.labels)  # the ECE is that of the diagram
+    gaps = [n * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if n]
+    assert metrics["ece"] == pytest.approx(sum(gaps) / sum(bins["count"]))
     assert set(metrics["per_class"]) == set(data.class_splits.test)
     curve = metrics["adaptation_curve"]  # all 8 episodes (fewer than CURVE_EPISODES), 11 of the 13 points 0..12
     assert curve["episodes"] == 8 and curve["after_steps"] == [0, 1, 2, 4, 5, 6, 7, 8, 10, 11, 12]

@@ -14,6 +14,7 @@ from medmeta.evaluation.metrics import (
     mean_and_ci95,
     per_class_sensitivity_specificity,
     per_episode_metrics,
+    pooled_ece,
     reliability_bins,
     summarise,
 )
@@ -88,6 +89,36 @@ def test_ece_by_hand() -> None:
     assert ece.tolist() == pytest.approx([1.30 / 4, 1.55 / 4], abs=1e-6)
 
 
+def test_pooled_ece_by_hand() -> None:
+    # all 8 queries in 15 bins: {.90}, {.75}, {.70, .70 both right}, {.65 wrong}, {.55, .55 both wrong}, {.85}
+    # (.10 + .25 + |2 - 1.40| + .65 + |0 - 1.10| + .15) / 8 = 2.85 / 8, not the mean of the two episodes' ECEs
+    ece, ci = pooled_ece(PROBS, LABELS, resamples=500)
+    assert ece == pytest.approx(2.85 / 8)
+    # bootstrap over the 2 episodes: each episode twice gives that episode's own ECE (1.30/4 and 1.55/4),
+    # each with probability 1/4, so those are the 2.5% and 97.5% quantiles
+    assert ci == pytest.approx((1.55 / 4 - 1.30 / 4) / 2)
+    bins = reliability_bins(PROBS, LABELS)  # the reliability diagram's bins have exactly this ECE
+    gaps = [n * abs(a - c) for n, a, c in zip(bins["count"], bins["accuracy"], bins["confidence"]) if n]
+    assert sum(gaps) / sum(bins["count"]) == pytest.approx(ece)
+    assert pooled_ece(PROBS, LABELS, resamples=0)[0] == ece
+
+
+def test_pooled_ece_of_a_calibrated_model_is_near_zero_where_the_per_episode_mean_is_not() -> None:
+    """600 5-way episodes of 75 queries, each right with exactly its confidence: the pooled ECE is near 0."""
+    g = torch.Generator().manual_seed(0)
+    episodes, queries, n_way = 600, 75, 5
+    confidence = 0.4 + 0.6 * torch.rand(episodes, queries, generator=g)
+    predicted = torch.randint(n_way, (episodes, queries), generator=g)
+    right = torch.rand(episodes, queries, generator=g) < confidence
+    wrong_label = (predicted + torch.randint(1, n_way, (episodes, queries), generator=g)) % n_way
+    labels = torch.where(right, predicted, wrong_label)
+    probs = ((1 - confidence) / (n_way - 1))[..., None].expand(episodes, queries, n_way).clone()
+    probs.scatter_(-1, predicted[..., None], confidence[..., None])
+    ece, ci = pooled_ece(probs, labels)
+    assert ece < 0.02 and 0 < ci < 0.02
+    assert per_episode_metrics(probs, labels)["ece"].mean() > 0.1  # why the summary pools: 75 queries in 15 bins
+
+
 def test_sensitivity_specificity_pooled_over_episodes() -> None:
     per_class = per_class_sensitivity_specificity(PROBS, LABELS, CLASSES, resamples=500)
     assert sorted(per_class) == ["benign", "cyst", "malignant"]
@@ -135,7 +166,7 @@ def test_summarise_is_json_ready() -> None:
     assert summary["balanced_accuracy"] == pytest.approx((0.75 + 1 / 3) / 2)
     assert summary["balanced_accuracy_ci95"] == pytest.approx((0.75 - 1 / 3) / 2)
     assert summary["macro_auroc"] == pytest.approx((1 + 2 / 3) / 2)
-    assert summary["ece"] == pytest.approx((1.30 / 4 + 1.55 / 4) / 2, abs=1e-6)
+    assert summary["ece"] == pytest.approx(2.85 / 8)  # over all 8 queries pooled, as test_pooled_ece_by_hand
     for key in ("accuracy", "accuracy_ci95", "balanced_accuracy", "macro_auroc_ci95", "ece", "ece_ci95"):
         assert type(summary[key]) is float
     assert summary["per_class"]["malignant"]["sensitivity"] == pytest.approx(3 / 5)
