@@ -339,7 +339,9 @@ def diagnose_main(argv: list[str]) -> int:
                         help="folder with one sub-folder per diagnosis, 2 to 20 labelled cases each")  # fmt: skip
     parser.add_argument("--query", required=True, type=Path, nargs="+", help="query image files or folders")
     parser.add_argument("--out", type=Path, default=None, help="new output folder (default: diagnosis-<date-time>)")
-    parser.add_argument("--steps", type=int, default=None, help="inner steps (default: the model's eval_inner_steps)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="adaptation steps (default: the model's eval_inner_steps, or finetune_steps for the fine-tune "
+                             "baseline); refused for learners without steps (protonet, logreg)")  # fmt: skip
     parser.add_argument("--save-adapted", type=Path, default=None, metavar="DIR",
                         help="also save the adapted model as a MONAI bundle in this new folder (for medmeta predict)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -393,6 +395,7 @@ def evaluate_main(argv: list[str]) -> int:
     loggers = [csv_logger, TensorBoardLogger(args.out, name="evaluate", version=csv_logger.version)]  # one folder
     trainer = L.Trainer(logger=loggers, inference_mode=False, enable_progress_bar=False, default_root_dir=args.out)
     data.trainer = trainer  # set up before testing (class_splits.json still goes to the run folder), to check classes
+    csv_logger.experiment  # makes the new run folder now: made after class_splits.json, it warns of deleting old logs
     data.setup("test")
     _check_unseen_test_classes(path, read_checkpoint(path), data.class_splits.test, allow=args.allow_seen_classes)
     trainer.test(model, datamodule=data, verbose=False)

@@ -3,10 +3,12 @@
 Lightning's parser reports a misspelt key or a YAML syntax error without saying which of several
 config files it came from; this check names the file, the key (with the nearest valid spelling)
 or the line. It only refuses what the parser would refuse too: unknown keys are looked up in the
-signatures of ``FewShotModule``, ``EpisodicDataModule`` and ``Trainer``. A model setting in its
-place from before learners and backbones were plug-ins is refused with its new spelling, and a
-learner's or backbone's short name is turned into its class path on the command line (the parser
-knows class names and paths) and refused, with the spelling to use, in a config file.
+signatures of ``FewShotModule``, ``EpisodicDataModule`` and ``Trainer``, and the ``init_args`` keys
+of ``model.algorithm`` and ``model.backbone`` in those of the class their ``class_path`` names
+(an old learner setting's name hints at today's). A model setting in its place from before learners
+and backbones were plug-ins is refused with its new spelling, and a learner's or backbone's short
+name is turned into its class path on the command line (the parser knows class names and paths)
+and refused, with the spelling to use, in a config file.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import lightning as L
 import yaml
 
 from medmeta.algorithms import SHORT_NAMES as LEARNERS
-from medmeta.algorithms import legacy_setting_name
+from medmeta.algorithms import MetaLearner, legacy_setting_name
 from medmeta.data.datamodule import EpisodicDataModule
 from medmeta.errors import DataError
 from medmeta.module import FewShotModule
 from medmeta.networks import LEGACY_MODULE_SETTINGS as BACKBONE_SETTINGS
 from medmeta.networks import SHORT_NAMES as BACKBONES
-from medmeta.plugins import class_path, resolve_name
+from medmeta.plugins import class_path, init_parameters, resolve_name
 
 TOP_LEVEL = (
     "seed_everything", "trainer", "model", "data", "test_after_fit", "episodes", "optimizer", "lr_scheduler",
@@ -145,13 +147,37 @@ def check_config_files(argv: Sequence[str]) -> None:
                         _refuse_legacy(f"config {shown}", str(name))
                         if name in PLUGINS:
                             _refuse_short_name(f"config {shown}", str(name), value[name])
+                            _check_init_args(shown, str(name), value[name])
                     _check_key(shown, f"{key}.{name}", allowed)
 
 
-def _check_key(path: Path, dotted: str, allowed: Sequence[str]) -> None:
+def _plugin_settings(kind: str, cls: type) -> list[str] | None:
+    """The ``init_args`` keys the parser accepts for a learner or backbone class; ``None`` when medmeta cannot tell."""
+    if kind == "algorithm":
+        return list(cls.settings()) if issubclass(cls, MetaLearner) else None
+    return list(init_parameters(cls))  # a backbone's shape arguments too: medmeta replaces them from the data
+
+
+def _check_init_args(path: Path, kind: str, value: object) -> None:
+    """Check the ``init_args`` keys of ``model.<kind>`` given as ``{class_path, init_args}`` against the class."""
+    if not isinstance(value, dict) or not isinstance(value.get("class_path"), str):
+        return  # a name alone has no settings; init_args without class_path may belong to another file's class
+    _refuse_short_name(f"config {path}", kind, value["class_path"])
+    init_args = value.get("init_args")
+    if not isinstance(init_args, dict):
+        return
+    allowed = _plugin_settings(kind, resolve_name(value["class_path"], kind=kind, short_names=_short_names(kind)))
+    if allowed is None:
+        return
+    for name in init_args:
+        renamed = legacy_setting_name(str(name)) if kind == "algorithm" else None
+        _check_key(path, f"model.{kind}.init_args.{name}", allowed, renamed if renamed in allowed else None)
+
+
+def _check_key(path: Path, dotted: str, allowed: Sequence[str], suggestion: str | None = None) -> None:
     name = dotted.rsplit(".", 1)[-1]
     if name in allowed:
         return
-    close = difflib.get_close_matches(name, allowed, n=1)
+    close = [suggestion] if suggestion else difflib.get_close_matches(name, allowed, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise DataError(f"config {path}: unknown key '{dotted}'{hint}")

@@ -50,6 +50,7 @@ from medmeta.checkpoints import load_trained
 from medmeta.data.loading import transform_images
 from medmeta.data.preflight import check_image, window_problem
 from medmeta.data.presets import DEFAULT_WINDOW, Intensity
+from medmeta.data.cohort import find_cases
 from medmeta.data.episode_manifest import content_hash
 from medmeta.data.formats import format_of
 from medmeta.data.image_kinds import image_kind, kind_warning
@@ -95,8 +96,14 @@ def diagnose(
     if steps is not None and steps < 1:
         raise DataError(f"--steps must be at least 1 (inner steps of adaptation to the support set), got {steps}")
     module, settings = load_checkpoint(Path(ckpt))
+    if steps is not None and not module.algorithm.adapts_in_steps:
+        raise DataError(f"{module.algorithm.label()} has no adaptation steps: leave --steps out")
     spatial_dims = int(settings["spatial_dims"])
     support_records, names = read_support(Path(support), spatial_dims)
+    evaluation_steps = steps if steps is not None else module.algorithm.adaptation_steps()
+    if len(names) != module.hparams.n_way and evaluation_steps == 0:
+        raise DataError(f"{len(names)} diagnoses need a new head, fitted by adaptation, but the model adapts with 0 "
+                        f"steps (eval_inner_steps: 0): every case would score the diagnoses alike; give --steps")  # fmt: skip
     query_records, warnings = read_queries([Path(q) for q in queries], spatial_dims)
     trained = getattr(module, "training_images", None)  # the kinds of images it was trained on; None: unknown
     warnings += [f"support case of {r.label} ({_file_id(r.path)}): {w}" for r in support_records
@@ -112,6 +119,11 @@ def diagnose(
     explained = explainer(algorithm, support_x, support_y, steps, network=exported)
     with torch.no_grad():  # the function Grad-CAM explains below is the one that predicts
         probs = explained(query_x).softmax(-1)
+    if explained.resolution is not None and all(n == 1 for n in explained.resolution):
+        shape = "x".join(map(str, explained.resolution))
+        warnings.append("Grad-CAM has no spatial resolution at this image size: the maps are blank "
+                        f"(the last feature map is {shape} at image_size {settings['image_size']})")  # fmt: skip
+        logger.warning("%s", warnings[-1])
     if not bool(torch.isfinite(probs).all()):
         raise DataError(f"the model adapted to {support} gives NaN or infinite outputs (its adaptation diverged): "
                         "nothing was written; try fewer --steps, or check the support images")  # fmt: skip
@@ -194,15 +206,25 @@ def read_support(folder: Path, spatial_dims: int) -> tuple[list[ImageRecord], li
 
 
 def read_queries(paths: list[Path], spatial_dims: int) -> tuple[list[ImageRecord], list[str]]:
-    """Query records from files and folders; unusable files are left out with a warning naming the reason."""
+    """Query records from files and folders; unusable files are left out with a warning naming the reason.
+
+    A folder is searched as ``medmeta predict`` searches one (:func:`medmeta.data.cohort.find_cases`):
+    recursively, links followed and each file once, hidden files and folders left out (counted in the
+    log), and in 3D a folder of DICOM slices is one series, one query case.
+    """
     files: list[Path] = []
+    hidden = 0
     for path in paths:
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and format_of(p) is not None)
+            found, left_out = _folder_queries(path, spatial_dims)
+            files, hidden = files + found, hidden + left_out
         elif path.exists():
             files.append(path)
         else:
             raise DataError(f"query {path} does not exist")
+    if hidden:
+        logger.info("left out %d hidden query file(s) (a name starting with '.', or in such a folder), "
+                    "as medmeta predict does", hidden)  # fmt: skip
     warnings, records = [], []
     for number, path in enumerate(files, start=1):
         problem = check_image(path, spatial_dims=spatial_dims)
@@ -212,8 +234,26 @@ def read_queries(paths: list[Path], spatial_dims: int) -> tuple[list[ImageRecord
             warnings.append(f"query file {number} ({_file_id(path)}) left out: {problem.reason} ({problem.detail})")
             logger.warning("%s", warnings[-1])  # by position and content hash: a file name may hold a patient id
     if not records:
-        raise DataError(f"no usable query images in {', '.join(map(str, paths))}")
+        also = f" ({hidden} hidden file(s) left out)" if hidden else ""
+        raise DataError(f"no usable query images in {', '.join(map(str, paths))}{also}")
     return records, warnings
+
+
+def _folder_queries(folder: Path, spatial_dims: int) -> tuple[list[Path], int]:
+    """The query cases under ``folder`` (3D: a DICOM series folder is one), sorted, and the hidden files left out."""
+    hidden = sum(1 for p in folder.rglob("*") if format_of(p) is not None and p.is_file()
+                 and any(part.startswith(".") for part in p.relative_to(folder).parts))  # fmt: skip
+    walk = [logging.getLogger(name) for name in ("medmeta.data.records", "medmeta.data.cohort")]
+    levels = [log.level for log in walk]
+    for log in walk:  # the walk's INFO lines name the paths it skips: a query's name may hold a patient id
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+    try:
+        return [case.path for case in find_cases([folder], spatial_dims)], hidden
+    except DataError:  # the only refusal for one folder: it holds no image file (other query inputs may)
+        return [], hidden
+    finally:
+        for log, level in zip(walk, levels):
+            log.setLevel(level)
 
 
 def adapted_algorithm(module: FewShotModule, n_classes: int) -> MetaLearner:
@@ -273,6 +313,7 @@ class _Explained(nn.Module):
     def __init__(self, model: nn.Module, predictor: Predictor, target: str) -> None:
         super().__init__()
         self.model, self.tap, self.target, self.predictor = model, nn.Identity(), target, predictor
+        self.resolution: tuple[int, ...] | None = None  # the target's spatial shape, known after a forward
 
     def forward(self, x: Tensor) -> Tensor:
         with self._tapped(x.shape[0], calls=self.predictor.backbone_calls):
@@ -287,6 +328,7 @@ class _Explained(nn.Module):
             seen.append(output.shape[0])
             if len(seen) != calls:
                 return None
+            self.resolution = tuple(output.shape[2:])
             return torch.cat([output[: output.shape[0] - batch], self.tap(output[output.shape[0] - batch :])])
 
         handle = dict(self.model.named_modules())[self.target].register_forward_hook(route)
@@ -418,7 +460,7 @@ def _bundle_metadata(
 
 def _normalisation(module: FewShotModule) -> str:
     label = module.normalisation_label()
-    if "transductive" in label:
+    if label.startswith("transductive"):  # not "running (... non-transductive)"
         label += "; here the query cases are normalised together as one batch"
     return label
 

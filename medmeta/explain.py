@@ -6,8 +6,10 @@ model: MONAI registers forward and backward hooks it never removes, zeroes every
 hooks, gradients, ``requires_grad`` flags and train/eval modes are restored afterwards, and each
 map is min-max scaled to [0, 1] with 1 the most salient location.
 
-PNGs carry pixels only (no axes, no padding): their size is the image's size times ``scale``. A
-title goes into the PNG's text metadata, never into the pixels. Callers name files and titles by
+PNGs carry pixels only (no axes, no padding): their size is the image's size times ``scale``. An
+image and its map are drawn as a viewer shows them (:func:`medmeta.display.display_plane`: in 3D
+the middle axial slice, anterior up, the patient's left on the right). A title goes into the PNG's
+text metadata, never into the pixels. Callers name files and titles by
 an opaque case id, never by a patient identifier or a source path.
 """
 
@@ -25,6 +27,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor, nn
 
+from medmeta.display import display_plane
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks")
 
 
@@ -103,17 +106,16 @@ def grad_cam(model: nn.Module, images: Tensor, class_idx: Tensor, target_layer: 
     return _normalise_per_image(out)
 
 
-def _grey_plane(t: Tensor, what: str) -> np.ndarray:
-    """A 2D float array from ``[H, W]``, ``[C, H, W]`` or ``[C, D, H, W]`` (middle depth slice, channel mean)."""
+def _grey_plane(t: Tensor, what: str, from_array: bool) -> np.ndarray:
+    """The channel mean of the plane a viewer shows (:func:`display_plane`) of ``[H, W]``, ``[C, H, W]`` or
+    ``[C, D, H, W]``, as a ``[rows, columns]`` array in [0, 1]."""
     t = t.detach().float().cpu()
     if t.dim() == 2:
         t = t.unsqueeze(0)
-    if t.dim() == 4:
-        t = t[:, t.shape[1] // 2]
-    if t.dim() != 3:
+    if t.dim() not in (3, 4):
         raise ValueError(f"{what} must be [H, W], [C, H, W] or [C, D, H, W], got {tuple(t.shape)}")
-    plane = torch.nan_to_num(t.mean(0), nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
-    return plane.numpy()
+    plane = display_plane(t, from_array=from_array).mean(0)
+    return torch.nan_to_num(plane, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0).numpy()
 
 
 def _save_png(rgb: np.ndarray, path: Path, scale: int, title: str | None) -> Path:
@@ -132,9 +134,13 @@ def _save_png(rgb: np.ndarray, path: Path, scale: int, title: str | None) -> Pat
     return path
 
 
-def image_png(image: Tensor, path: Path, scale: int = 1) -> Path:
-    """Write ``image`` (windowed to [0, 1]; ``[C, H, W]`` or ``[C, D, H, W]``) as a grey PNG of ``scale*H x scale*W``."""
-    return _save_png(_grey_plane(image, "image"), path, scale, None)
+def image_png(image: Tensor, path: Path, scale: int = 1, *, from_array: bool = False) -> Path:
+    """Write ``image`` (windowed to [0, 1]; ``[C, H, W]`` or ``[C, D, H, W]``) as a grey PNG, ``scale`` times its size.
+
+    The image is drawn as a viewer shows it (:func:`~medmeta.display.display_plane`; 3D: the middle axial
+    slice); ``from_array``: it came from an array source (MedMNIST), not a file.
+    """
+    return _save_png(_grey_plane(image, "image", from_array), path, scale, None)
 
 
 def overlay_png(
@@ -146,21 +152,27 @@ def overlay_png(
     scale: int = 1,
     alpha: float = 0.4,
     colormap: str = "jet",
+    from_array: bool = False,
 ) -> Path:
     """Write the grey ``image`` with ``cam`` as a semi-transparent colour overlay, ``scale*H x scale*W`` pixels.
 
     Args:
-        image: ``[C, H, W]`` or ``[C, D, H, W]`` windowed to [0, 1] (3D: the middle depth slice is drawn).
-        cam: map of the same spatial size, ``[1, *spatial]`` as returned per image by :func:`grad_cam`.
+        image: ``[C, H, W]`` or ``[C, D, H, W]`` windowed to [0, 1], drawn as a viewer shows it
+            (:func:`~medmeta.display.display_plane`; 3D: the middle axial slice, anterior up, the
+            patient's left on the right).
+        cam: map of the same spatial size, ``[1, *spatial]`` as returned per image by :func:`grad_cam`;
+            drawn through the same plane, so it stays aligned with the image.
         path: output PNG file.
         title: stored in the PNG's text metadata (the pixels stay the image's size).
         scale: integer enlargement factor.
         alpha: opacity of the colour overlay.
         colormap: a matplotlib colormap name (``"jet"`` or ``"inferno"``).
+        from_array: the image came from an array source (MedMNIST), not a file.
     """
-    grey, heat = _grey_plane(image, "image"), _grey_plane(cam, "cam")
-    if grey.shape != heat.shape:
-        raise ValueError(f"image and cam sizes differ: {grey.shape} vs {heat.shape}")
+    sizes = [tuple(t.shape if t.dim() == 2 else t.shape[1:]) for t in (image, cam)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"image and cam sizes differ: {sizes[0]} vs {sizes[1]}")
+    grey, heat = _grey_plane(image, "image", from_array), _grey_plane(cam, "cam", from_array)
     colour = colormaps[colormap](heat)[..., :3]
     rgb = (1.0 - alpha) * grey[..., None] + alpha * colour
     return _save_png(rgb, path, scale, title)

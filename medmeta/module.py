@@ -42,10 +42,12 @@ def check_learning_rate(name: str, value: object) -> None:
     """Raise ``ValueError`` naming the setting unless ``value`` is a positive, finite learning rate.
 
     Zero is refused too: a zero inner rate adapts nothing while still taking the inner steps (set
-    ``eval_inner_steps: 0`` to evaluate without adaptation), and a zero outer rate trains nothing.
+    ``eval_inner_steps: 0`` to evaluate without adaptation, except with ``zero_head``, whose zero head
+    needs a step), and a zero outer rate trains nothing.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        hint = " (to evaluate without adaptation, set its eval_inner_steps to 0)" if name.endswith("inner_lr") else ""
+        hint = (" (to evaluate without adaptation, set its eval_inner_steps to 0; not with zero_head, whose zero head "
+                "needs a step)" if name.endswith("inner_lr") else "")  # fmt: skip
         raise ValueError(f"{name} must be a positive learning rate, got {value!r}{hint}")
 
 

@@ -439,3 +439,20 @@ def test_evaluate_takes_the_episode_shape_from_the_model_and_needs_data_settings
     assert status == 2, printed
     (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
     assert "n_way=5 (the model: 3)" in line and not (tmp_path / "eval2").exists()
+
+
+def test_evaluate_into_a_new_folder_does_not_warn_of_deleting_old_logs(
+    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """A fresh ``--out``: no Lightning warning that the run folder "exists and is not empty" (class_splits.json is ours)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status, printed = _medmeta_here("evaluate", str(trained_checkpoint), "--out", str(tmp_path / "eval"),
+                                        cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 0, printed[-2000:]
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    (run,) = (tmp_path / "eval" / "evaluate").iterdir()
+    assert {"class_splits.json", "metrics.csv", "metrics.json"} <= {p.name for p in run.iterdir()}
+    assert list(run.glob("events.out.tfevents.*"))  # TensorBoard's file in the same folder (docs/evaluation.md)

@@ -87,3 +87,82 @@ def test_a_setting_in_its_old_place_on_the_command_line_names_the_new_spelling(
     assert status == 2, printed[-2000:]
     (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
     assert f"'model.{words[0].removeprefix('--model.').split('=')[0]}'" in line and new in line, line
+
+
+USER_PLUGINS = '''
+from torch import nn
+from medmeta.algorithms import MAML
+
+
+class SlowMAML(MAML):
+    def __init__(self, model, n_way, *, warmup_steps: int = 3, **kwargs):
+        super().__init__(model, n_way, **kwargs)
+        self.warmup_steps = warmup_steps
+
+
+class Tiny(nn.Module):
+    def __init__(self, in_channels: int = 1, n_way: int = 5, width: int = 4):
+        super().__init__()
+        self.head = nn.Linear(in_channels, n_way)
+'''
+
+
+def _plugin_config(kind: str, class_path: str, init_args: str) -> str:
+    return f"model:\n  {kind}:\n    class_path: {class_path}\n    init_args:\n      {init_args}\n"
+
+
+@pytest.mark.parametrize(
+    ("kind", "class_path", "init_args", "key", "hint"),
+    [
+        ("algorithm", "medmeta.algorithms.MAML", "inner_lrr: 0.1", "inner_lrr", "inner_lr"),
+        ("algorithm", "MANN", "mann_label_timing: previous", "mann_label_timing", "label_timing"),  # an old name
+        ("backbone", "medmeta.networks.Conv4", "hidden_channel: 8", "hidden_channel", "hidden_channels"),
+        ("algorithm", "user_plugins.SlowMAML", "warmup_step: 2", "warmup_step", "warmup_steps"),
+        ("backbone", "user_plugins.Tiny", "widht: 8", "widht", "width"),
+    ],
+)
+def test_a_misspelt_learner_or_backbone_setting_is_named_with_its_nearest_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, class_path: str, init_args: str, key: str, hint: str
+) -> None:  # fmt: skip
+    """``init_args`` keys are checked against the class's ``__init__``, shipped or the user's own."""
+    (tmp_path / "user_plugins.py").write_text(USER_PLUGINS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_plugin_config(kind, class_path, init_args))
+    with pytest.raises(DataError) as caught:
+        check_config_files(["fit", "--config", str(bad)])
+    assert str(caught.value) == (
+        f"config {bad.resolve()}: unknown key 'model.{kind}.init_args.{key}' (did you mean '{hint}'?)"
+    )
+    right = init_args.replace(key, hint, 1)
+    bad.write_text(_plugin_config(kind, class_path, right))
+    check_config_files(["fit", "--config", str(bad)])
+    if class_path.endswith("SlowMAML"):  # settings of the parent a user's learner passes **kwargs to are valid too
+        bad.write_text(_plugin_config(kind, class_path, "inner_steps: 2"))
+        check_config_files(["fit", "--config", str(bad)])
+
+
+def test_a_backbones_shape_arguments_are_accepted_and_a_short_class_path_is_refused(tmp_path: Path) -> None:
+    """The parser takes ``in_channels`` in a backbone's init_args (medmeta replaces it) but no short name as class_path."""
+    config = tmp_path / "c.yaml"
+    config.write_text(_plugin_config("backbone", "Conv4", "in_channels: 3"))
+    check_config_files(["fit", "--config", str(config)])
+    config.write_text(_plugin_config("algorithm", "maml", "inner_lr: 0.1"))
+    with pytest.raises(DataError, match=r"maml is a command-line short name.*algorithm: MAML"):
+        check_config_files(["fit", "--config", str(config)])
+
+
+def test_fit_names_a_misspelt_learner_setting_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """``medmeta fit --config``: one line naming the file, the dotted key and its spelling, not the parser's usage."""
+    from tests.test_cli import QUICKSTART, _medmeta_here
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(_plugin_config("algorithm", "medmeta.algorithms.MAML", "inner_lrr: 0.1"))
+    status, printed = _medmeta_here("fit", "--config", str(QUICKSTART), "--config", str(typo), "--data.root",
+                                    str(tmp_path / "data"), cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 2, printed[-2000:]
+    (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
+    assert str(typo.resolve()) in line and "'model.algorithm.init_args.inner_lrr'" in line and "'inner_lr'" in line
+    assert "usage:" not in printed and not (tmp_path / "data").exists()

@@ -388,3 +388,117 @@ def test_grad_cam_target_is_the_last_feature_map_in_the_order_modules_run(backbo
     assert _target_layer(model, torch.randn(4, 1, 64, 64)) == target
     assert model.training and all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
+
+
+def test_hidden_query_files_and_folders_are_left_out_and_counted(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # fmt: skip
+    """As in discovery and ``medmeta predict``: a ``.x.dcm`` or ``.thumbnails/`` file is no query case, and under
+    transductive batch norm it would otherwise change the visible case's probabilities."""
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2, per_class=2)
+    visible, *others = sorted(queries.iterdir())
+    for f in others:
+        f.unlink()
+    (queries / ".thumbnails").mkdir()
+    shutil.copy(sorted(support.rglob("*.dcm"))[0], queries / ".x.dcm")
+    shutil.copy(sorted(support.rglob("*.dcm"))[-1], queries / ".thumbnails" / "y.dcm")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(visible, alone / visible.name)
+    with caplog.at_level("INFO"):
+        result = diagnose(trained_checkpoint, support, [queries], tmp_path / "out")
+    reference = diagnose(trained_checkpoint, support, [alone], tmp_path / "out-alone")
+    assert [c["file_sha256_12"] for c in result.predictions] == [c["file_sha256_12"] for c in reference.predictions]
+    got, expected = result.predictions[0]["probabilities"], reference.predictions[0]["probabilities"]
+    assert len(result.predictions) == 1 and all(abs(got[k] - expected[k]) < 1e-6 for k in expected)
+    assert "left out 2 hidden query file(s)" in caplog.text and "thumbnails" not in caplog.text  # a count, no name
+    assert not any("Grad-CAM has no spatial resolution" in w for w in result.warnings)  # 16 px: a 2x2 map
+
+
+def test_query_folders_keep_their_order_in_2d_and_a_dicom_series_is_one_case_in_3d(
+    tiny_dicom_root: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    """2D: every visible image file under a query folder, sorted by path as before (query-001 ... ids stay); 3D: a
+    folder of DICOM slices, given itself or inside a query folder, is one query case, not slices refused as 2D."""
+    from tests.data.test_readers import write_series
+
+    flat = tmp_path / "flat"
+    sources = sorted(tiny_dicom_root.rglob("*.dcm"))[:3]
+    for source, name in zip(sources, ("b/1.dcm", "a.dcm", "b/c/0.dcm")):
+        (flat / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, flat / name)
+    records, warnings = read_queries([flat, sources[0]], 2)
+    assert [r.path for r in records] == [flat / "a.dcm", flat / "b/1.dcm", flat / "b/c/0.dcm", sources[0]]
+    assert not warnings
+    volumes = tmp_path / "volumes"
+    write_series(volumes / "case1" / "ct", n=4)
+    write_series(volumes / "case2", n=4, seed=1)
+    assert len(read_queries([volumes / "case1" / "ct"], 2)[0]) == 4  # 2D: slices, as before
+    records, warnings = read_queries([volumes / "case1" / "ct"], 3)
+    assert [r.path for r in records] == [volumes / "case1" / "ct"] and not warnings
+    records, warnings = read_queries([volumes], 3)
+    assert [r.path for r in records] == [volumes / "case1" / "ct", volumes / "case2"] and not warnings
+    with pytest.raises(DataError, match="does not exist"):
+        read_queries([tmp_path / "missing"], 3)
+
+
+def test_steps_are_refused_for_a_learner_that_does_not_adapt_in_steps(
+    checkpoint_for, tiny_dicom_root: Path, tmp_path: Path  # noqa: ANN001
+) -> None:  # fmt: skip
+    """ProtoNet and the logistic-regression probe have no steps: ``--steps`` is refused, not silently ignored."""
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2, per_class=2)
+    ckpt = checkpoint_for("protonet", "transductive", "squared_euclidean")
+    with pytest.raises(DataError, match=r"^protonet has no adaptation steps: leave --steps out$"):
+        diagnose(ckpt, support, [queries], tmp_path / "o", steps=3)
+    assert not (tmp_path / "o").exists()
+    small = {"n_way": 2, "image_size": 16, "hidden_channels": 4, "pixel_baseline": False}
+    settings = {"maml": {}, "anil": {}, "finetune": {"pretrain_classes": 4}, "logreg": {"pretrain_classes": 4},
+                "protonet": {}, "mann": {}}
+    learners = {name: module_for(name, **small, **extra).algorithm for name, extra in settings.items()}
+    assert {name: learner.adapts_in_steps for name, learner in learners.items()} == {
+        "maml": True, "anil": True, "finetune": True, "logreg": False, "protonet": False, "mann": False}
+
+
+def test_grad_cam_without_spatial_resolution_is_said_in_the_report(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """A Conv-4 at 8 px has a 1x1 last feature map: its Grad-CAM maps are blank, and the report says so."""
+    torch.manual_seed(0)
+    module = module_for(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, eval_inner_steps=1, pixel_baseline=False)
+    data = EpisodicDataModule(str(tiny_dicom_root), n_way=3, k_shot=1, q_query=1, meta_batch_size=1, image_size=8,
+                              val_episodes=1, test_episodes=1, split_ratios=(0.5, 0.25, 0.25))  # fmt: skip
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, inference_mode=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "small.ckpt")
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2, per_class=2)
+    result = diagnose(tmp_path / "small.ckpt", support, [queries], tmp_path / "out")
+    message = "Grad-CAM has no spatial resolution at this image size: the maps are blank (the last feature map is 1x1"
+    assert sum(message in w for w in result.warnings) == 1
+    assert message in result.report.read_text() and message in (result.out / "warnings.txt").read_text()
+
+
+def test_a_new_head_with_zero_evaluation_steps_is_refused(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """A 3-way model evaluated with 0 steps, given 2 diagnoses: its new zero head would score both alike for every case."""
+    torch.manual_seed(0)
+    module = module_for(n_way=3, image_size=16, hidden_channels=4, inner_steps=1, eval_inner_steps=0, pixel_baseline=False)
+    data = EpisodicDataModule(str(tiny_dicom_root), n_way=3, k_shot=1, q_query=1, meta_batch_size=1, image_size=16,
+                              val_episodes=1, test_episodes=1, split_ratios=(0.5, 0.25, 0.25))  # fmt: skip
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, inference_mode=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2, per_class=2)
+    with pytest.raises(DataError, match=r"2 diagnoses need a new head.*0 steps.*give --steps"):
+        diagnose(tmp_path / "model.ckpt", support, [queries], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    three_support, three_queries = _cases(tiny_dicom_root, tmp_path / "three", 3, per_class=2)
+    diagnose(tmp_path / "model.ckpt", three_support, [three_queries], tmp_path / "o3")  # the trained head: 0 steps is fine
+    assert (tmp_path / "o3" / "predictions.csv").is_file()
+
+
+def test_the_normalisation_line_says_one_batch_only_when_queries_are_normalised_together() -> None:
+    """``running`` mode's label says "non-transductive": diagnose must not read it as transductive."""
+    from medmeta.diagnose import _normalisation
+
+    small = {"n_way": 2, "image_size": 16, "hidden_channels": 4}
+    assert "one batch" in _normalisation(module_for(**small))
+    assert "one batch" not in _normalisation(module_for(norm_mode="running", **small))

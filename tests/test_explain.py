@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
+from medmeta.data.loading import transform_images
+from medmeta.data.records import ImageRecord
 from medmeta.explain import grad_cam, image_png, overlay_png
 from medmeta.networks import Conv4
+from tests.data.test_readers import ct_dataset, write
 
 TARGET = "features.14"  # ReLU of Conv4's last block
 
@@ -141,3 +146,110 @@ def test_overlay_png_3d_uses_the_image_plane_size(tmp_path: Path) -> None:
         assert im.size == (32, 32)
     with pytest.raises(ValueError, match="sizes differ"):
         overlay_png(volume, torch.rand(1, 8, 8), tmp_path / "bad.png")
+
+
+# Figures are laid out as a viewer shows the image. Inputs are built as files and read with medmeta's own
+# readers and load transforms, whose tensors are [C, x=column, y=row] in 2D and [C, R, A, S] in 3D.
+
+
+def load_files(paths: list[Path], size: int, spatial_dims: int) -> torch.Tensor:
+    """The images at ``paths`` as training and diagnose read them (min-max intensity), ``[n, 1, *spatial]``."""
+    records = [ImageRecord(path=p, label="a", patient=str(i)) for i, p in enumerate(paths)]
+    return transform_images(records, image_size=size, window=None, preset=None, spatial_dims=spatial_dims,
+                            in_channels=1)  # fmt: skip
+
+
+def top_row_picture(n: int = 12) -> np.ndarray:
+    """A viewer's picture ``[rows, cols]`` in 0..255: a bright top row and one grey pixel off the diagonal."""
+    picture = np.zeros((n, n), np.uint8)
+    picture[0] = 255
+    picture[n - 3, 2] = 128
+    return picture
+
+
+def write_picture_as(kind: str, picture: np.ndarray, path: Path) -> Path:
+    """``picture`` as a PNG, or as a single-frame axial CT DICOM whose rows and columns are the picture's."""
+    if kind == "png":
+        Image.fromarray(picture).save(path)
+        return path
+    return write(ct_dataset(picture.astype(np.uint16) * 4, spacing=(1.0, 1.0)), path)
+
+
+def axial_anatomy(n: int = 16) -> np.ndarray:
+    """Viewer slices ``[slice (feet to head), rows, cols]``: a block through every slice, and an L-shaped marker
+    (a long bar along row 1, a short one down column 1) on the middle slice ``n // 2`` only; values 0..1000."""
+    slices = np.zeros((n, n, n), np.float32)
+    slices[:, 6:10, 9:13] = 300.0
+    slices[n // 2, 1, 1:n - 3] = 1000.0
+    slices[n // 2, 1:n // 2, 1] = 1000.0
+    return slices
+
+
+def write_axial_series(slices: np.ndarray, folder: Path) -> Path:
+    """An axial CT series (rows: anterior to posterior, columns: patient's right to left), one file per slice."""
+    for k, viewer in enumerate(slices):
+        write(ct_dataset(viewer.astype(np.uint16), position=(0.0, 0.0, float(k)), spacing=(1.0, 1.0), instance=k + 1),
+              folder / f"IM{k:03d}.dcm")  # fmt: skip
+    return folder
+
+
+def write_ras_nifti(slices: np.ndarray, path: Path) -> Path:
+    """The same anatomy as a NIfTI with RAS voxel axes: voxel (i, j, k) is at (x=i, y=j, z=k) mm, x to the right."""
+    ras = np.ascontiguousarray(slices[:, ::-1, ::-1].transpose(2, 1, 0))  # [i, j, k] = viewer[k, n-1-j, n-1-i]
+    nib.save(nib.Nifti1Image(ras, np.eye(4)), str(path))
+    return path
+
+
+def png_pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image, dtype=np.float64)
+
+
+@pytest.mark.parametrize("kind", ["png", "dcm"])
+def test_image_png_of_a_2d_file_is_the_picture_a_viewer_shows(tmp_path: Path, kind: str) -> None:
+    picture = top_row_picture()
+    image = load_files([write_picture_as(kind, picture, tmp_path / f"bar.{kind}")], 12, 2)[0]
+    shown = png_pixels(image_png(image, tmp_path / "shown.png"))
+    assert (shown[0] == 255).all() and not (shown[1:, 0] == 255).any()  # the bright row on top, not the left column
+    np.testing.assert_allclose(shown, picture, atol=1)
+
+
+@pytest.mark.parametrize("kind", ["series", "nifti"])
+def test_3d_png_is_the_middle_axial_slice_as_a_viewer_shows_it(tmp_path: Path, kind: str) -> None:
+    slices = axial_anatomy()
+    source = write_axial_series(slices, tmp_path / "series") if kind == "series" else (
+        write_ras_nifti(slices, tmp_path / "volume.nii.gz"))  # fmt: skip
+    volume = load_files([source], 16, 3)[0]
+    viewer = slices[8] / 1000.0
+    np.testing.assert_allclose(png_pixels(image_png(volume, tmp_path / "image.png")) / 255, viewer, atol=0.003)
+    marker = torch.as_tensor(volume > 0.9).float()  # a map of the volume's layout, bright on the marker only
+    rgb = png_pixels(overlay_png(volume, marker, tmp_path / "overlay.png"))
+    np.testing.assert_array_equal(rgb[..., 0] > rgb[..., 2], viewer > 0.9)  # red heat exactly on the marker
+    np.testing.assert_allclose(rgb[..., 1] / 255, 0.6 * viewer, atol=0.003)  # the grey part: jet has no green at 0, 1
+
+
+def test_grad_cam_overlay_shows_the_heat_where_the_picture_varies(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(4):  # only the viewer's top-right quadrant differs between the images
+        picture = np.zeros((32, 32), np.uint8)
+        picture[2:12, 20:30] = rng.integers(128, 256, (10, 10))
+        paths.append(tmp_path / f"q{i}.png")
+        Image.fromarray(picture).save(paths[-1])
+    images = load_files(paths, 32, 2)
+    cams = grad_cam(_identity_conv4(), images, torch.zeros(4, dtype=torch.long), TARGET)
+    rgb = png_pixels(overlay_png(images[0], cams[0], tmp_path / "overlay.png"))
+    row, col = np.unravel_index(np.argmax(rgb[..., 0] - rgb[..., 2]), rgb.shape[:2])  # the hottest pixel
+    assert row < 16 <= col
+
+
+def test_array_images_are_drawn_as_stored(tmp_path: Path) -> None:
+    picture = top_row_picture()
+    flat = transform_images([ImageRecord(Path("x.npz"), "a", "p", item=0)], image_size=12, window=None, preset=None,
+                            spatial_dims=2, in_channels=1, arrays=picture[None])[0]  # fmt: skip
+    np.testing.assert_allclose(png_pixels(image_png(flat, tmp_path / "a.png", from_array=True)), picture, atol=1)
+    cube = np.zeros((16, 16, 16), np.float32)  # MedMNIST 3D: (D, H, W)
+    cube[8] = top_row_picture(16)
+    volume = transform_images([ImageRecord(Path("x.npz"), "a", "p", item=0)], image_size=16, window=None, preset=None,
+                              spatial_dims=3, in_channels=1, arrays=cube[None])[0]  # fmt: skip
+    np.testing.assert_allclose(png_pixels(image_png(volume, tmp_path / "v.png", from_array=True)), cube[8], atol=1)

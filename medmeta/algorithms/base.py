@@ -67,11 +67,14 @@ class MetaLearner(nn.Module, metaclass=abc.ABCMeta):
         settings_added: settings added after checkpoints of the learner were first written, each
             with the value that reproduces such a checkpoint (its behaviour before the setting
             existed); a checkpoint that lacks one gets this value on loading, not today's default.
+        adapts_in_steps: whether the ``steps`` of the adaptation methods mean anything to it (False:
+            prototypes, a probe fitted to convergence, a memory), so ``diagnose --steps`` is refused.
     """
 
     name: ClassVar[str] = ""
     transductive_batches: ClassVar[str] = "each adaptation/query batch"
     settings_added: ClassVar[Mapping[str, Any]] = {}
+    adapts_in_steps: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, n_way: int | None = None) -> None:
         super().__init__()
@@ -134,7 +137,8 @@ class MetaLearner(nn.Module, metaclass=abc.ABCMeta):
     def predictor(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> Predictor | None:
         """The model adapted to one task's support set (no task dimension) as a :class:`Predictor`.
 
-        ``None`` (the default): ``diagnose`` cannot explain this learner. Its logits must equal
+        ``None`` (the default): ``diagnose`` predicts and explains with :meth:`adapted_network` instead; a
+        learner offering neither is refused. Its logits must equal
         :meth:`adapt_and_predict` on the same support set and query batch.
         """
         return None

@@ -50,7 +50,8 @@ class FineTune(MetaLearner):
             sizes: better for ``feature_levels="all"``, whose levels are each L2-normalised).
             Checkpoints written before this setting existed used Adam, and still do.
         finetune_scope: ``"head"`` (linear probe on frozen features) or ``"last_block"`` (the
-            new head and the backbone's last block, ``model.last_block_prefixes()``).
+            new head and the backbone's last block, ``model.last_block_prefixes()``: prefixes of
+            parameter names under ``features.``, checked to name some when the learner is built).
         support_augment: also fit on each support image flipped along every spatial axis and every
             pair of axes (4x the support set in 2D), with the image's label.
         query_augment: predict each query image as the average of the class probabilities of its
@@ -80,6 +81,8 @@ class FineTune(MetaLearner):
             raise ValueError(f"finetune_optimizer must be 'sgd' or 'adam', got {finetune_optimizer!r}")
         if finetune_scope == "last_block" and not hasattr(model, "last_block_prefixes"):
             raise ValueError(f"finetune_scope='last_block' needs a backbone with `last_block_prefixes`; got {type(model).__name__}")
+        if isinstance(finetune_steps, bool) or finetune_steps < 1:
+            raise ValueError(f"finetune_steps must be at least 1 (the new head starts at zero), got {finetune_steps!r}")
         if not (0.0 <= query_entropy_weight < float("inf")):
             raise ValueError(f"query_entropy_weight must be 0 or positive and finite, got {query_entropy_weight!r}")
         check_levels(model, feature_levels)
@@ -89,6 +92,7 @@ class FineTune(MetaLearner):
         self.pretrain_head = nn.Linear(model.feature_dim, pretrain_classes)
         self.finetune_steps, self.finetune_lr, self.finetune_scope = finetune_steps, finetune_lr, finetune_scope
         self.finetune_optimizer = finetune_optimizer
+        self._tuned_names = last_block_names(model) if finetune_scope == "last_block" else ()
 
     def meta_loss(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
         """Pre-training on the batch's images by their meta-train class ids (``support_class``, ``query_class``)."""
@@ -202,12 +206,11 @@ class FineTune(MetaLearner):
 
         ``query_x`` is read only with ``query_entropy_weight > 0`` (the transductive loss).
         """
-        prefixes = self.model.last_block_prefixes() if self.finetune_scope == "last_block" else ()
-        tuned = {
-            name.removeprefix("features."): p.detach().clone().requires_grad_(True)
-            for name, p in self.model.named_parameters()
-            if name.startswith(prefixes)
-        } if prefixes else {}  # fmt: skip
+        if isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be at least 1 (the new head starts at zero: every class would score alike), "
+                             f"got {steps!r}")  # fmt: skip
+        own = dict(self.model.features.named_parameters())
+        tuned = {name: own[name].detach().clone().requires_grad_(True) for name in self._tuned_names}
 
         def features(x: Tensor) -> Tensor:
             return self._embed(x, tuned)
@@ -236,3 +239,17 @@ class FineTune(MetaLearner):
                 optimiser.step()
         return head, {name: p.detach() for name, p in tuned.items()}
 
+
+def last_block_names(model: nn.Module) -> tuple[str, ...]:
+    """The names within ``model.features`` of the parameters ``model.last_block_prefixes()`` names (``finetune_scope:
+    last_block``); ``ValueError`` when a prefix lies outside ``features.`` or none names a parameter."""
+    prefixes = tuple(model.last_block_prefixes())
+    inner = tuple(prefix.removeprefix("features.") for prefix in prefixes if prefix.startswith("features."))
+    names = tuple(name for name, _ in model.features.named_parameters() if name.startswith(inner)) if inner else ()
+    if len(inner) != len(prefixes) or not names:
+        raise ValueError(
+            f"finetune_scope='last_block': {type(model).__name__}.last_block_prefixes() = {prefixes!r} must name "
+            "parameters of `features` by their names in the model (e.g. 'features.3.'); "
+            + ("it names none" if len(inner) == len(prefixes) else "a prefix lies outside `features.`")
+        )
+    return names

@@ -35,6 +35,8 @@ class LogisticRegressionProbe(FineTune):
             ``feature_levels``, as in :class:`FineTune`; its other adaptation settings are refused.
     """
 
+    adapts_in_steps = False  # its adaptation takes no step count: diagnose refuses --steps
+
     name = "logreg"
 
     def __init__(self, model: nn.Module, n_way: int | None = None, *, penalty_c: float = 1.0, max_iterations: int = 200,
@@ -80,10 +82,15 @@ class LogisticRegressionProbe(FineTune):
             return self._predict(logits, query_x)
 
     def adapted_network(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> nn.Module:
-        """The frozen backbone (batch norm fixed as in :class:`FineTune`) and the fitted probe on L2-normalised features."""
+        """The frozen backbone (batch norm fixed as in :class:`FineTune`) and the fitted probe on normalised features.
+
+        Batch norm without running statistics is fixed to the statistics of the images the probe was
+        fitted on: the support set, with its flips under ``support_augment``.
+        """
         del steps
         weight, bias = self._fit_probe(support_x, support_y)
-        return self._export(support_x, {}, weight.T.float(), bias.float(), normalize=True)
+        fitted_on = flipped(support_x, support_y)[0] if self.support_augment else support_x
+        return self._export(fitted_on, {}, weight.T.float(), bias.float(), normalize=True)
 
     def _fit_probe(self, support_x: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
         """The probe's weights ``[D, N]`` and bias ``[N]`` (float64) on one support set's normalised features."""

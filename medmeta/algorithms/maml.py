@@ -81,7 +81,8 @@ class MAML(MetaLearner):
             Kao et al., ICLR 2022), in meta-training and at evaluation: the first inner step then
             fits the head alone, along the support set's class means, and the body adapts from
             the second step on. The meta-learned ``model.head`` is never used (only its shape);
-            the backbone needs a linear ``head``.
+            the backbone needs a linear ``head``, and ``inner_steps`` and ``eval_inner_steps`` must
+            be at least 1 (without a step the zero head scores every class alike).
 
     The loss is ``self.loss_fn`` (cross-entropy; assign another function of (logits, targets) to change it).
     """
@@ -112,6 +113,12 @@ class MAML(MetaLearner):
             raise ValueError(f"task_reduction must be 'mean' or 'sum', got {task_reduction!r}")
         if zero_head and not isinstance(getattr(model, "head", None), nn.Linear):
             raise ValueError(f"zero_head needs a backbone with a linear `head`; {type(model).__name__} has none")
+        if zero_head and (inner_steps < 1 or (eval_inner_steps is not None and eval_inner_steps < 1)):
+            raise ValueError(
+                f"zero_head starts every task from a zero head: inner_steps and eval_inner_steps must be at least 1 "
+                f"(without a step every class scores alike), got {inner_steps} and "
+                f"{inner_steps if eval_inner_steps is None else eval_inner_steps}"
+            )
         super().__init__(model, n_way)
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
@@ -347,7 +354,7 @@ class MAML(MetaLearner):
         ``at_steps`` (ascending, ending at ``steps``) predicts the queries after those steps only:
         ``[len(at_steps), T, N*Q, N]``; the inner loop is the same.
         """
-        steps = self.eval_inner_steps if steps is None else steps
+        steps = self._evaluation_steps(steps)
         wanted = list(range(steps + 1)) if at_steps is None else [int(k) for k in at_steps]
         if not wanted or wanted[-1] != steps or any(b <= a for a, b in itertools.pairwise(wanted)) or wanted[0] < 0:
             raise ValueError(f"at_steps must ascend from >= 0 and end at the {steps} adaptation steps, got {wanted}")
@@ -364,6 +371,13 @@ class MAML(MetaLearner):
     def adaptation_steps(self) -> int:
         return self.eval_inner_steps
 
+    def _evaluation_steps(self, steps: int | None) -> int:
+        """``steps``, or ``eval_inner_steps`` for ``None``; below 1 refused with ``zero_head`` (every class scores alike)."""
+        steps = self.eval_inner_steps if steps is None else steps
+        if self.zero_head and steps < 1:
+            raise ValueError(f"zero_head starts every task from a zero head: adapt with at least 1 step, got {steps}")
+        return steps
+
     def _evaluation_support(self, support_x: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
         """The support set adapted on at evaluation: with its flips under ``support_augment``."""
         return flipped(support_x, support_y) if self.support_augment else (support_x, support_y)
@@ -376,7 +390,7 @@ class MAML(MetaLearner):
 
     def predictor(self, support_x: Tensor, support_y: Tensor, *, steps: int | None = None) -> Predictor:
         """The query forward with the weights adapted to this support set (``eval_inner_steps`` by default)."""
-        steps = self.eval_inner_steps if steps is None else steps
+        steps = self._evaluation_steps(steps)
         adapted = self._adapted_weights(support_x, support_y, steps)
         calls = flip_view_count(support_x.dim() - 2) if self.query_augment else 1
         return Predictor(lambda x: self._predict_queries(adapted, x, steps), backbone_calls=calls)
@@ -387,7 +401,7 @@ class MAML(MetaLearner):
         Batch-norm statistics: the running-statistic slot of step ``steps`` with ``norm_mode:
         running`` (as :meth:`_query_forward`), otherwise the support set's at the adapted weights.
         """
-        steps = self.eval_inner_steps if steps is None else steps
+        steps = self._evaluation_steps(steps)
         adapted = self._adapted_weights(support_x, support_y, steps)
         running = steps if uses_running_statistics(self.model) else None
         fitted_on = self._evaluation_support(support_x, support_y)[0]

@@ -65,6 +65,8 @@ class MANN(MetaLearner):
         label_timing: ``"current"`` or ``"previous"``: when a support label is fed (see above).
     """
 
+    adapts_in_steps = False  # its adaptation takes no step count: diagnose refuses --steps
+
     name = "mann"
     transductive_batches = "each task's support and query images together"
 

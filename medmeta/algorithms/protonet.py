@@ -48,6 +48,8 @@ class ProtoNet(MetaLearner):
             the support images and their flips along every spatial axis and pair of axes; training is unchanged.
     """
 
+    adapts_in_steps = False  # its adaptation takes no step count: diagnose refuses --steps
+
     name = "protonet"
     transductive_batches = "each task's support and query images together"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medmeta.data.formats import DICOM_SUFFIXES, format_of
 from medmeta.data.manifest import manifest_rows
-from medmeta.data.records import file_key, image_files
+from medmeta.data.records import IN_SERIES_DETAIL, file_key, image_files, images_in_series
 from medmeta.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,9 @@ def find_cases(inputs: Sequence[Path], spatial_dims: int) -> list[Case]:
 
     A folder is searched recursively, folder links followed as in training discovery (each folder
     once, loops not descended), for files of a known image format (others and hidden files are
-    ignored); in 3D a folder holding two or more DICOM files is one series, one case. A ``.csv``
-    input is a manifest. A file is a case named by its file name.
+    ignored); in 3D a folder holding two or more DICOM files is one series, one case, and another image file
+    in it (a NIfTI, a PNG) is left out with a warning. A ``.csv`` input is a manifest. A file is a case named
+    by its file name.
     """
     cases: list[Case] = []
     seen: set[tuple[int, int] | Path] = set()
@@ -82,6 +83,8 @@ def _folder_cases(root: Path, spatial_dims: int) -> list[Case]:
             if path.name.lower().endswith(DICOM_SUFFIXES):
                 dicom_counts[path.parent] = dicom_counts.get(path.parent, 0) + 1
         series = {folder for folder, n in dicom_counts.items() if n > 1}
+        for path in images_in_series(files, series):
+            logger.warning("left out %s: %s", path, IN_SERIES_DETAIL)
     paths = sorted(series | {p for p in files if p.parent not in series})
     return [Case(root.name if p == root else p.relative_to(root).as_posix(), p) for p in paths]
 

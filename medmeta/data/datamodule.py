@@ -107,6 +107,10 @@ class EpisodicDataModule(L.LightningDataModule):
         skip_undecodable: bool = False,
     ) -> None:
         super().__init__()
+        three_d_only = [name for name, value in (("spacing", spacing), ("roi_size", roi_size)) if value is not None]
+        if spatial_dims == 2 and three_d_only:
+            raise ValueError(f"data.{three_d_only[0]} is a 3D setting, ignored by 2D images: set "
+                             f"{' and '.join(f'data.{n}' for n in three_d_only)} to null with spatial_dims 2")
         self.save_hyperparameters()  # kept in checkpoints: `medmeta diagnose` reads the image settings from there
         self.root = Path(root).expanduser() if root is not None else None
         self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query

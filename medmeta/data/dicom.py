@@ -29,7 +29,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.misc import is_dicom
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
+from pydicom.tag import Tag
 
 from medmeta.data.format_spec import ImageFormat
 
@@ -39,6 +41,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PIP_NAMES = {"gdcm": "python-gdcm"}  # pydicom names the import, pip wants the distribution
+_TIME_TAGS = (Tag(0x0018, 0x1063), Tag(0x0018, 0x1065))  # FrameTime, FrameTimeVector: frames follow time
 
 
 class DicomReadError(ValueError):
@@ -47,7 +50,8 @@ class DicomReadError(ValueError):
     Attributes:
         path: the file or series folder.
         detail: one short line without the path and without any tag value.
-        reason: ``"unreadable"``, ``"not-image"``, ``"truncated"`` or ``"inconsistent-series"``.
+        reason: ``"unreadable"``, ``"not-image"``, ``"truncated"``, ``"inconsistent-series"`` or
+            ``"wrong-dims"`` (a cine multi-frame: its frames are time, not slices).
     """
 
     reason = "unreadable"
@@ -145,7 +149,10 @@ def load_dicom(path: str | Path) -> DicomImage:
         return DicomImage(array, in_plane, origin, row_cos, col_cos)
     normal = np.cross(row_cos, col_cos)
     positions = _frame_positions(ds, path, n_frames)
-    if positions is None:  # no per-frame positions: frames are taken to follow the slice normal
+    if positions is None:  # no per-frame positions: frames are taken to follow the slice normal, unless they are time
+        if _frames_are_time(ds):
+            raise DicomReadError(path, f"a multi-frame file whose {n_frames} frames are a time series (cine), not "
+                                       "slices: neither a 2D image nor a 3D volume", reason="wrong-dims")
         gap = _frame_gap(ds)
         return DicomImage(array, (gap, *in_plane), origin, row_cos, col_cos, normal * gap)
     order = np.argsort(positions @ normal, kind="stable")  # like a series: along the normal, not storage order
@@ -340,6 +347,15 @@ def _frame_positions(ds: Dataset, path: Path, n_frames: int) -> np.ndarray | Non
     return np.asarray(found, dtype=float)
 
 
+def _frames_are_time(ds: Dataset) -> bool:
+    """Whether a multi-frame file's FrameIncrementPointer names FrameTime or FrameTimeVector (a cine loop)."""
+    pointer = ds.get("FrameIncrementPointer")
+    if pointer is None:
+        return False
+    tags = pointer if isinstance(pointer, (list, tuple, MultiValue)) else [pointer]
+    return any(tag in _TIME_TAGS for tag in tags)
+
+
 def _frame_gap(ds: Dataset) -> float:
     """Distance between frames of a multi-frame file (mm), 1.0 when the file does not say."""
     sources = [ds, _functional_item(ds, "PixelMeasuresSequence") or Dataset()]
@@ -495,8 +511,8 @@ class MedmetaDicomReader(ImageReader):
         lps = np.eye(4)
         lps[:3, 0] = image.row_cosine * image.spacing[-1]  # axis 0: column index
         lps[:3, 1] = image.col_cosine * image.spacing[-2]  # axis 1: row index
-        if image.slice_step is not None:
-            lps[:3, 2] = image.slice_step
+        # the slice axis: between slices, else the slice normal (a single slice's affine stays invertible)
+        lps[:3, 2] = image.slice_step if image.slice_step is not None else np.cross(image.row_cosine, image.col_cosine)
         lps[:3, 3] = image.origin
         affine = orientation_ras_lps(lps)
         shape = tuple(int(s) for s in array.shape[:n_spatial])

@@ -20,8 +20,9 @@ from medmeta.data.cache_folder import default_cache_dir
 from medmeta.data.records import ImageRecord
 
 # Bumped whenever reading or transforming changes pixel values (2: pictures converted through their PIL mode, grey
-# as ITU-R 601 luma), so a memory-mapped image cache written by an older medmeta is never reused.
-IMAGE_CACHE_VERSION = 2
+# as ITU-R 601 luma; 3: 2D NIfTI slices oriented as DICOM shows them), so a memory-mapped image cache written by
+# an older medmeta is never reused.
+IMAGE_CACHE_VERSION = 3
 
 
 def cache_key(records: Sequence[ImageRecord], settings: Mapping[str, object]) -> str:

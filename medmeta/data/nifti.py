@@ -18,7 +18,9 @@ _NIFTI_HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}
 def check_nifti(path: Path) -> tuple[np.ndarray, int, int]:
     """Decompress and parse a NIfTI-1/2 image, then read every voxel (nibabel alone is lazy).
 
-    An ``X x Y x 1`` (``x 1 ...``) image counts as 2D.
+    An ``X x Y x 1`` (``x 1 ...``) image counts as 2D, and so does one slice whose singleton axis is not the
+    last (``1 x Y x Z``, ``X x 1 x Z``: a sagittal or coronal slice, numpy's channel-first habit): it is one
+    plane, never a volume. The load transforms drop that axis too (``transforms.NiftiDisplayPlaned``).
     """
     raw = path.read_bytes()
     if path.name.lower().endswith(".gz"):
@@ -49,6 +51,8 @@ def check_nifti(path: Path) -> tuple[np.ndarray, int, int]:
     shape = list(data.shape)
     while len(shape) > 2 and shape[-1] == 1:  # X x Y x 1 (x 1 ...) is a 2D image
         shape.pop()
+    if len(shape) == 3 and 1 in shape:  # 1 x Y x Z or X x 1 x Z: one slice, whichever axis is 1
+        shape.remove(1)
     return data.reshape(shape), len(shape), shape[2] if len(shape) == 3 else 1
 
 

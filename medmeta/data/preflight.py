@@ -24,8 +24,10 @@ Reason codes (``FileProblem.code``) and what they come from:
     PNG under a CT window, all clipped to white. Checked only when ``check_image`` is given the
     intensity setting (``medmeta data check`` and ``fit``/``test`` setup always give it).
 ``wrong-dims``
-    a volume with more than one slice checked as 2D, or a 2D image checked as 3D. A NIfTI of
-    shape ``X x Y x 1`` counts as 2D; an RGB image is 2D with channels.
+    a volume with more than one slice checked as 2D, or a 2D image (a single slice) checked as 3D;
+    data with more than three spatial axes, or a DICOM multi-frame whose frames are a time series
+    (cine), in either. A NIfTI of shape ``X x Y x 1`` counts as 2D, and so does one slice stored
+    ``1 x Y x Z`` or ``X x 1 x Z``; an RGB image is 2D with channels.
 ``inconsistent-series``
     a DICOM series folder with no valid slice, mixed series/size/orientation/spacing, duplicated
     positions or a missing slice.
@@ -150,7 +152,8 @@ def _check_pixels(array: np.ndarray, n_spatial: int, slices: int, spatial_dims: 
     if spatial_dims == 2 and slices > 1:
         raise ReadProblem("wrong-dims", f"a 3D volume with {slices} slices, but 2D images are configured")
     if spatial_dims == 3 and slices < 2:
-        raise ReadProblem("wrong-dims", f"a 2D image (shape {tuple(array.shape)}), but 3D volumes are configured")
+        raise ReadProblem("wrong-dims", f"a 2D image, a single slice (shape {tuple(array.shape)}), but 3D volumes "
+                                        "are configured")
     problem = pixel_value_problem(array)
     if problem is not None:
         raise ReadProblem(*problem)

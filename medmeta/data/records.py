@@ -36,7 +36,8 @@ from medmeta.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-DISCOVERY_CODES = ("duplicate", "symlink-loop")  # reason codes of discovery, besides the preflight's
+DISCOVERY_CODES = ("duplicate", "symlink-loop", "in-series")  # reason codes of discovery, besides the preflight's
+IN_SERIES_DETAIL = "an image file inside a DICOM series folder, which 3D reads as one series; move it out to use it"
 _SALT = secrets.token_bytes(16)
 
 
@@ -144,6 +145,11 @@ def _series_folders(files: list[Path]) -> set[Path]:
         if path.name.lower().endswith(DICOM_SUFFIXES):
             counts[path.parent] = counts.get(path.parent, 0) + 1
     return {folder for folder, n in counts.items() if n > 1}
+
+
+def images_in_series(files: list[Path], series: set[Path]) -> list[Path]:
+    """The image files (NIfTI, PNG, ...: not DICOM) right inside a series folder: 3D uses the folder, not them."""
+    return [p for p in files if p.parent in series and _is_image(p) and not p.name.lower().endswith(DICOM_SUFFIXES)]
 
 
 def _at_or_above(folder: Path, other: Path) -> bool:
@@ -261,7 +267,8 @@ def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[I
     Returns:
         The records and the files skipped with a reason code (``not-image``, ``empty``,
         ``truncated``, ``unreadable``, ``duplicate``: a second path to a file or folder already
-        used; ``symlink-loop``: a folder linking to itself, a folder above it or the data folder).
+        used; ``symlink-loop``: a folder linking to itself, a folder above it or the data folder;
+        ``in-series``, 3D only: a NIfTI, PNG or JPEG file inside a DICOM series folder).
         Pixel data is not read here: that is the preflight's job.
 
     Raises:
@@ -280,6 +287,9 @@ def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[I
             continue
         series = _series_folders(files) if spatial_dims == 3 else set()
         candidates = sorted(series | {p for p in files if p.parent not in series})
+        for path in images_in_series(files, series):
+            logger.info("skipping %s: in-series (%s)", path, IN_SERIES_DETAIL)
+            skipped.append(SkippedFile(path, "in-series", IN_SERIES_DETAIL))
         for path in candidates:
             if path.is_dir():  # the patient of the first readable slice; the preflight judges the series
                 records.append(ImageRecord(path, class_dir.name, _series_patient(path, class_dir)))

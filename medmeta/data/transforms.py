@@ -5,23 +5,58 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
+    Orientation,
     Orientationd,
     Resized,
     ResizeWithPadOrCropd,
     Spacingd,
 )
 
-from medmeta.data.formats import monai_readers
+from medmeta.data.formats import NIFTI, monai_readers
 from medmeta.data.presets import DEFAULT_WINDOW, intensity_transform
 
 KEY = "image"
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, PIL's RGB -> L: L = 0.299 R + 0.587 G + 0.114 B
+DISPLAY_AXCODES = "LPI"  # a 2D NIfTI slice as a viewer shows it: x towards the patient's left, y posterior/inferior
+_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+class NiftiDisplayPlaned(MapTransform):
+    """2D: a NIfTI slice oriented as DICOM and viewers show it, then its singleton axis dropped.
+
+    DICOM and PNG load as they show, ``[column, row]``; a NIfTI slice stores its voxels in any order
+    (RAS for dcm2niix output), so it is reoriented by its affine to ``DISPLAY_AXCODES`` (``L``, ``P``,
+    ``I``: the radiological display of an axial, coronal or sagittal slice, which DICOM's row and column
+    axes give) and the axis of extent 1 is dropped, wherever it is stored (``X×Y×1``, ``1×Y×Z``,
+    ``X×1×Z``). Other files pass unchanged.
+    """
+
+    def __init__(self, keys: str) -> None:
+        super().__init__(keys)
+        self.orient = Orientation(axcodes=DISPLAY_AXCODES, labels=_LABELS)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            image = out[key]
+            if not (isinstance(image, MetaTensor) and NIFTI.matches(str(image.meta.get("filename_or_obj", "")))):
+                continue
+            while image.dim() > 4 and image.shape[-1] == 1:  # X×Y×1×1: the trailing axes beyond three
+                image = image[..., 0]
+            if image.dim() == 3:  # stored X×Y: one slice
+                image = image[..., None]
+            if image.dim() == 4 and 1 in image.shape[1:]:  # a volume is left to preflight's wrong-dims
+                image = self.orient(image)
+                image = image.squeeze(max(axis for axis in (1, 2, 3) if image.shape[axis] == 1))
+            out[key] = image
+        return out
 
 
 class ConformImaged(MapTransform):
@@ -78,7 +113,8 @@ def load_transforms(
     with a pydicom reader that keeps geometry only (no patient tags), NIfTI with MONAI's nibabel
     reader, PNG/JPEG with MONAI's PIL reader converting each image through its mode
     (``pictures.convert_picture``, as preflight does); ``EnsureTyped(track_meta=False)`` drops
-    whatever metadata remains, so cached tensors carry no header value at all.
+    whatever metadata remains, so cached tensors carry no header value at all. In 2D a NIfTI slice
+    is oriented as DICOM shows it (:class:`NiftiDisplayPlaned`); in 3D every file is oriented to RAS.
 
     Args:
         image_size: side length after resizing.
@@ -100,10 +136,12 @@ def load_transforms(
         for reader in monai_readers():  # ... the format table's first: DICOM, PNG/JPEG converted through their mode
             load.register(reader)
         steps += [load, EnsureChannelFirstd(KEY)]
+        if spatial_dims == 2:
+            steps.append(NiftiDisplayPlaned(KEY))
     steps.append(ConformImaged(KEY, in_channels=in_channels, spatial_dims=spatial_dims))
     if spatial_dims == 3:
         if not from_array:
-            steps.append(Orientationd(KEY, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+            steps.append(Orientationd(KEY, axcodes="RAS", labels=_LABELS))
         if spacing is not None:
             steps.append(Spacingd(KEY, pixdim=tuple(spacing), mode="bilinear"))
         if roi_size is not None:

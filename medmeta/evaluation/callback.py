@@ -107,7 +107,8 @@ class EvaluationReport(L.Callback):
             if datamodule is not None:
                 datamodule.freeze_test_episodes(out_dir / "test_episodes.json")
             write_per_episode_csv(out_dir / "per_episode.csv", results.episode_ids, per_episode, episode_classes)
-            paths = write_figures(out_dir, results, episode_classes, float(summary["ece"]))
+            from_array = datamodule is not None and datamodule.inventory is not None and datamodule.inventory.arrays is not None
+            paths = write_figures(out_dir, results, episode_classes, float(summary["ece"]), from_array=from_array)
             log_images(trainer.loggers, paths, trainer.global_step)
             summary["figures"] = [path.name for path in paths]
             metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -148,8 +149,13 @@ def run_settings(trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path
     return settings
 
 
-def write_figures(out_dir: Path, results: Any, episode_classes: list[tuple[str, ...]], ece: float) -> list[Path]:
-    """The evaluation PNGs in ``out_dir``: confusion matrix, reliability diagram, adaptation curve, episode grid."""
+def write_figures(
+    out_dir: Path, results: Any, episode_classes: list[tuple[str, ...]], ece: float, *, from_array: bool = False
+) -> list[Path]:
+    """The evaluation PNGs in ``out_dir``: confusion matrix, reliability diagram, adaptation curve, episode grid.
+
+    ``from_array``: the images came from arrays (MedMNIST ``.npz``), stored row-major, not from files.
+    """
     names, counts = confusion_over_classes(results.probs, results.labels, episode_classes)
     paths = [
         figures.plot_confusion_matrix(names, counts, out_dir / "confusion_matrix.png"),
@@ -161,7 +167,7 @@ def write_figures(out_dir: Path, results: Any, episode_classes: list[tuple[str, 
         example = results.example
         paths.append(figures.plot_episode_grid(
             example["support_x"], example["support_y"], example["query_x"], example["query_y"], example["predicted"],
-            episode_classes[0], out_dir / "episode_grid.png",
+            episode_classes[0], out_dir / "episode_grid.png", from_array=from_array,
         ))  # fmt: skip
     return paths
 

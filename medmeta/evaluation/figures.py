@@ -12,6 +12,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from medmeta.display import display_plane
 from medmeta.evaluation.metrics import mean_and_ci95
 
 CORRECT_COLOUR = "tab:green"
@@ -113,14 +114,14 @@ def plot_adaptation_curve(step_accuracy: Tensor, path: Path, steps: Sequence[int
     return _save(figure, path)
 
 
-def _display_slices(images: Tensor) -> np.ndarray:
-    """Channel 0 of ``[n, C, H, W]`` images, or its middle slice along D for ``[n, C, D, H, W]``, as ``[n, H, W]``."""
+def _display_slices(images: Tensor, from_array: bool = False) -> np.ndarray:
+    """Channel 0 of the plane a viewer shows (:func:`~medmeta.display.display_plane`) of each of ``[n, C, H, W]`` or
+    ``[n, C, D, H, W]`` images, as ``[n, rows, columns]``."""
     images = torch.as_tensor(images).detach().cpu().float()
-    if images.ndim == 4:
-        return images[:, 0].numpy()
-    if images.ndim == 5:
-        return images[:, 0, images.shape[2] // 2].numpy()
-    raise ValueError(f"images must be [n, C, H, W] or [n, C, D, H, W], got {tuple(images.shape)}")
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images must be [n, C, H, W] or [n, C, D, H, W], got {tuple(images.shape)}")
+    planes = [display_plane(image, from_array=from_array)[0] for image in images]
+    return torch.stack(planes).numpy() if planes else np.zeros((0, 1, 1), np.float32)
 
 
 def _query_title(true: str, predicted: str, width: int = 26) -> str:
@@ -138,16 +139,20 @@ def plot_episode_grid(
     class_names: tuple[str, ...],
     path: Path,
     max_query: int = 10,
+    *,
+    from_array: bool = False,
 ) -> Path:
     """One episode: support images (grouped by class, titled with it) above up to ``max_query`` query images titled
-    ``true: X / pred: Y`` in green when correct and red when wrong. Images are already windowed to [0, 1]; 3D
-    volumes show their middle slice. Returns ``path``."""
-    support = _display_slices(support_x)
+    ``true: X / pred: Y`` in green when correct and red when wrong. Images are already windowed to [0, 1] and are
+    drawn as a viewer shows them (:func:`~medmeta.display.display_plane`: 3D volumes their middle axial slice,
+    anterior up, the patient's left on the right); ``from_array``: they came from an array source (MedMNIST),
+    not from files. Returns ``path``."""
+    support = _display_slices(support_x, from_array)
     support_y = torch.as_tensor(support_y).detach().cpu().long()
     order = torch.argsort(support_y, stable=True)
     support, support_y = support[order.numpy()], support_y[order]
     shown = min(max_query, int(query_x.shape[0]))
-    query = _display_slices(query_x[:shown])
+    query = _display_slices(query_x[:shown], from_array)
     query_y = torch.as_tensor(query_y).detach().cpu().long()[:shown]
     predicted = torch.as_tensor(predicted).detach().cpu().long()[:shown]
 

@@ -368,15 +368,37 @@ def norm_kinds(model: nn.Module) -> str:
 
 
 def describe_normalisation(model: nn.Module, norm_mode: str, transductive_batches: str) -> str:
-    """How query images are normalised, for reports (``metrics.json``, ``diagnose``).
+    """How query images are normalised at evaluation (in eval mode), for reports (``metrics.json``, ``diagnose``).
 
-    ``transductive_batches`` is what the learner's batch statistics are computed over.
+    ``transductive_batches`` is what the learner's batch statistics are computed over. A torch batch-norm
+    layer of a user's backbone normalises in eval mode with its running statistics when it holds them
+    (``track_running_stats=True``, torch's default), support and query images alike, and with batch
+    statistics (transductive) otherwise. A model mixing kinds gets each named, the transductive one
+    first: the label starts with "transductive" exactly when a query depends on the other queries.
     """
-    if not any(isinstance(m, (EpisodeBatchNorm, nn.modules.batchnorm._BatchNorm)) for m in model.modules()):
+    episode = any(isinstance(m, EpisodeBatchNorm) for m in model.modules())
+    torch_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not episode and not torch_layers:
         return f"{norm_kinds(model)} (per-sample or per-group statistics, non-transductive)"
-    if norm_mode == "running":
-        return (
-            "running (per-inner-step running batch-norm statistics from meta-training for query "
-            "images; support images use their own batch statistics; non-transductive)"
-        )
-    return f"transductive (batch statistics of {transductive_batches})"
+    own_running = sum(m.running_mean is not None for m in torch_layers)  # what torch's eval mode normalises with
+    transductive = []  # the layers normalising with batch statistics
+    if episode and norm_mode != "running":
+        transductive.append("medmeta's batch-norm layers")
+    if own_running < len(torch_layers):
+        transductive.append("torch batch-norm layers without running statistics")
+    kinds = []  # (how, which layers: named when the model mixes kinds)
+    if transductive:
+        kinds.append((f"transductive (batch statistics of {transductive_batches})", " and ".join(transductive)))
+    if episode and norm_mode == "running":
+        kinds.append((
+            "running (per-inner-step running batch-norm statistics from meta-training for query images; support "
+            "images use their own batch statistics; non-transductive)", "medmeta's batch-norm layers",
+        ))  # fmt: skip
+    if own_running:
+        kinds.append((
+            "running (the running statistics of the backbone's own torch batch-norm layers, in eval mode, for "
+            "support and query images alike; each query is normalised from itself alone)", "",
+        ))  # fmt: skip
+    if len(kinds) == 1:
+        return kinds[0][0]
+    return "; ".join(f"{how} in {layers}" if layers else how for how, layers in kinds)

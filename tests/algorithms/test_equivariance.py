@@ -105,10 +105,11 @@ def test_finetune_last_block_adapts_a_copy_of_the_last_block_only() -> None:
         probe = head_only.adapt_and_predict(sx, sy, qx)
     assert all(torch.equal(state[k], v) for k, v in algo.state_dict().items())  # the model is untouched
     assert not torch.allclose(tuned, probe)  # the last block did change for the task
-    # Freezing everything but the head makes the last-block scope a linear probe again.
-    algo.model.last_block_prefixes = lambda: ("no-such-parameter.",)  # type: ignore[method-assign]
-    with torch.no_grad():
-        torch.testing.assert_close(algo.adapt_and_predict(sx, sy, qx), probe)
+    # A last block naming no parameter of `features` is refused when built (it used to fit the head alone).
+    model = Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=12)
+    model.last_block_prefixes = lambda: ("no-such-parameter.",)  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="last_block_prefixes.*must name parameters of `features`"):
+        FineTune(model, pretrain_classes=6, finetune_scope="last_block")
 
 
 def test_finetune_scope_is_checked() -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from medmeta.algorithms import FineTune
 from medmeta.networks import Conv4
@@ -164,3 +167,56 @@ def test_flip_averaged_log_probabilities_stay_finite_when_every_view_is_certain(
     averaged = flip_averaged(lambda x: torch.tensor([[1e4, -1e4]]).expand(x.shape[0], 2), torch.rand(3, 1, 4, 4))
     assert torch.isfinite(averaged).all() and torch.allclose(averaged.softmax(-1), torch.tensor([[1.0, 0.0]]).expand(3, 2))
     assert torch.isfinite(F.cross_entropy(averaged, torch.tensor([1, 1, 1])))
+
+
+class BlockNet(nn.Module):
+    """``features`` holds ``self.block`` too: its parameters are ``features.1.*`` within ``features`` but ``block.*`` in
+    the model's de-duplicated ``named_parameters()``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes, self.feature_dim = prefixes, 4
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU())
+        self.features = nn.Sequential(self.stem, self.block, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def last_block_prefixes(self) -> tuple[str, ...]:
+        return self.prefixes
+
+
+@pytest.mark.parametrize("prefixes", [("features.9.",), ("block.",), ("features.1.", "block.")])
+def test_a_last_block_naming_no_parameter_of_features_is_refused_when_built(prefixes: tuple[str, ...]) -> None:
+    """A typo, or a name outside ``features``, would fit the head only (or fail at the first episode)."""
+    with pytest.raises(ValueError, match=re.escape(f"last_block_prefixes() = {prefixes!r} must name parameters of")):
+        FineTune(BlockNet(prefixes), pretrain_classes=4, finetune_scope="last_block")
+
+
+@pytest.mark.parametrize("model", ["conv4", "block"])
+def test_last_block_tunes_the_block_its_prefixes_name(model: str) -> None:
+    """The block is tuned (predictions differ from head-only), also when the model lists it under another name."""
+    sx, sy, qx, _, _, _ = _episode(tasks=1)
+
+    def predict(scope: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        conv4 = model == "conv4"
+        backbone = Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=8) if conv4 else BlockNet(("features.1.",))
+        algo = FineTune(backbone, pretrain_classes=4, finetune_scope=scope, finetune_steps=10, finetune_lr=0.5)
+        return algo.adapt_and_predict(sx, sy, qx)
+
+    assert (predict("last_block") - predict("head")).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("steps", [0, -3])
+def test_fewer_than_one_step_is_refused_the_zero_head_would_score_every_class_alike(steps: int) -> None:
+    with pytest.raises(ValueError, match=f"finetune_steps must be at least 1.*got {steps}"):
+        _finetune(finetune_steps=steps)
+    algo = _finetune(finetune_steps=2)
+    sx, sy, qx, _, _, _ = _episode(tasks=1)
+    with pytest.raises(ValueError, match=f"steps must be at least 1.*got {steps}"):
+        algo.adapt_and_predict(sx, sy, qx, steps=steps)
+    with pytest.raises(ValueError, match=f"steps must be at least 1.*got {steps}"):
+        algo.adapted_network(sx[0], sy[0], steps=steps)

@@ -80,3 +80,22 @@ def test_gradient_descent_settings_are_refused_not_ignored(setting: dict[str, ob
     with pytest.raises(ValueError, match=f"so {next(iter(setting))} would have no effect"):
         LogisticRegressionProbe(ScaledFlat(), pretrain_classes=4, **setting)
     assert next(iter(setting)) not in LogisticRegressionProbe.settings()  # nor offered by the CLI's learner settings
+
+
+@pytest.mark.parametrize("learner", ["finetune", "logreg"])
+def test_the_export_fixes_batch_norm_on_the_images_the_head_was_fitted_on(learner: str) -> None:
+    """With ``support_augment`` the head is fitted on the support set and its flips: the exported network's batch
+    norm (transductive mode: fixed to the statistics of those images) must see the same features."""
+    from medmeta.algorithms import FineTune
+    from medmeta.flips import flipped
+
+    torch.manual_seed(0)
+    model = Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=8, norm="batch")
+    cls = LogisticRegressionProbe if learner == "logreg" else FineTune
+    algo = cls(model, pretrain_classes=4, support_augment=True, **({} if learner == "logreg" else {"finetune_steps": 3}))
+    g = torch.Generator().manual_seed(4)
+    sx, sy = torch.rand(6, 1, 8, 8, generator=g), torch.arange(3).repeat_interleave(2)
+    fitted_on = flipped(sx, sy)[0]
+    network = algo.adapted_network(sx, sy).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(network.embed(fitted_on), algo._embed(fitted_on, {}), rtol=1e-5, atol=1e-5)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from medmeta.algorithms import ANIL, MAML, ProtoMAML
+from medmeta.algorithms import ANIL, MAML, MetaSGD, ProtoMAML
 from medmeta.networks import Conv4
 from tests.algorithms.episodes import (
     BODY,
@@ -100,11 +100,27 @@ def test_the_first_step_fits_the_head_alone_along_the_class_means() -> None:
     torch.testing.assert_close(adapted["head.bias"], 0.5 * target.mean(0), rtol=1e-10, atol=1e-12)
 
 
-def test_at_zero_steps_every_class_scores_alike() -> None:
+def test_at_zero_steps_every_class_scores_alike_so_zero_steps_are_refused() -> None:
+    """Step 0 of the adaptation curve scores every class alike; a model evaluated there (or trained with no inner
+    step, whose meta-gradient is then zero) would report chance accuracy as a result, so it is refused."""
     model = _model()
     sx, sy, qx, _ = random_episodes(tasks=2, side=12)
-    logits = MAML(model, 3, zero_head=True, eval_inner_steps=0).adapt_and_predict(sx, sy, qx)
-    torch.testing.assert_close(logits, torch.zeros_like(logits), rtol=0.0, atol=0.0)
+    learner = MAML(model, 3, inner_lr=0.5, inner_steps=1, zero_head=True)
+    curve = learner.adapt_and_predict_every_step(sx, sy, qx, steps=1)
+    torch.testing.assert_close(curve[0], torch.zeros_like(curve[0]), rtol=0.0, atol=0.0)
+    assert curve[1].abs().max() > 1e-3
+    for cls, settings in ((MAML, {"inner_steps": 0}), (MAML, {"eval_inner_steps": 0}), (ANIL, {"eval_inner_steps": 0}),
+                          (MetaSGD, {"inner_steps": 0, "eval_inner_steps": 2})):  # fmt: skip
+        with pytest.raises(ValueError, match="zero_head starts every task from a zero head: inner_steps and eval_inner"):
+            cls(model, 3, zero_head=True, **settings)
+    for call in (lambda: learner.adapt_and_predict(sx, sy, qx, steps=0),
+                 lambda: learner.adapt_and_predict_every_step(sx, sy, qx, steps=0),
+                 lambda: learner.predictor(sx[0], sy[0], steps=0),
+                 lambda: learner.adapted_network(sx[0], sy[0], steps=0)):
+        with pytest.raises(ValueError, match="adapt with at least 1 step, got 0"):
+            call()
+    plain = MAML(model, 3, eval_inner_steps=0).adapt_and_predict(sx, sy, qx)  # without zero_head: the meta-learned head
+    assert plain.abs().max() > 1e-3
 
 
 def test_the_module_meta_gradient_is_the_reference_and_leaves_the_meta_learned_head_unused() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from medmeta.module import FewShotModule
 from medmeta.networks.norm import EpisodeBatchNorm
@@ -102,3 +103,34 @@ def test_running_mode_needs_batch_norm() -> None:
         module_for(norm="group", norm_mode="running")
     with pytest.raises(ValueError, match="norm_mode"):
         FewShotModule(norm_mode="sometimes")  # type: ignore[arg-type]
+
+
+class TorchBatchNormNet(nn.Module):
+    """A user's backbone with torch's ``nn.BatchNorm2d`` (running statistics kept, torch's default)."""
+
+    def __init__(self, *, in_channels: int = 1, n_way: int = 3, width: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+        self.feature_dim, self.head = width, nn.Linear(width, n_way)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "finetune"])
+def test_a_user_torch_batch_norm_with_running_statistics_is_not_called_transductive(algorithm: str) -> None:
+    """In eval mode (validation, test, diagnose) torch's layer normalises every image with its running statistics."""
+    torch.manual_seed(0)
+    module = FewShotModule(algorithm={"class_path": algorithm, "init_args": SETTINGS[algorithm]}, n_way=3, image_size=16,
+                           backbone={"class_path": f"{__name__}.TorchBatchNormNet"}, pixel_baseline=False)  # fmt: skip
+    module.train()
+    module.algorithm.meta_loss(_batch(0))  # running statistics no longer the defaults
+    module.eval()
+    b = _batch(100)
+    together = _predict(module, b, slice(None))
+    one_by_one = torch.cat([_predict(module, b, slice(i, i + 1)) for i in range(b["query_x"].shape[1])], dim=1)
+    torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-6)
+    label = module.normalisation_label()
+    assert label.startswith("running (the running statistics of the backbone's own torch batch-norm layers")
+    assert "transductive" not in label

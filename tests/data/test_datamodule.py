@@ -127,3 +127,14 @@ def test_unreadable_dicom_is_skipped_and_zero_byte_files_counted(tiny_dicom_root
     reasons = {s.path.name: s.reason for s in skipped}
     assert reasons == {"garbage.dcm": "unreadable", "zero.dcm": "empty"}
     assert all(r.path.name not in reasons for r in records)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [({"roi_size": (4, 4, 4)}, "data.roi_size"), ({"spacing": (1.0, 1.0, 1.0)}, "data.spacing"),
+     ({"spacing": (1.0, 1.0, 1.0), "roi_size": (4, 4, 4)}, "data.spacing and data.roi_size to null")],
+)  # fmt: skip
+def test_3d_settings_are_refused_with_2d_images(settings: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=f"{named}.*spatial_dims 2"):
+        EpisodicDataModule("unused", spatial_dims=2, **settings)
+    EpisodicDataModule("unused", spatial_dims=3, **settings)  # where they belong

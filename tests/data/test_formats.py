@@ -234,7 +234,8 @@ def _mixed_manifest(folder: Path) -> tuple[Path, dict[str, np.ndarray]]:
         ds.save_as(folder / dicom, enforce_file_format=True)
         nib.save(nib.Nifti1Image(values[1].astype(np.int16), np.eye(4)), folder / nifti)  # stored as [x, y] already
         Image.fromarray(values[2].astype(np.uint8), "L").save(folder / png)
-        expected |= {dicom: values[0].T, nifti: values[1], png: values[2].T}
+        # an identity affine is RAS: shown as DICOM shows a slice (x towards the patient's left, y posterior), flipped
+        expected |= {dicom: values[0].T, nifti: values[1][::-1, ::-1], png: values[2].T}
         rows += [f"{dicom},{label},d{c}", f"{nifti},{label},n{c}", f"{png},{label},p{c}"]
     (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
     return folder / "manifest.csv", expected

@@ -202,3 +202,41 @@ def test_window_problem() -> None:
     assert window_problem(np.zeros((8, 8), np.float32)) is not None
     assert window_problem(torch.full((4, 4), float("nan"))) is not None
     assert window_problem(torch.linspace(0, 1, 64).reshape(1, 8, 8)) is None
+
+
+# --- one slice is never a volume; a cine loop is neither (audit 44, D3 and D4) ---
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (16, 1, 16), (16, 16, 1)], ids=["1xHxW", "Hx1xW", "HxWx1"])
+def test_a_nifti_slice_is_2d_whichever_axis_is_one(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    path = nifti(tmp_path / "slice.nii.gz", noise(shape, np.float32))
+    assert check_image(path, spatial_dims=2) is None
+    problem = check_image(path, spatial_dims=3)
+    assert problem is not None and problem.reason == "wrong-dims" and "a single slice" in problem.detail
+
+
+def _cine(path: Path, pointer: str | None) -> Path:
+    from pydicom.tag import Tag
+
+    ds = ct_dataset(noise((10, 16, 16), np.uint16), frames=10)
+    del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.SpacingBetweenSlices
+    ds.Modality, ds.FrameTime = "US", 33.3
+    if pointer is not None:
+        ds.FrameIncrementPointer = Tag(pointer)
+    return write(ds, path)
+
+
+@pytest.mark.parametrize("pointer", ["FrameTime", "FrameTimeVector"])
+def test_a_cine_multi_frame_is_wrong_dims_in_2d_and_3d_as_a_4d_nifti(tmp_path: Path, pointer: str) -> None:
+    from medmeta.data.dicom import DicomReadError, read_dicom
+
+    path = _cine(tmp_path / "cine.dcm", pointer)
+    for dims in (2, 3):
+        problem = check_image(path, spatial_dims=dims)
+        assert problem is not None and problem.reason == "wrong-dims", dims
+        assert "time series (cine), not slices" in problem.detail and SECRET not in problem.detail
+        loop = nifti(tmp_path / "loop.nii.gz", noise((16, 16, 1, 10), np.float32))  # the NIfTI twin: X x Y x 1 x T
+        assert check_image(loop, spatial_dims=dims).reason == "wrong-dims"
+    with pytest.raises(DicomReadError, match="cine") as error:  # the reader refuses it too
+        read_dicom(path)
+    assert error.value.reason == "wrong-dims"
+    assert check_image(_cine(tmp_path / "frames.dcm", None), spatial_dims=3) is None  # frames not said to be time

@@ -162,3 +162,24 @@ def test_a_hidden_sub_folder_of_a_class_is_reported_and_not_used(tmp_path: Path)
     assert not [r for r in records if "/." in r.path.as_posix()] and len(records) == 8
     hidden = {s.path.relative_to(root).as_posix(): (s.reason, s.detail) for s in skipped}
     assert hidden == {name: ("not-image", "hidden folder: its files are not used") for name in ("a/.thumbnails", "a/p0/.cache")}
+
+
+def test_images_inside_a_series_folder_are_listed_as_skipped_in_3d(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for name in "ab":
+        for k in range(2):
+            (root / name / "s0").mkdir(parents=True, exist_ok=True)
+            (root / name / "s0" / f"IM{k:04d}.dcm").write_bytes(b"\0" * 200)  # a series, found not read
+        (root / name / "s0" / "converted.nii.gz").write_bytes(b"\0" * 200)
+    _png(root / "a" / "s0" / "key.png", seed=1)
+    _png(root / "a" / "flat.png", seed=2)  # beside the series folder, not in it: a record as before
+    records, skipped = discover_records(root, spatial_dims=3)
+    assert sorted(r.path.relative_to(root).as_posix() for r in records) == ["a/flat.png", "a/s0", "b/s0"]
+    assert [(s.path.relative_to(root).as_posix(), s.reason) for s in skipped] == [
+        ("a/s0/converted.nii.gz", "in-series"), ("a/s0/key.png", "in-series"), ("b/s0/converted.nii.gz", "in-series"),
+    ]  # fmt: skip
+    assert all("DICOM series folder" in s.detail for s in skipped)
+    records, skipped = discover_records(root, spatial_dims=2)  # 2D: every file is an image of its own
+    assert {"a/s0/converted.nii.gz", "a/s0/key.png", "b/s0/converted.nii.gz"} <= {
+        r.path.relative_to(root).as_posix() for r in records
+    } and not [s for s in skipped if s.reason == "in-series"]

@@ -75,3 +75,44 @@ def test_rgb_becomes_grey_as_pil_converts_to_l() -> None:
     pil = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32)
     assert grey["image"].shape == (1, 16, 16)
     np.testing.assert_allclose(grey["image"][0].numpy(), pil, atol=0.51)  # PIL rounds to integers
+
+
+# --- 2D: a NIfTI slice loads as the DICOM slice it was made from shows (audit 44, D3 and D6) ---
+
+PLANES = {  # ImageOrientationPatient (LPS) of the standard planes as scanners write them
+    "axial": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    "coronal": (1.0, 0.0, 0.0, 0.0, 0.0, -1.0),
+    "sagittal": (0.0, 1.0, 0.0, 0.0, 0.0, -1.0),
+}
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_a_2d_nifti_slice_loads_as_its_dicom_shows(tmp_path: Path, plane: str) -> None:
+    from medmeta.data.dicom import MedmetaDicomReader
+    from medmeta.data.preflight import check_image
+    from tests.data.test_readers import ct_dataset, stored_image, write
+
+    dicom = write(ct_dataset(stored_image(3, (12, 16)), position=(-5.0, 9.0, 20.0), orientation=PLANES[plane]),
+                  tmp_path / "slice.dcm")  # fmt: skip
+    array, meta = MedmetaDicomReader().get_data(dicom)  # [column, row] and its RAS affine, as dcm2niix sees it
+    as_scanned = nib.Nifti1Image(array[..., None], meta["affine"])
+    nib.save(as_scanned, tmp_path / "scanned.nii.gz")
+    nib.save(nib.as_closest_canonical(as_scanned), tmp_path / "canonical.nii.gz")  # RAS: 1 x Y x Z when sagittal
+    assert nib.load(tmp_path / "canonical.nii.gz").shape.index(1) == {"axial": 2, "coronal": 1, "sagittal": 0}[plane]
+    chain = load_transforms(image_size=12, window=None, spatial_dims=2)
+    expected = chain({"image": str(dicom)})["image"]
+    for name in ("scanned.nii.gz", "canonical.nii.gz"):
+        assert check_image(tmp_path / name, spatial_dims=2) is None  # preflight and load agree: one 2D slice
+        loaded = chain({"image": str(tmp_path / name)})["image"]
+        assert loaded.shape == (1, 12, 12) and torch.allclose(loaded, expected, atol=1e-6), (plane, name)
+
+
+def test_png_and_dicom_of_the_same_pixels_still_load_alike(tmp_path: Path) -> None:
+    from tests.data.test_readers import ct_dataset, write
+
+    pixels = np.random.default_rng(4).integers(0, 256, (12, 16)).astype(np.uint16)
+    dicom = write(ct_dataset(pixels, intercept=0.0), tmp_path / "a.dcm")
+    Image.fromarray(pixels.astype(np.uint8), "L").save(tmp_path / "a.png")
+    chain = load_transforms(image_size=12, window=None, spatial_dims=2)
+    assert torch.allclose(chain({"image": str(tmp_path / "a.png")})["image"], chain({"image": str(dicom)})["image"],
+                          atol=1e-6)  # fmt: skip

@@ -62,3 +62,16 @@ def test_2d_images_in_a_3d_run_are_skipped_with_reasons_and_nothing_is_left(tmp_
              root / "extra" / "volume.nii.gz")  # fmt: skip
     problems = take_inventory(root, spatial_dims=2, n_way=2, split_ratios=(1, 0, 0)).problems
     assert [(p.path.name, p.reason) for p in problems] == [("volume.nii.gz", "wrong-dims")]
+
+
+def test_a_data_set_of_single_slices_stored_1xhxw_is_refused_in_3d(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "slices"
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for p, shape in enumerate([(1, 12, 12), (12, 1, 12)]):  # one slice, its singleton axis not last
+            image = nib.Nifti1Image(rng.normal(0, 300, shape).astype(np.float32), np.eye(4))
+            nib.save(image, root / f"class{c}" / f"p{p}.nii.gz")
+    with pytest.raises(DataError, match=r"no usable images .*wrong-dims: 4"):
+        take_inventory(root, spatial_dims=3, n_way=2)
+    assert take_inventory(root, spatial_dims=2, n_way=2, k_shot=1, q_query=1).problems == []

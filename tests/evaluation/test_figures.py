@@ -11,6 +11,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from medmeta.data.loading import transform_images
+from medmeta.data.records import ImageRecord
 from medmeta.evaluation import figures
 from medmeta.evaluation.figures import (
     plot_accuracy_vs_shots,
@@ -21,6 +23,14 @@ from medmeta.evaluation.figures import (
     plot_reliability_diagram,
 )
 from medmeta.evaluation.metrics import reliability_bins
+from tests.test_explain import (
+    axial_anatomy,
+    load_files,
+    top_row_picture,
+    write_axial_series,
+    write_picture_as,
+    write_ras_nifti,
+)
 
 
 def assert_png(path: Path, written: Path, min_side: int = 300) -> None:
@@ -140,6 +150,35 @@ def test_episode_grid(tmp_path: Path, shape: tuple[int, ...]) -> None:
         max_query=10,
     )
     assert_png(path, written, min_side=200)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_episode_grid_shows_files_as_a_viewer_does(tmp_path: Path, drawn: list[Figure], spatial_dims: int) -> None:
+    if spatial_dims == 2:  # a PNG and a DICOM of one picture with a bright top row
+        viewer = top_row_picture() / 255
+        files = [write_picture_as(kind, top_row_picture(), tmp_path / f"bar.{kind}") for kind in ("png", "dcm")]
+    else:  # an axial DICOM series and a RAS NIfTI of one anatomy: their middle axial slice
+        slices = axial_anatomy()
+        viewer = slices[8] / 1000
+        files = [write_axial_series(slices, tmp_path / "series"), write_ras_nifti(slices, tmp_path / "v.nii")]
+    images = load_files(files, viewer.shape[0], spatial_dims)
+    plot_episode_grid(images, torch.tensor([0, 1]), images[:1], torch.tensor([0]), torch.tensor([0]), ("a", "b"),
+                      tmp_path / "grid.png")  # fmt: skip
+    support, query = (part.axes for part in drawn[0].subfigs)
+    for axes in (support[0], support[1], query[0]):
+        np.testing.assert_allclose(np.asarray(axes.images[0].get_array()), viewer, atol=0.003)
+
+
+def test_episode_grid_draws_array_images_as_stored(tmp_path: Path, drawn: list[Figure]) -> None:
+    pictures = np.stack([top_row_picture(), top_row_picture().T])  # MedMNIST 2D: (H, W)
+    records = [ImageRecord(Path("x.npz"), "a", str(i), item=i) for i in range(2)]
+    images = transform_images(records, image_size=12, window=None, preset=None, spatial_dims=2, in_channels=1,
+                              arrays=pictures)  # fmt: skip
+    plot_episode_grid(images, torch.tensor([0, 1]), images[:1], torch.tensor([0]), torch.tensor([0]), ("a", "b"),
+                      tmp_path / "grid.png", from_array=True)  # fmt: skip
+    support = drawn[0].subfigs[0].axes
+    for axes, picture in zip(support, pictures):
+        np.testing.assert_allclose(np.asarray(axes.images[0].get_array()) * 255, picture, atol=1)
 
 
 def _comparison_rows() -> list[dict]:

@@ -14,6 +14,7 @@ from medmeta.networks.norm import (
     EpisodeInstanceNorm,
     NotVectorisable,
     composite_norms,
+    describe_normalisation,
     needs_composite_calls,
     query_statistics,
     running_statistic_updates,
@@ -192,3 +193,31 @@ def test_composite_calls_guard_unknown_modules_and_spare_known_ones() -> None:
     with pytest.raises(NotVectorisable, match="batch_norm"), composite_norms(caller):
         caller(torch.randn(4, 3))
     caller(torch.randn(4, 3))  # outside the block: untouched
+
+
+def _with_torch_norm(track: bool, norm: str = "batch", running_stat_steps: int = 0) -> nn.Module:
+    """A Conv-4 (medmeta's norm layers of ``norm``) with a torch ``BatchNorm2d`` added after its first block."""
+    model = Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=8, norm=norm,
+                  running_stat_steps=running_stat_steps)
+    model.features.insert(1, nn.BatchNorm2d(4, track_running_stats=track))
+    return model
+
+
+def test_normalisation_label_names_what_each_kind_of_batch_norm_does_at_evaluation() -> None:
+    """A torch batch norm keeping running statistics uses them in eval mode (non-transductive); one without them,
+    or medmeta's in transductive mode, uses batch statistics; a mixed model names both, the transductive one first."""
+    batches = "each adaptation/query batch"
+    own = "running (the running statistics of the backbone's own torch batch-norm layers, in eval mode"
+    alone = describe_normalisation(_with_torch_norm(True, norm="group"), "transductive", batches)
+    assert alone.startswith(own) and "transductive" not in alone  # diagnose reads "transductive" as one batch
+    assert describe_normalisation(_with_torch_norm(False, norm="group"), "transductive", batches) == (
+        f"transductive (batch statistics of {batches})")
+    mixed = describe_normalisation(_with_torch_norm(True), "transductive", batches)
+    assert mixed.startswith(f"transductive (batch statistics of {batches}) in medmeta's batch-norm layers; {own}")
+    running = describe_normalisation(_with_torch_norm(True, running_stat_steps=1), "running", batches)
+    assert running.startswith("running (per-inner-step") and own in running and not running.startswith("transductive")
+    both = describe_normalisation(_with_torch_norm(False, running_stat_steps=1), "running", batches)
+    assert both.startswith("transductive (batch statistics of each adaptation/query batch) in torch batch-norm layers "
+                           "without running statistics; running (per-inner-step")
+    plain = Conv4(in_channels=1, n_way=3, hidden_channels=4, image_size=8)
+    assert describe_normalisation(plain, "transductive", batches) == f"transductive (batch statistics of {batches})"
