@@ -195,6 +195,7 @@ def _cmdline(process: Path) -> str:
         return ""
 
 
+@pytest.mark.slow  # about a minute; the seeds.md table it once crashed on is test_real_data_seed_summary_*
 @REAL_DATA
 def test_real_data_second_stage_can_start_from_the_pretrainings_final_weights(tmp_path: Path) -> None:
     """The pre-training keeps its last weights beside its selected ones; ``pretrain="final"`` starts from them."""

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "maml_speed.py"
 GRAPHS = {"medmeta-vmap-graph", "medmeta-loop-graph", "medmeta-vmap-bf16-graph"}
@@ -23,6 +25,7 @@ IMPLEMENTATIONS = {
 MAY_SKIP = {"medmeta-compiled", "higher", "torchopt"} | GRAPHS
 
 
+@pytest.mark.slow  # 40 s; MAML's exactness against the sequential reference is tests/algorithms/test_maml.py's
 def test_quick_run_reports_every_implementation(tmp_path: Path) -> None:
     out = tmp_path / "speed.json"
     command = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--threads", "1",
