@@ -428,10 +428,13 @@ def _read_series(folder: Path) -> DicomImage:
 
 
 def _check_same(folder: Path, datasets: list[tuple[Path, Dataset]]) -> None:
-    """One series UID, one size, one orientation and one pixel spacing (no values in messages)."""
+    """One series UID, one patient, one size, one orientation and one pixel spacing (no values in messages)."""
     uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
     if len(uids) > 1:
         raise DicomSeriesError(folder, f"mixed series: {len(uids)} different SeriesInstanceUIDs")
+    patients = {str(ds.get("PatientID", "")) for _, ds in datasets}
+    if len(patients) > 1:  # one series is one patient: its first slice's would stand for all, in support or query
+        raise DicomSeriesError(folder, f"mixed patients: {len(patients)} different PatientIDs")
     photometric = {str(ds.get("PhotometricInterpretation", "")) for _, ds in datasets}
     if len(photometric) > 1:  # e.g. one MONOCHROME1 slice among MONOCHROME2 ones would be read inverted
         raise DicomSeriesError(folder, f"mixed photometric interpretation: {', '.join(sorted(photometric))}")

@@ -139,6 +139,13 @@ def _mix_series(folder: Path) -> None:
     ds.save_as(path)
 
 
+def _mix_patients(folder: Path) -> None:
+    path = sorted(folder.iterdir())[3]
+    ds = pydicom.dcmread(path)
+    ds.PatientID = SECRET + "-other"
+    ds.save_as(path)
+
+
 def _duplicate(folder: Path) -> None:
     first = sorted(folder.iterdir())[0]
     shutil.copy(first, folder / "copy.dcm")
@@ -160,6 +167,7 @@ def _no_dicom(folder: Path) -> None:
         (_remove_middle, "non-uniform slice gaps"),
         (_mix_spacing, "mixed pixel spacing"),
         (_mix_series, "mixed series"),
+        (_mix_patients, "mixed patients"),
         (_duplicate, "duplicated slice position"),
         (_corrupt_slice, "empty or not DICOM"),
         (_no_dicom, "zero valid slices"),
