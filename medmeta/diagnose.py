@@ -54,7 +54,7 @@ from medmeta.data.cohort import find_cases
 from medmeta.data.episode_manifest import content_hash
 from medmeta.data.formats import format_of
 from medmeta.data.image_kinds import image_kind, kind_warning
-from medmeta.data.records import ImageRecord, discover_records
+from medmeta.data.records import ImageRecord, discover_records, file_key
 from medmeta.errors import DataError
 from medmeta.explain import grad_cam, image_png, overlay_png
 from medmeta.module import FewShotModule
@@ -209,8 +209,8 @@ def read_queries(paths: list[Path], spatial_dims: int) -> tuple[list[ImageRecord
     """Query records from files and folders; unusable files are left out with a warning naming the reason.
 
     A folder is searched as ``medmeta predict`` searches one (:func:`medmeta.data.cohort.find_cases`):
-    recursively, links followed and each file once, hidden files and folders left out (counted in the
-    log), and in 3D a folder of DICOM slices is one series, one query case.
+    recursively, links followed, hidden files and folders left out (counted in the log), and in 3D a
+    folder of DICOM slices is one series, one query case. A file reached twice is one case.
     """
     files: list[Path] = []
     hidden = 0
@@ -225,6 +225,10 @@ def read_queries(paths: list[Path], spatial_dims: int) -> tuple[list[ImageRecord
     if hidden:
         logger.info("left out %d hidden query file(s) (a name starting with '.', or in such a folder), "
                     "as medmeta predict does", hidden)  # fmt: skip
+    keys = [file_key(path) for path in files]  # a file given twice (two inputs, a link) is one case
+    files = [path for index, path in enumerate(files) if keys[index] not in keys[:index]]
+    if len(files) < len(keys):
+        logger.info("%d query file(s) given twice are used once", len(keys) - len(files))
     warnings, records = [], []
     for number, path in enumerate(files, start=1):
         problem = check_image(path, spatial_dims=spatial_dims)

@@ -502,3 +502,15 @@ def test_the_normalisation_line_says_one_batch_only_when_queries_are_normalised_
     small = {"n_way": 2, "image_size": 16, "hidden_channels": 4}
     assert "one batch" in _normalisation(module_for(**small))
     assert "one batch" not in _normalisation(module_for(norm_mode="running", **small))
+
+
+def test_a_query_file_given_twice_is_one_case(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """A file given itself and inside a query folder, or through a link, is predicted once (not twice in the batch)."""
+    folder = tmp_path / "queries"
+    folder.mkdir()
+    for source in sorted(tiny_dicom_root.rglob("*.dcm"))[:2]:
+        shutil.copy(source, folder / source.name)
+    first = sorted(folder.iterdir())[0]
+    (tmp_path / "link.dcm").symlink_to(first)
+    records, _ = read_queries([first, folder, tmp_path / "link.dcm"], 2)
+    assert [r.path for r in records] == [first, sorted(folder.iterdir())[1]]
