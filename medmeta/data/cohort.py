@@ -83,8 +83,9 @@ def _folder_cases(root: Path, spatial_dims: int) -> list[Case]:
             if path.name.lower().endswith(DICOM_SUFFIXES):
                 dicom_counts[path.parent] = dicom_counts.get(path.parent, 0) + 1
         series = {folder for folder, n in dicom_counts.items() if n > 1}
-        for path in images_in_series(files, series):
-            logger.warning("left out %s: %s", path, IN_SERIES_DETAIL)
+        beside = images_in_series(files, series)
+        if beside:  # a count: a file name may hold a patient's name
+            logger.warning("left out %d image file(s) under %s: %s", len(beside), root, IN_SERIES_DETAIL)
     paths = sorted(series | {p for p in files if p.parent not in series})
     return [Case(root.name if p == root else p.relative_to(root).as_posix(), p) for p in paths]
 
