@@ -32,8 +32,9 @@ memory) and ``real_data.png`` (bars with CI whiskers). ``environment.json`` reco
 platform, the CPU and every installed package's version; a later invocation with the same ``--out``
 in another environment is refused (its rows would not be comparable: the same code has given
 figures 4 points apart after the packages were resolved again), unless ``--allow-new-environment``.
-``--seed`` (default 0) seeds the weights' initialisation and the training's randomness; the class
-splits and every episode stay those of seed 0, so every seed is tested on the same frozen test
+``--seed`` (default 0) seeds torch's generator (the weights' initialisation and whatever else a
+learner draws from it); the class splits and every episode, training episodes and their
+augmentation included, stay those of seed 0, so every seed is tested on the same frozen test
 episodes. Runs of another seed are kept beside seed 0's in the same ``--out`` (``...-seed1``), and
 a ``reuse`` or ``two_stage`` method adapts the weights of its own seed. ``seeds.md`` summarises every
 row in ``--out``, of every seed: each method's accuracy per seed, its mean and sd, and its gain over
@@ -251,7 +252,7 @@ def run_one(manifest: Path, method: str, shots: int, args: argparse.Namespace) -
     from medmeta.networks.initialise import initialise_backbone
 
     logging.disable(logging.WARNING)
-    L.seed_everything(args.seed)  # the weights and the training; the episodes are the data module's (seed 0)
+    L.seed_everything(args.seed)  # the weights; every episode and its augmentation are the data module's (seed 0)
     spec = METHODS.get(method, Method("finetune"))  # PRETRAIN is the fine-tune learner
     steps = {"scratch": args.steps, "reuse": 0, "two_stage": args.steps - args.steps // 2}[spec.start]
     if method == PRETRAIN:
