@@ -6,7 +6,9 @@ A bundle folder holds::
     configs/metadata.json    class names (the output channels), input spec, intensity settings,
                              normalisation, medmeta version, learner, support-set counts per class,
                              the kinds of images the model was trained on (``training_images``:
-                             format family -> native channel counts; absent when not known)
+                             format family -> native channel counts; absent when not known), the
+                             support cases' content hashes (``support_sha256``), and the SHA-256 of
+                             the weights file and of the settings that make a prediction (``saved_sha256``)
     models/model.pt          the network's state dict (tensors only: torch.load(..., weights_only=True))
     docs/README.md           the same in words, and how to load it
 
@@ -14,7 +16,9 @@ MONAI users load it with ``monai.bundle.ConfigParser`` (instantiate ``network_de
 ``load_state_dict`` from ``models/model.pt``). :func:`load_bundle` does the same without
 evaluating any expression from the files: it builds ``network_def`` only when its ``_target_`` is a
 medmeta class, from plain arguments. Nothing in a bundle names a file, a folder or a patient:
-:func:`save_bundle` refuses a string that looks like a path.
+:func:`save_bundle` refuses a string that looks like a path. :func:`load_bundle` refuses a bundle edited
+by hand (its ``saved_sha256`` no longer matches, duplicate class names, a ``channel_def`` that disagrees
+with ``class_names``, an invalid window or preset); a bundle written before ``saved_sha256`` loads with a warning.
 
 Why this module is longer than 300 lines: writing, checking and reading a bundle are one file format,
 and its refusals (paths, expressions, settings that disagree) are easiest to check read together.
@@ -22,7 +26,9 @@ and its refusals (paths, expressions, settings that disagree) are easiest to che
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 import shutil
 from collections.abc import Mapping
@@ -39,12 +45,16 @@ from medmeta.adapted import AdaptedClassifier
 from medmeta.checkpoints import non_finite, weights_problem
 from medmeta.errors import DataError
 from medmeta.data.image_kinds import kinds_text
+from medmeta.data.presets import Intensity
 from medmeta.plugins import import_object
+
+logger = logging.getLogger(__name__)
 
 INFERENCE, METADATA, WEIGHTS = Path("configs/inference.json"), Path("configs/metadata.json"), Path("models/model.pt")
 README = Path("docs/README.md")
 IMAGE_SETTINGS = ("image_size", "window", "preset", "spatial_dims", "in_channels", "spacing", "roi_size")
 BUNDLE_VERSION = "0.1.0"
+SAVED_SHA256 = "saved_sha256"  # metadata.json: {what: sha256} of the weights file and each setting (see _fingerprint)
 PATH_SUFFIXES = (".dcm", ".dicom", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npz", ".ckpt", ".pt", ".csv")
 
 
@@ -79,6 +89,7 @@ def save_bundle(
         for relative in (INFERENCE, METADATA, WEIGHTS, README):
             (out / relative).parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu().clone() for k, v in network.state_dict().items()}, out / WEIGHTS)
+        metadata[SAVED_SHA256] = _fingerprint(out, inference, metadata)
         (out / INFERENCE).write_text(json.dumps(inference, indent=2) + "\n")
         (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
         (out / README).write_text(readme(metadata))
@@ -124,6 +135,14 @@ def load_bundle(folder: Path) -> Bundle:
     names = metadata["class_names"]
     if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
         raise DataError(f"bundle {folder}: class_names must be a list of at least 2 names, got {names!r}")
+    if len(set(names)) < len(names):
+        raise DataError(f"bundle {folder}: class_names in {METADATA} name a class twice: {names!r}")
+    channel_def = metadata.get("network_data_format")
+    for key in ("outputs", "pred", "channel_def"):
+        channel_def = channel_def.get(key) if isinstance(channel_def, Mapping) else None
+    if channel_def is not None and channel_def != {str(k): name for k, name in enumerate(names)}:
+        raise DataError(f"bundle {folder}: {METADATA}'s network_data_format channel_def {channel_def!r} disagrees with "
+                        f"its class_names {names!r}")  # fmt: skip
     network = _build(folder, inference["network_def"])
     try:
         state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
@@ -140,10 +159,41 @@ def load_bundle(folder: Path) -> Bundle:
     if width != len(names):
         raise DataError(f"bundle {folder}: the network has {width} outputs but metadata names {len(names)} classes")
     settings = _image_settings(folder, metadata["image_settings"], inference["network_def"])
+    _check_fingerprint(folder, inference, metadata)
     for key in ("window", "spacing", "roi_size"):
         if settings.get(key) is not None:
             settings[key] = tuple(settings[key])
     return Bundle(network.eval(), list(names), settings, metadata)
+
+
+def _fingerprint(folder: Path, inference: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, str]:
+    """SHA-256 of the weights file's bytes and of each setting that makes a prediction (its sorted-key JSON)."""
+    settings = {key: metadata.get(key) for key in ("class_names", "image_settings")}
+    settings |= {key: inference.get(key) for key in ("network_def", "preprocessing")}
+    described = {key: json.dumps(value, sort_keys=True).encode() for key, value in settings.items()}
+    return {str(WEIGHTS): hashlib.sha256((folder / WEIGHTS).read_bytes()).hexdigest(),
+            **{key: hashlib.sha256(text).hexdigest() for key, text in described.items()}}  # fmt: skip
+
+
+def _check_fingerprint(folder: Path, inference: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+    """Refuse a bundle whose weights or settings are not those it was saved with; warn when it records no hashes."""
+    saved = metadata.get(SAVED_SHA256)
+    if saved is None:
+        logger.warning("bundle %s was saved before medmeta recorded its hashes: edits to its weights or settings "
+                       "cannot be detected", folder)  # fmt: skip
+        return
+    now = _fingerprint(folder, inference, metadata)
+    if not isinstance(saved, Mapping) or set(saved) != set(now):
+        raise DataError(f"bundle {folder}: {SAVED_SHA256} in {METADATA} was edited (it must name {', '.join(now)})")
+    for key, digest in now.items():
+        if saved[key] == digest:
+            continue
+        if key == str(WEIGHTS):
+            raise DataError(f"bundle {folder}: {WEIGHTS} is not the file this bundle was saved with (edited, or "
+                            "copied from another bundle); save it again with diagnose --save-adapted")  # fmt: skip
+        where = METADATA if key in ("class_names", "image_settings") else INFERENCE
+        raise DataError(f"bundle {folder}: {key} in {where} was changed after the bundle was saved (edited by hand?); "
+                        "save it again with diagnose --save-adapted")  # fmt: skip
 
 
 def _image_settings(folder: Path, settings: object, network_def: Mapping[str, Any]) -> dict[str, object]:
@@ -159,6 +209,11 @@ def _image_settings(folder: Path, settings: object, network_def: Mapping[str, An
         if key in network_def and network_def[key] != value:
             raise DataError(f"bundle {folder}: image_settings.{key} = {value} in {METADATA}, but the network in "
                             f"{INFERENCE} was built for {network_def[key]!r}")  # fmt: skip
+    try:
+        Intensity(preset=settings.get("preset"), window=settings.get("window"))
+    except (ValueError, TypeError) as error:
+        raise DataError(f"bundle {folder}: image_settings in {METADATA} have an invalid intensity setting (window "
+                        f"{settings.get('window')!r}, preset {settings.get('preset')!r}): {error}") from None
     return dict(settings)
 
 

@@ -16,8 +16,12 @@ import json
 import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
@@ -34,13 +38,73 @@ from medmeta.data.episodes import SPLITS
 from medmeta.errors import DataError
 from medmeta.module import FewShotModule, check_learner_rates, check_learning_rate
 from medmeta.networks import DEFAULT_BACKBONE, resolve_backbone
-from medmeta.plugins import class_path
+from medmeta.plugins import class_path, import_object
 
 console = Console(stderr=False)
 
 
+HALF_WEIGHTS = ("16-true", "bf16-true")  # precisions that cast the weights themselves to 16 bits
+
+
+def _refuse_ignored_settings(config: Mapping[str, Any]) -> None:
+    """``DataError`` for settings that would be ignored or could not run, before any data is read.
+
+    ``--lr_scheduler`` without ``--optimizer`` (never built), ``model.cosine_annealing`` beside ``--optimizer``
+    (whose optimiser replaces the module's and its schedule), ``ReduceLROnPlateau`` (schedulers step per
+    optimizer step, validation every ``val_check_interval`` steps) and half-precision weights (``*-true``).
+    """
+    scheduler, optimizer = config.get("lr_scheduler"), config.get("optimizer")
+    if scheduler is not None and optimizer is None:
+        raise DataError("--lr_scheduler needs --optimizer: without it the module's own Adam (model.meta_lr) is used "
+                        "and the scheduler would be ignored (or use model.cosine_annealing: true)")  # fmt: skip
+    if scheduler is not None and str(scheduler.get("class_path", "")).endswith("ReduceLROnPlateau"):
+        raise DataError("--lr_scheduler ReduceLROnPlateau is not supported: medmeta steps a scheduler once per "
+                        "optimizer step, not at each validation; choose a step-based one "
+                        "(StepLR, CosineAnnealingLR)")  # fmt: skip
+    if optimizer is not None and (config.get("model") or {}).get("cosine_annealing"):
+        raise DataError("model.cosine_annealing has no effect with --optimizer, which replaces the module's optimiser "
+                        "and its schedule: drop one of them (or add --lr_scheduler CosineAnnealingLR)")  # fmt: skip
+    precision = str((config.get("trainer") or {}).get("precision"))
+    if precision in HALF_WEIGHTS:
+        raise DataError(f"trainer.precision {precision} is not supported: the norm statistics and the inner updates "
+                        "need float32 weights; use bf16-mixed (or 16-mixed on a GPU)")  # fmt: skip
+
+
+def _drop_disabled_progress_bar(trainer: dict[str, Any]) -> None:
+    """Remove progress bar callbacks (the configs' ``RichProgressBar``) when ``enable_progress_bar`` is false.
+
+    Lightning refuses the two together; ``--trainer.enable_progress_bar false`` (CI logs, nohup) should just work.
+    """
+    if trainer.get("enable_progress_bar") is not False or not trainer.get("callbacks"):
+        return
+    from lightning.pytorch.callbacks import ProgressBar
+
+    def is_bar(callback: Any) -> bool:
+        path = callback.get("class_path") if hasattr(callback, "get") else None
+        try:
+            kind = import_object(str(path), what="callback") if path else type(callback)
+        except ValueError:
+            return False  # Lightning names the callback that cannot be imported
+        return isinstance(kind, type) and issubclass(kind, ProgressBar)
+
+    trainer["callbacks"] = [callback for callback in trainer["callbacks"] if not is_bar(callback)]
+
+
 class MedMetaCLI(LightningCLI):
-    """LightningCLI with the episode shape linked from data to model and an optional test after fit."""
+    """LightningCLI with the episode shape linked from data to model and an optional test after fit.
+
+    A ``--lr_scheduler`` steps once per optimizer step (Lightning's interval ``"step"``), as
+    ``model.cosine_annealing`` does: medmeta's epochs (``train_batches_per_epoch``) are longer than most fits.
+    """
+
+    @staticmethod
+    def configure_optimizers(
+        lightning_module: L.LightningModule, optimizer: torch.optim.Optimizer, lr_scheduler: Any = None
+    ) -> Any:
+        """``--optimizer`` with its ``--lr_scheduler`` stepped after every optimizer step."""
+        if lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in ("n_way", "in_channels", "image_size", "spatial_dims"):
@@ -77,13 +141,16 @@ class MedMetaCLI(LightningCLI):
         """Refuse a zero, negative or non-finite learning rate by its setting's name, before any data is read.
 
         Also refused: a learner's own outer rate (``*_meta_lr``) beside ``--optimizer``, which would ignore it,
-        and ``trainer.inference_mode: true``, under which no episode can be adapted.
+        ``trainer.inference_mode: true``, under which no episode can be adapted, and the settings of
+        ``_refuse_ignored_settings``. A progress bar callback is dropped under ``trainer.enable_progress_bar: false``.
         """
         config = self.config[self.config["subcommand"]]
         model, optimizer = config.get("model") or {}, config.get("optimizer")
         if (config.get("trainer") or {}).get("inference_mode"):
             raise DataError("trainer.inference_mode must be false: validation and test adapt the model to each "
                             "episode's support set, which needs gradients (torch.inference_mode turns them off)")  # fmt: skip
+        _refuse_ignored_settings(config)
+        _drop_disabled_progress_bar(config.get("trainer") or {})
         try:
             if model.get("meta_lr") is not None:
                 check_learning_rate("model.meta_lr", model.get("meta_lr"))
@@ -112,6 +179,36 @@ class MedMetaCLI(LightningCLI):
     def before_fit(self) -> None:
         self._resolve_last_checkpoint()
         self._load_checkpoints_safely()
+        if isinstance(self.datamodule, EpisodicDataModule):  # a test split that cannot be tested: refused before training
+            self.datamodule.test_after_fit = bool(self.config[self.subcommand].get("test_after_fit"))
+        self._refuse_test_without_validation()
+
+    def _no_validation_cause(self, *, planned: bool) -> str | None:
+        """Why no validation runs in this fit (``planned``: known before it starts), or ``None``."""
+        trainer, data = self.trainer, self.datamodule
+        if trainer.limit_val_batches == 0:
+            return "trainer.limit_val_batches 0"
+        if (getattr(data, "hparams", None) or {}).get("val_episodes") == 0:  # a data module that accepts none
+            return "data.val_episodes 0"
+        interval, steps = trainer.val_check_interval, trainer.max_steps
+        batches = steps * trainer.accumulate_grad_batches  # the interval counts batches across epochs
+        if isinstance(interval, int) and trainer.check_val_every_n_epoch is None and 0 < batches < interval:
+            return f"trainer.val_check_interval {interval} batches > trainer.max_steps {steps}"
+        if planned:
+            return None
+        return (f"val_check_interval {interval}, max_steps {steps}, max_epochs {trainer.max_epochs}, "
+                f"{sum(trainer.num_val_batches)} validation batches")  # fmt: skip
+
+    def _refuse_test_without_validation(self) -> None:
+        """``test_after_fit`` with a checkpoint selected on a metric that no validation of this fit would log."""
+        callback = self.trainer.checkpoint_callback
+        if not self.config["fit"].get("test_after_fit") or callback is None or not getattr(callback, "monitor", None):
+            return
+        cause = None if self.config_init["fit"].get("ckpt_path") else self._no_validation_cause(planned=True)
+        if cause:  # a resumed fit may hold a checkpoint selected before: warned after fit instead
+            raise DataError(f"test_after_fit: no validation would run ({cause}), so no checkpoint would be selected on "
+                            f"{callback.monitor} and the test would use the last weights; validate at least once or "
+                            "set test_after_fit false")  # fmt: skip
 
     def before_validate(self) -> None:
         self._load_checkpoints_safely()
@@ -197,6 +294,12 @@ class MedMetaCLI(LightningCLI):
             return
         callback = self.trainer.checkpoint_callback
         has_best = callback is not None and getattr(callback, "best_model_path", "")
+        monitor = getattr(callback, "monitor", None)
+        if not has_best and monitor:
+            self.model.tested_weights_note = f"last weights, not selected on {monitor}: no validation ran " + (
+                f"({self._no_validation_cause(planned=False)})")  # fmt: skip
+            console.print(f"[yellow]warning:[/] testing the {escape(self.model.tested_weights_note)}",
+                          highlight=False, soft_wrap=True)  # fmt: skip
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
         self._report()
 

@@ -64,6 +64,11 @@ logger = logging.getLogger(__name__)
 
 MIN_CASES, MAX_CASES = 2, 20  # labelled support cases per diagnosis
 LOO_WARNING_BELOW = 0.5  # leave-one-out accuracy under which the support set is flagged
+SAVED_TRANSDUCTIVE = (  # the report's and predictions.json's normalisation, --save-adapted with transductive batch norm
+    "The saved network normalises with the support set's batch statistics, so these probabilities (and medmeta "
+    "predict's) are the exported network's, which differ from those of the transductive setting (query-batch "
+    "statistics) that meta-test accuracy measures"
+)
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ def diagnose(
     counts = {name: int((support_y == k).sum()) for k, name in enumerate(names)}
     bundle = None if exported is None or save_adapted is None else save_bundle(
         save_adapted, exported, network_definition(exported, module.hparams["backbone"], settings), names,
-        _image_settings(settings), _bundle_metadata(module, algorithm, exported, counts, steps),
+        _image_settings(settings), _bundle_metadata(module, algorithm, exported, counts, steps, support_records),
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir()
@@ -158,16 +163,17 @@ def diagnose(
                             "probabilities": probabilities, "warnings": case_warnings})  # fmt: skip
         rows.append(ReportRow(f"{case_id} ({file_id})", image, overlay, names[int(predicted[i])], probabilities,
                               tuple(case_warnings)))  # fmt: skip
-    _write_predictions(out, predictions, names)
     header = {
         "model": f"{Path(ckpt).name} ({algorithm.label()}, {type(algorithm.model).__name__} backbone)",
         "support set": ", ".join(f"{name}: {n}" for name, n in counts.items()),
         "query cases": str(len(query_records)),
         "adaptation": algorithm.adaptation_text(steps),
         "normalisation": _normalisation(module) if exported is None else exported_normalisation(exported)
-        + ("; the saved model's" if bundle else "; the exported adapted model's"),
+        + ("; the saved model's" if bundle else "; the exported adapted model's")
+        + (f". {SAVED_TRANSDUCTIVE}" if bundle and module.normalisation_label().startswith("transductive") else ""),
         "saliency": saliency_text(algorithm),
     }
+    _write_predictions(out, predictions, names, header["normalisation"])
     report = write_html_report(out / "report.html", title="medmeta diagnose", header=header, rows=rows, warnings=warnings)
     (out / "warnings.txt").write_text("".join(f"{w}\n" for w in warnings))
     return Diagnosis(out, report, predictions, warnings, bundle)
@@ -451,14 +457,20 @@ def _offers(algorithm: MetaLearner, hook: str) -> bool:
 
 
 def _bundle_metadata(
-    module: FewShotModule, algorithm: MetaLearner, network: nn.Module, counts: dict[str, int], steps: int | None
+    module: FewShotModule, algorithm: MetaLearner, network: nn.Module, counts: dict[str, int], steps: int | None,
+    support: list[ImageRecord],
 ) -> dict[str, object]:  # fmt: skip
-    """What ``metadata.json`` says about the adaptation besides the class names and image settings (no names of files)."""
+    """What ``metadata.json`` says about the adaptation besides the class names and image settings (no names of files).
+
+    ``support_sha256``: the support cases' content hashes (``episode_manifest.content_hash``, as the
+    check of a query against the support set uses), so that ``medmeta predict`` can flag a support case.
+    """
     return {
         "algorithm": algorithm.label(), "backbone": type(algorithm.model).__name__,
         "adaptation": algorithm.adaptation_text(steps), "norm_mode": module.hparams["norm_mode"],
         "normalisation": exported_normalisation(network), "support_counts": counts, "n_way_trained": int(module.hparams["n_way"]),
         **({"training_images": kinds} if (kinds := getattr(module, "training_images", None)) else {}),
+        "support_sha256": sorted({content_hash(r.path) for r in support}),
     }  # fmt: skip
 
 
@@ -483,8 +495,9 @@ def _file_id(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def _write_predictions(out: Path, predictions: list[dict[str, object]], names: list[str]) -> None:
-    (out / "predictions.json").write_text(json.dumps({"classes": names, "cases": predictions}, indent=2) + "\n")
+def _write_predictions(out: Path, predictions: list[dict[str, object]], names: list[str], normalisation: str) -> None:
+    body = {"classes": names, "normalisation": normalisation, "cases": predictions}
+    (out / "predictions.json").write_text(json.dumps(body, indent=2) + "\n")
     with (out / "predictions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(("case", "file_sha256_12", "predicted", *(f"p({name})" for name in names), "warnings"))

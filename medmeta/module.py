@@ -160,6 +160,7 @@ class FewShotModule(L.LightningModule):
         self.on_validation_epoch_start()  # the per-episode validation outputs, empty
         self.seen_classes: dict[str, list[str]] | None = None  # of the checkpoint this module was loaded from
         self.test_summary: dict[str, object] = {}  # written by the evaluation callback after a test
+        self.tested_weights_note: str | None = None  # set by the CLI when a test after fit uses unselected weights
         self.test_results: TestResults | None = None
         self._reset_test_outputs()
 
@@ -173,17 +174,19 @@ class FewShotModule(L.LightningModule):
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor:
         """The meta-loss over the meta-batch; refuses non-finite losses before any update."""
         self._check_n_way(batch)
-        self._buffers_before = {name: b.clone() for name, b in self.named_buffers()}  # running statistics, say
+        if batch_idx % getattr(self._trainer, "accumulate_grad_batches", 1) == 0:  # an optimizer step's first micro-batch
+            self._buffers_before = {name: b.clone() for name, b in self.named_buffers()}  # running statistics, say
+            self._last_episodes = []  # the episodes of every micro-batch of this optimizer step
         if self._graphed is not None:
             loss, logits = self._graphed(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
         else:
             loss, logits = self.algorithm.meta_loss(batch)
-        self._last_episodes = batch["episode"].tolist() if "episode" in batch else []
+        episodes = batch["episode"].tolist() if "episode" in batch else []
+        self._last_episodes += episodes
         if not torch.isfinite(loss) and self.hparams.nonfinite == "stop":
             self._restore_buffers()
             raise FloatingPointError(
-                f"non-finite meta-loss {loss.item()} at training episodes {self._last_episodes}; "
-                "no update was applied"
+                f"non-finite meta-loss {loss.item()} at training episodes {episodes}; no update was applied"
             )
         tasks = batch["support_x"].shape[0]
         accuracy = (logits.detach().argmax(dim=-1) == batch["query_y"]).float().mean()
@@ -195,10 +198,15 @@ class FewShotModule(L.LightningModule):
         """A non-finite meta-gradient stops the run (``nonfinite="stop"``) or skips this update (``"skip"``).
 
         Skipping drops every gradient, so the optimiser changes no parameter and no moment, and puts
-        back the buffers the step's forward moved (running batch-norm statistics); the count is logged
-        as ``train/skipped_steps``. Under DDP the gradients are already averaged,
-        so every rank sees the same fault and skips together.
+        back the buffers the step's forwards moved (running batch-norm statistics, over every micro-batch of
+        ``accumulate_grad_batches``); the count is logged as ``train/skipped_steps``. Under DDP the gradients
+        are already averaged, so every rank sees the same fault and skips together. Under an enabled
+        ``GradScaler`` (``16-mixed`` on a GPU) an inf gradient is a loss-scale overflow, left to the scaler,
+        which skips the step and lowers its scale (the non-finite loss check stays).
         """
+        scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+        if scaler is not None and scaler.is_enabled():
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if all(bool(torch.isfinite(g).all()) for g in grads):
             return
@@ -215,7 +223,7 @@ class FewShotModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps))
 
     def _restore_buffers(self) -> None:
-        """Put every buffer back as it was before this training step (an update skipped or refused changes nothing)."""
+        """Put every buffer back as it was before this optimizer step (an update skipped or refused changes nothing)."""
         with torch.no_grad():
             for name, buffer in self.named_buffers():
                 if name in self._buffers_before:

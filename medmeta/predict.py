@@ -11,7 +11,9 @@ bundle's network (non-transductive: a case's probabilities never depend on its b
 An unusable case is a row without a prediction and with its reason in ``warnings``; a case that
 is constant after the intensity window is predicted with ``diagnose``'s warning, and so is a case of a
 kind (format family, grey or colour) the model was not trained on (the bundle's ``training_images``;
-a bundle without it records nothing, and no case is warned about). A re-run with the
+a bundle without it records nothing, and no case is warned about), and so is a case whose contents are
+those of a support case the bundle was adapted on (its ``support_sha256``; a bundle without it: no
+warning, nothing is known). A re-run with the
 same output folder skips the cases already in ``predictions.csv`` (a partly written last line is
 dropped), and refuses a folder written by another bundle (``predict_state.json``). On SIGTERM (or
 Ctrl-C) the batch in flight is finished and written, then the run stops (``PredictResult.stopped``).
@@ -55,9 +57,12 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 32
 CSV_NAME, JSON_NAME, STATE_NAME = "predictions.csv", "predictions.json", "predict_state.json"
 SEPARATOR = " | "  # between the warnings of one row (a warning may itself hold "; ")
-# metadata.json keys that MONAI's bundle format asks for but that say nothing about the adapted model
+# metadata.json keys that MONAI's bundle format asks for but that say nothing about the adapted model, and its hashes
 MONAI_BOILERPLATE = ("changelog", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
-                     "authors", "copyright", "description", "network_data_format", "image_settings")  # fmt: skip
+                     "authors", "copyright", "description", "network_data_format", "image_settings",
+                     "saved_sha256", "support_sha256")  # fmt: skip
+SUPPORT_WARNING = ("the same image as a support case the model was adapted on (identical file contents): its prediction "
+                   "repeats what the model was shown, it is no test of it")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,8 @@ def predict_batch(bundle: Bundle, cases: Sequence[Case]) -> list[list[str]]:
     settings = bundle.image_settings
     spatial_dims = int(settings["spatial_dims"])
     trained = trained_kinds(bundle.metadata.get("training_images"))  # None: not recorded, nothing is known
+    recorded = bundle.metadata.get("support_sha256")  # the support cases' content_hash; absent: nothing is known
+    shown = {digest for digest in recorded if isinstance(digest, str)} if isinstance(recorded, list) else set()
     rows: dict[int, list[str]] = {}
     usable = []
     for i, case in enumerate(cases):
@@ -154,6 +161,7 @@ def predict_batch(bundle: Bundle, cases: Sequence[Case]) -> list[list[str]]:
                 continue
             warnings = [_constant_warning(settings, float(images[j].max()))] if constant else []
             warnings += [w for w in [kind_warning(image_kind(cases[i].path), trained)] if w]
+            warnings += [SUPPORT_WARNING] if shown and content_hash(cases[i].path) in shown else []
             predicted = bundle.class_names[int(probs[j].argmax())]
             rows[i] = [cases[i].case_id, predicted, *(f"{float(p):.6f}" for p in probs[j]), SEPARATOR.join(warnings)]
     return [rows[i] for i in range(len(cases))]

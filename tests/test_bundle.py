@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -256,3 +258,99 @@ def test_a_3d_export_round_trips_and_predicts_each_volume_alone(tmp_path: Path) 
     assert bundle.image_settings["spatial_dims"] == 3
     metadata = json.loads((folder / "configs" / "metadata.json").read_text())
     assert metadata["network_data_format"]["inputs"]["image"]["spatial_shape"] == [8, 8, 8]
+
+
+def _saved(folder: Path, seed: int = 0) -> Path:
+    """A 2-class group-norm MAML export saved as a bundle (a second seed: another network of the same shape)."""
+    torch.manual_seed(seed)
+    module = module_for("maml", n_way=2, image_size=16, hidden_channels=4, norm="group", inner_steps=1,
+                        pixel_baseline=False)  # fmt: skip
+    network = module.eval().algorithm.adapted_network(torch.rand(4, 1, 16, 16), torch.tensor([0, 0, 1, 1]))
+    network_def = network_definition(network, module.hparams["backbone"], SETTINGS)
+    settings = {**SETTINGS, "window": (-1100.0, 400.0)}
+    return save_bundle(folder, network, network_def, ["benign", "malignant"], settings, {})
+
+
+def _edit(folder: Path, relative: str, change) -> None:  # noqa: ANN001 - a function editing the parsed JSON in place
+    path = folder / relative
+    body = json.loads(path.read_text())
+    change(body)
+    path.write_text(json.dumps(body, indent=2))
+
+
+def _reversed_names(metadata: dict) -> None:
+    """class_names and channel_def reversed together: consistent with each other, not with the weights."""
+    names = metadata["class_names"] = metadata["class_names"][::-1]
+    metadata["network_data_format"]["outputs"]["pred"]["channel_def"] = {str(k): name for k, name in enumerate(names)}
+
+
+META, INFER = "configs/metadata.json", "configs/inference.json"
+INTENSITY = "image_settings in configs/metadata.json have an invalid intensity setting"
+CHANGED = r"was changed after the bundle was saved \(edited by hand\?\); save it again with diagnose --save-adapted$"
+
+
+def _settings(**changes: object):  # noqa: ANN202 - an edit of metadata.json's image_settings
+    return lambda metadata: metadata["image_settings"].update(**changes)
+
+
+def _channel_def(metadata: dict) -> None:
+    metadata["network_data_format"]["outputs"]["pred"]["channel_def"] = {"0": "x", "1": "y"}
+
+
+HAND_EDITS = {  # edit -> (file, change, the refusal); every one loaded silently before the bundle recorded its hashes
+    "class names reversed": (META, _reversed_names, f"class_names in {META} {CHANGED}"),
+    "window": (META, _settings(window=[-200.0, 200.0]), f"image_settings in {META} {CHANGED}"),
+    "query flips": (INFER, lambda c: c["network_def"]["head"].update(query_flips=True), f"network_def in {INFER} {CHANGED}"),
+    "preprocessing": (INFER, lambda c: c["preprocessing"].update(window=[0.0, 80.0]), f"preprocessing in {INFER} {CHANGED}"),
+    "duplicate class": (META, lambda m: m.update(class_names=["benign"] * 2), f"class_names in {META} name a class twice"),
+    "channel_def": (META, _channel_def, f"{META}'s network_data_format channel_def .* disagrees with its class_names"),
+    "window reversed": (META, _settings(window=[400.0, -1100.0]), INTENSITY),
+    "window text": (META, _settings(window="soft tissue"), INTENSITY),
+    "unknown preset": (META, _settings(preset="lung"), f"{INTENSITY} .*unknown intensity preset"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("saved")
+    return _saved(root / "a"), _saved(root / "b", seed=1)
+
+
+@pytest.mark.parametrize("edit", sorted(HAND_EDITS))
+def test_a_hand_edited_bundle_is_refused_naming_what_changed(
+    edit: str, saved_bundles: tuple[Path, Path], tmp_path: Path
+) -> None:  # fmt: skip
+    relative, change, message = HAND_EDITS[edit]
+    folder = tmp_path / "bundle"
+    shutil.copytree(saved_bundles[0], folder)
+    _edit(folder, relative, change)
+    with pytest.raises(DataError, match=f"^bundle {folder}: {message}") as refused:
+        load_bundle(folder)
+    assert "\n" not in str(refused.value)
+
+
+def test_weights_of_another_bundle_are_refused_and_an_old_bundle_loads_with_one_warning(
+    saved_bundles: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # fmt: skip
+    ours, theirs = saved_bundles
+    metadata = json.loads((ours / META).read_text())
+    hashed = {"models/model.pt", "class_names", "image_settings", "network_def", "preprocessing"}
+    assert set(metadata["saved_sha256"]) == hashed
+    with caplog.at_level(logging.WARNING, logger="medmeta"):
+        load_bundle(ours)
+    assert caplog.text == ""  # a bundle with its hashes, unchanged: not a word
+    folder = tmp_path / "mixed"
+    shutil.copytree(ours, folder)
+    shutil.copy(theirs / "models" / "model.pt", folder / "models" / "model.pt")  # same shapes: it would load
+    with pytest.raises(DataError, match=f"^bundle {folder}: models/model.pt is not the file this bundle was saved with"):
+        load_bundle(folder)
+    old = tmp_path / "old"  # saved before the hashes were recorded: loads as before, with one warning
+    shutil.copytree(ours, old)
+    _edit(old, META, lambda m: m.pop("saved_sha256"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medmeta"):
+        assert load_bundle(old).class_names == ["benign", "malignant"]
+    assert len(caplog.records) == 1 and "edits to its weights or settings cannot be detected" in caplog.text
+    _edit(old, META, lambda m: m["image_settings"].update(preset="lung"))  # still checked without the hashes
+    with pytest.raises(DataError, match="invalid intensity setting"):
+        load_bundle(old)

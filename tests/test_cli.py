@@ -456,3 +456,82 @@ def test_evaluate_into_a_new_folder_does_not_warn_of_deleting_old_logs(
     (run,) = (tmp_path / "eval" / "evaluate").iterdir()
     assert {"class_splits.json", "metrics.csv", "metrics.json"} <= {p.name for p in run.iterdir()}
     assert list(run.glob("events.out.tfevents.*"))  # TensorBoard's file in the same folder (docs/evaluation.md)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1"], "--lr_scheduler needs --optimizer"),
+        (["--optimizer", "SGD", "--optimizer.lr", "0.1", "--lr_scheduler", "ReduceLROnPlateau",
+          "--lr_scheduler.monitor", "val/acc"], "ReduceLROnPlateau is not supported"),  # fmt: skip
+        (["--model.cosine_annealing", "true", "--optimizer", "SGD", "--optimizer.lr", "0.1"],
+         "model.cosine_annealing has no effect with --optimizer"),  # fmt: skip
+        (["--trainer.precision", "bf16-true"], "trainer.precision bf16-true is not supported"),
+        (["--trainer.max_steps", "2", "--trainer.val_check_interval", "5"],
+         "no validation would run (trainer.val_check_interval 5 batches > trainer.max_steps 2)"),  # fmt: skip
+        (["--trainer.limit_val_batches", "0"], "no validation would run (trainer.limit_val_batches 0)"),
+    ],
+)
+def test_ignored_or_unsupported_training_settings_are_refused_before_data(
+    tiny_dicom_root: Path, tmp_path: Path, extra: list[str], message: str, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A scheduler that would never be built, a schedule dropped by --optimizer, fp16/bf16 weights, a test after
+    fit with no checkpoint selected on val/acc: one line each, before any data is read."""
+    out = tmp_path / "run"
+    status, printed = _medmeta_here(*_tiny_fit_args(tiny_dicom_root, out), *extra, cwd=tmp_path, capsys=capsys,
+                                    monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 2, printed[-2000:]
+    (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
+    assert message in line and "Traceback" not in printed
+    assert "usable images" not in printed
+
+
+def test_a_cli_scheduler_steps_per_optimizer_step_and_the_progress_bar_can_be_turned_off(
+    tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """medmeta's epochs are longer than a fit: a per-epoch StepLR would never step (lr 1 after 3 steps, not 0.125).
+
+    The configs' RichProgressBar is dropped under --trainer.enable_progress_bar false (Lightning refuses the two).
+    """
+    out = tmp_path / "run"
+    status, printed = _medmeta_here(*_tiny_fit_args(tiny_dicom_root, out), "--optimizer", "SGD", "--optimizer.lr", "1",
+                                    "--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1", "--lr_scheduler.gamma",
+                                    "0.5", "--test_after_fit", "false", "--trainer.limit_val_batches", "0",
+                                    "--trainer.enable_progress_bar", "false", cwd=tmp_path, capsys=capsys,
+                                    monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 0, printed[-3000:]
+    checkpoint = torch.load(next(out.rglob("last.ckpt")), weights_only=True)
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == 0.125
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3
+
+
+def test_a_test_after_fit_without_validation_says_it_tested_the_last_weights(
+    tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Validation that never ran (here: one short epoch) is named in the console, metrics.json and report.html."""
+    out = tmp_path / "run"
+    status, printed = _medmeta_here(*_tiny_fit_args(tiny_dicom_root, out), "--trainer.max_steps", "-1",
+                                    "--trainer.max_epochs", "1", "--data.train_batches_per_epoch", "2",
+                                    "--data.test_episodes", "2", cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 0, printed[-3000:]
+    (line,) = [line for line in printed.splitlines() if "warning:" in line]
+    assert "last weights, not selected on val/acc: no validation ran" in line and "max_epochs 1" in line
+    metrics = json.loads(next(out.rglob("metrics.json")).read_text())
+    assert metrics["tested_weights"].startswith("last weights, not selected on val/acc")
+    assert "last weights, not selected on val/acc" in next(out.rglob("report.html")).read_text()
+
+
+def test_fit_with_test_after_fit_refuses_a_test_split_that_cannot_be_tested_before_training(
+    tiny_dicom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Two test classes for 3-way episodes: one line naming the split, before any step or checkpoint."""
+    classes = sorted(p.name for p in tiny_dicom_root.iterdir() if p.is_dir())
+    splits = {"train": classes[:5], "val": classes[5:10], "test": classes[10:]}
+    out = tmp_path / "run"
+    status, printed = _medmeta_here(*_tiny_fit_args(tiny_dicom_root, out), "--data.splits", json.dumps(splits),
+                                    cwd=tmp_path, capsys=capsys, monkeypatch=monkeypatch)  # fmt: skip
+    assert status == 2, printed[-3000:]
+    (line,) = [line for line in printed.splitlines() if "medmeta: error:" in line]
+    assert "meta-split 'test' has 2 class(es)" in line and "n_way=3" in line and "before training" in line
+    assert not list(out.rglob("*.ckpt")) and "Traceback" not in printed

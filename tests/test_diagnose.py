@@ -514,3 +514,25 @@ def test_a_query_file_given_twice_is_one_case(tiny_dicom_root: Path, tmp_path: P
     (tmp_path / "link.dcm").symlink_to(first)
     records, _ = read_queries([first, folder, tmp_path / "link.dcm"], 2)
     assert [r.path for r in records] == [first, sorted(folder.iterdir())[1]]
+
+
+@pytest.mark.parametrize("norm_mode", ["transductive", "running"])
+def test_save_adapted_with_transductive_batch_norm_says_its_probabilities_are_the_exported_networks(
+    norm_mode: str, checkpoint_for, tiny_dicom_root: Path, tmp_path: Path  # noqa: ANN001
+) -> None:  # fmt: skip
+    """The saved network normalises with the support set's statistics, not the query batch's that meta-test measures."""
+    import html
+
+    from medmeta.diagnose import SAVED_TRANSDUCTIVE
+
+    support, queries = _cases(tiny_dicom_root, tmp_path, 2, per_class=2)
+    result = diagnose(checkpoint_for("maml", norm_mode, "squared_euclidean"), support, [queries], tmp_path / "out",
+                      save_adapted=tmp_path / "model")  # fmt: skip
+    normalisation = json.loads((result.out / "predictions.json").read_text())["normalisation"]
+    assert normalisation.startswith("batch norm with fixed statistics") and "the saved model's" in normalisation
+    said = "normalises with the support set's batch statistics, so these probabilities (and medmeta predict's)"
+    report = html.unescape(result.report.read_text())
+    assert (said in normalisation) == (norm_mode == "transductive") == (said in report)
+    assert SAVED_TRANSDUCTIVE.count(".") == 0  # one sentence
+    documented = " ".join((Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text().split())
+    assert "for 23% of the queries (125 of 540)" in documented and "differ slightly" not in documented

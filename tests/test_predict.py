@@ -467,3 +467,49 @@ def test_a_case_of_another_kind_than_the_model_was_trained_on_is_flagged(
     (old / "configs" / "metadata.json").write_text(json.dumps(metadata))
     predict_cohort(load_bundle(old), [cohort], tmp_path / "px-old", progress=False)
     assert all(row["warnings"] == "" for row in csv_rows(tmp_path / "px-old"))
+
+
+def test_a_cohort_case_that_is_a_support_case_of_the_bundle_is_flagged(
+    trained_checkpoint: Path, tiny_dicom_root: Path, tmp_path: Path
+) -> None:  # fmt: skip
+    """diagnose flags a query that is a support case; predict flags it too, from the bundle's support hashes."""
+    support, cohort = tmp_path / "support", tmp_path / "cohort"
+    for name in sorted(p.name for p in tiny_dicom_root.iterdir() if p.is_dir())[:2]:
+        files = sorted((tiny_dicom_root / name).glob("*.dcm"))
+        for target in (support / name, cohort / "shown" / name):
+            target.mkdir(parents=True)
+            for f in files[:3]:
+                shutil.copy(f, target / f"renamed-{f.name}")  # other names, the same contents
+        (cohort / "new").mkdir(exist_ok=True)
+        shutil.copy(files[-1], cohort / "new" / files[-1].name)
+    diagnose(trained_checkpoint, support, [cohort / "new"], tmp_path / "dx", save_adapted=tmp_path / "model")
+    metadata = json.loads((tmp_path / "model" / "configs" / "metadata.json").read_text())
+    assert len(metadata["support_sha256"]) == 6 and "renamed" not in json.dumps(metadata)  # hashes only
+    predict_cohort(load_bundle(tmp_path / "model"), [cohort], tmp_path / "px", progress=False)
+    warned = {row["case"] for row in csv_rows(tmp_path / "px") if "the same image as a support case" in row["warnings"]}
+    assert warned == {str(p.relative_to(cohort)) for p in (cohort / "shown").rglob("*.dcm")} and len(warned) == 6
+    assert "support_sha256" not in json.loads((tmp_path / "px" / JSON_NAME).read_text())["bundle"]
+    old = tmp_path / "old-model"  # a bundle written before the record: nothing known, no warning
+    shutil.copytree(tmp_path / "model", old)
+    del metadata["support_sha256"]
+    (old / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    predict_cohort(load_bundle(old), [cohort], tmp_path / "px-old", progress=False)
+    assert all(row["warnings"] == "" for row in csv_rows(tmp_path / "px-old"))
+
+
+def test_a_bundle_with_an_invalid_window_is_one_line_and_writes_nothing(
+    bundle_dir: Path, cohort: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # fmt: skip
+    folder = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, folder)
+    metadata = json.loads((folder / "configs" / "metadata.json").read_text())
+    for window in ([400.0, -1100.0], "soft tissue"):
+        metadata["image_settings"]["window"] = window
+        (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+        out = tmp_path / "out"
+        assert main(["predict", "--bundle", str(folder), "--input", str(cohort), "--out", str(out)]) == 2
+        printed = capsys.readouterr()
+        assert printed.out.strip().startswith(f"medmeta: error: bundle {folder}: image_settings in configs/")
+        assert len(printed.out.strip().splitlines()) == 1 and "invalid intensity setting" in printed.out
+        assert "Traceback" not in printed.out + printed.err
+        assert not out.exists()

@@ -408,3 +408,34 @@ def test_fit_last_keeps_the_best_checkpoint_of_the_whole_run(tiny_dicom_root: Pa
     scores = [float(row["val/acc"]) for row in csv.DictReader(log.open()) if row.get("val/acc")]
     assert len(scores) == 6 and resumed[1] == pytest.approx(max(scores))
     assert sorted(p.name for p in log.parent.glob("config*.yaml")) == ["config.yaml", "config_resume_1.yaml"]
+
+
+def test_nonfinite_skip_with_accumulation_puts_back_every_micro_batch_and_names_its_episodes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With accumulate_grad_batches 2 a skipped update's statistics are those before its first micro-batch."""
+    torch.manual_seed(0)
+    module = module_for(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, nonfinite="skip", pixel_baseline=False,
+                        norm_mode="running")  # fmt: skip
+    before = {k: v.clone() for k, v in module.named_buffers()}
+    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, inference_mode=False, default_root_dir=tmp_path)  # fmt: skip
+    with caplog.at_level("WARNING", logger="medmeta.module"):
+        trainer.fit(module, _batches(nan_step=1, steps=2))  # the second micro-batch of the step is the bad one
+    assert module.skipped_steps == 1
+    assert [k for k, v in module.named_buffers() if not torch.equal(v, before[k])] == []
+    assert "training episodes [0, 1, 10, 11]" in caplog.text
+
+
+def test_a_grad_scaler_overflow_is_left_to_the_scaler(tmp_path: Path) -> None:
+    """Under 16-mixed an inf gradient is a loss-scale overflow: the scaler skips it and lowers its scale, no stop."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    module = module_for(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, pixel_baseline=False)  # nonfinite: stop
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e12)  # overflows at once in float16
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        inference_mode=False, default_root_dir=tmp_path,
+                        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])  # fmt: skip
+    trainer.fit(module, _batches(steps=3))
+    assert trainer.global_step == 3 and scaler.get_scale() < 1e12 and module.skipped_steps == 0

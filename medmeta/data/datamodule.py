@@ -4,6 +4,9 @@ The work is done elsewhere, each without Lightning: ``inventory`` (discover, pre
 ``loading`` and ``image_cache`` (images to tensors, in memory or memory-mapped), ``loaders``
 (episodes, samplers, the resumable loader), ``replay`` (frozen test episodes) and ``cache_folder``
 (the built-in synthetic data set).
+
+Why this module is longer than 300 lines: Lightning's data-module interface (setup, the four loaders, the
+frozen test episodes) and its typed, documented settings are one class, which LightningCLI reads as a whole.
 """
 
 from __future__ import annotations
@@ -107,6 +110,12 @@ class EpisodicDataModule(L.LightningDataModule):
         skip_undecodable: bool = False,
     ) -> None:
         super().__init__()
+        counts = (("meta_batch_size", meta_batch_size), ("eval_batch_size", eval_batch_size),
+                  ("train_batches_per_epoch", train_batches_per_epoch), ("val_episodes", val_episodes),
+                  ("test_episodes", test_episodes))  # fmt: skip
+        for name, value in counts:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be a positive integer, got {value!r}")
         three_d_only = [name for name, value in (("spacing", spacing), ("roi_size", roi_size)) if value is not None]
         if spatial_dims == 2 and three_d_only:
             raise ValueError(f"data.{three_d_only[0]} is a 3D setting, ignored by 2D images: set "
@@ -126,6 +135,7 @@ class EpisodicDataModule(L.LightningDataModule):
         self.episodes_file = Path(episodes_file).expanduser() if episodes_file else None
         self.augment, self.num_workers, self.synthetic_seed = augment, num_workers, synthetic_seed
         self.inventory: Inventory | None = None
+        self.test_after_fit = False  # set by `medmeta fit --test_after_fit true`: setup("fit") then refuses a bad test split
         self._datasets: dict[str, EpisodeDataset] = {}
         self._test_records: Sequence[ImageRecord] = ()
 
@@ -159,11 +169,29 @@ class EpisodicDataModule(L.LightningDataModule):
             log("%s", self.inventory.summary_line())
             self._write_class_splits()
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
+        splits = wanted.get(stage, SPLITS) if stage else SPLITS
+        for split in splits:  # every refusal before any image is cached
             if self.inventory.feasibility[split] is not None:
                 raise DataError(self.inventory.feasibility[split])
+        if stage == "fit":
+            self._check_test_split()
+        for split in splits:
             if split not in self._datasets:
                 self._datasets[split] = self._build(split)
+
+    def _check_test_split(self) -> None:
+        """Before training: refuse (``test_after_fit``) or warn about a test split that cannot supply episodes.
+
+        Not when the test episodes are replayed from a manifest (``episodes_file``), which is checked when replayed.
+        """
+        message = self.inventory.feasibility["test"] if self.inventory is not None else None
+        if message is None or self.episodes_file is not None:
+            return
+        if self.test_after_fit:
+            raise DataError(f"{message} (test_after_fit would test on meta-split 'test' after training: "
+                            "refused before training)")  # fmt: skip
+        logger.warning("meta-split 'test' cannot supply test episodes, so testing this model will be refused: %s",
+                       message)  # fmt: skip
 
     def _write_class_splits(self) -> None:
         """Record the resolved meta-splits next to the run outputs."""

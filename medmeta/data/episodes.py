@@ -330,14 +330,19 @@ class EpisodeSampler:
         )
 
     def _partition(self, name: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Support/query pools of one class: shuffled patients to support until K, up to 8 draws, then its fixed split.
+
+        An episode whose first draw leaves Q query images is the same as before redraws were added.
+        """
         groups = self._groups[name]
-        support: list[int] = []
-        query: list[int] = []
-        for g in rng.permutation(len(groups)):
-            (support if len(support) < self.k_shot else query).extend(groups[g].tolist())
-        if len(query) < self.q_query:
-            return self._fallback[name]
-        return np.asarray(support), np.asarray(query)
+        for _ in range(_ATTEMPTS):
+            support: list[int] = []
+            query: list[int] = []
+            for g in rng.permutation(len(groups)):
+                (support if len(support) < self.k_shot else query).extend(groups[g].tolist())
+            if len(query) >= self.q_query:
+                return np.asarray(support), np.asarray(query)
+        return self._fallback[name]
 
     def _episode_partition(
         self, chosen: Sequence[str], rng: np.random.Generator

@@ -14,7 +14,10 @@ which patient each belongs to are decided together by one link-safe walk; they a
 read together.
 
 A file's patient is its DICOM PatientID, else its first sub-folder under the class folder, the same
-sub-folder name under any class being one patient (as a PatientID is), else the file itself.
+sub-folder name under any class being one patient (as a PatientID is), else the file itself. Every key
+found in one patient sub-folder is one patient: a PatientID joins the folder it is found in (so a PNG
+export, or a DICOM file whose PatientID was blanked, beside DICOM files with one is the same patient),
+and a PatientID found in two folders joins them.
 """
 
 from __future__ import annotations
@@ -110,32 +113,49 @@ def dicom_patient(path: Path) -> str | None:
     return hash_patient("dicom:" + patient_id) if patient_id else None
 
 
-def _patient_of(path: Path, class_dir: Path) -> str:
-    """The patient a file belongs to: DICOM PatientID, else its first sub-folder (across classes), else the file."""
-    if path.name.lower().endswith(DICOM_SUFFIXES):
-        patient = dicom_patient(path)
-        if patient is not None:
-            return patient
+def _patient_keys(path: Path, class_dir: Path) -> tuple[str | None, str]:
+    """A file's hashed DICOM PatientID (``None`` without one) and the key of its patient folder, else of the file."""
+    dicom = dicom_patient(path) if path.name.lower().endswith(DICOM_SUFFIXES) else None
     relative = path.relative_to(class_dir)
     if len(relative.parts) > 1:
-        return hash_patient(f"folder:{relative.parts[0]}")
-    return hash_patient(f"path:{class_dir.name}/{relative}")
+        return dicom, hash_patient(f"folder:{relative.parts[0]}")
+    return dicom, hash_patient(f"path:{class_dir.name}/{relative}")
 
 
-def _series_patient(folder: Path, class_dir: Path) -> str:
-    """The patient of a DICOM series folder: from its first readable slice, else from the folder path.
+def _series_keys(folder: Path, class_dir: Path) -> tuple[str | None, str]:
+    """The keys (:func:`_patient_keys`) of a DICOM series folder: its first readable slice's, else its folder's.
 
     A series that is the class folder itself (two or more slices right in it) is its own patient.
     """
     for slice_path in sorted(p for p in folder.iterdir() if p.name.lower().endswith(DICOM_SUFFIXES)):
         try:
-            return _patient_of(slice_path, class_dir)
+            return _patient_keys(slice_path, class_dir)
         except Exception:  # noqa: BLE001 - any unreadable header: the next slice; the preflight reports the series
             continue
     relative = folder.relative_to(class_dir)
     if relative.parts:
-        return hash_patient(f"folder:{relative.parts[0]}")
-    return hash_patient(f"path:{class_dir.name}/.")
+        return None, hash_patient(f"folder:{relative.parts[0]}")
+    return None, hash_patient(f"path:{class_dir.name}/.")
+
+
+def _linked_patients(keys: list[tuple[str | None, str]]) -> list[str]:
+    """One patient key per image: a PatientID and the folder (or file) key it was found with are one patient.
+
+    Keys linked directly or through other images (a union-find over keys) get the same key, one of
+    their own salted hashes, so nothing but salted hashes is ever kept.
+    """
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for dicom, folder in keys:
+        if dicom is not None and root(dicom) != root(folder):
+            parent[root(folder)] = root(dicom)
+    return [root(dicom if dicom is not None else folder) for dicom, folder in keys]
 
 
 def _series_folders(files: list[Path]) -> set[Path]:
@@ -278,7 +298,7 @@ def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[I
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
-    records: list[ImageRecord] = []
+    found: list[tuple[Path, str, tuple[str | None, str]]] = []  # path, class, patient keys
     skipped: list[SkippedFile] = []
     walk = _Walk(root, skipped)
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -292,14 +312,14 @@ def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[I
             skipped.append(SkippedFile(path, "in-series", IN_SERIES_DETAIL))
         for path in candidates:
             if path.is_dir():  # the patient of the first readable slice; the preflight judges the series
-                records.append(ImageRecord(path, class_dir.name, _series_patient(path, class_dir)))
+                found.append((path, class_dir.name, _series_keys(path, class_dir)))
             elif not _is_image(path):
                 skipped.append(SkippedFile(path, "not-image"))
             elif path.stat().st_size == 0:
                 skipped.append(SkippedFile(path, "empty"))
             else:
                 try:
-                    records.append(ImageRecord(path, class_dir.name, _patient_of(path, class_dir)))
+                    found.append((path, class_dir.name, _patient_keys(path, class_dir)))
                 except (EOFError, struct.error, BytesLengthException) as error:  # cut inside an element
                     logger.warning("skipping %s: truncated (%s)", path, type(error).__name__)
                     skipped.append(SkippedFile(path, "truncated"))
@@ -307,6 +327,8 @@ def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[I
                     logger.warning("skipping %s: unreadable (%s)", path, type(error).__name__)
                     detail = f"cannot read the DICOM header ({type(error).__name__})"
                     skipped.append(SkippedFile(path, "unreadable", detail))
+    patients = _linked_patients([keys for _, _, keys in found])
+    records = [ImageRecord(path, label, patient) for (path, label, _), patient in zip(found, patients)]
     if not records:
         raise DataError(
             f"no images found under {root}: expected one sub-folder per class holding "

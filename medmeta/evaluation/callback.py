@@ -90,6 +90,9 @@ class EvaluationReport(L.Callback):
             summary[name], summary[f"{name}_ci95"] = bootstrap_ci95(values)
         if self.seen_test_classes:
             summary["seen_test_classes"] = self.seen_test_classes
+        note = getattr(pl_module, "tested_weights_note", None)  # a test after a fit whose validation never ran
+        if note:
+            summary["tested_weights"] = note
         if results.pixel_acc is not None:
             pixel_mean, pixel_ci = mean_and_ci95(results.pixel_acc)
             summary.update(pixel_nn_accuracy=pixel_mean, pixel_nn_accuracy_ci95=pixel_ci)
@@ -103,6 +106,9 @@ class EvaluationReport(L.Callback):
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         metrics_path = out_dir / "metrics.json"
         if trainer.is_global_zero:
+            settings = run_settings(trainer, pl_module, out_dir)
+            if note:
+                settings["checkpoint"] = note
             out_dir.mkdir(parents=True, exist_ok=True)
             if datamodule is not None:
                 datamodule.freeze_test_episodes(out_dir / "test_episodes.json")
@@ -113,10 +119,11 @@ class EvaluationReport(L.Callback):
             summary["figures"] = [path.name for path in paths]
             metrics_path.write_text(json.dumps(summary, indent=2) + "\n")
             report = write_test_report(
-                out_dir / "report.html", summary=summary, settings=run_settings(trainer, pl_module, out_dir),
+                out_dir / "report.html", summary=summary, settings=settings,
                 figures=paths, worst=worst_episodes(results.episode_ids, episode_classes, per_episode),
                 extra_metrics=list(extra),
-                warnings=[_seen_classes_text(self.seen_test_classes)] if self.seen_test_classes else [],
+                warnings=([_seen_classes_text(self.seen_test_classes)] if self.seen_test_classes else [])
+                + ([f"tested the {note}"] if note else []),
             )  # fmt: skip
             log_artifacts(trainer.loggers, [metrics_path, report, out_dir / "per_episode.csv", *paths])
         summary["metrics_file"] = str(metrics_path)

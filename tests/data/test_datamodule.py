@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -138,3 +139,52 @@ def test_3d_settings_are_refused_with_2d_images(settings: dict, named: str) -> N
     with pytest.raises(ValueError, match=f"{named}.*spatial_dims 2"):
         EpisodicDataModule("unused", spatial_dims=2, **settings)
     EpisodicDataModule("unused", spatial_dims=3, **settings)  # where they belong
+
+
+def _two_test_classes(root: Path, **overrides: object) -> EpisodicDataModule:
+    """3-way episodes over explicit splits whose test split has only 2 classes."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    return _module(root, splits={"train": classes[:5], "val": classes[5:10], "test": classes[10:]}, **overrides)
+
+
+def test_fit_setup_refuses_an_untestable_test_split_under_test_after_fit_and_warns_without_it(
+    tiny_dicom_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    module = _two_test_classes(tiny_dicom_root)
+    module.test_after_fit = True  # as `medmeta fit --test_after_fit true` sets it
+    with pytest.raises(DataError, match=r"meta-split 'test' has 2 class\(es\).*n_way=3.*test_after_fit.*before training"):
+        module.setup("fit")
+    assert not module._datasets  # refused before any image was cached
+    plain = _two_test_classes(tiny_dicom_root)
+    with caplog.at_level(logging.WARNING, logger="medmeta.data.datamodule"):
+        plain.setup("fit")
+    assert "meta-split 'test' cannot supply test episodes" in caplog.text and set(plain._datasets) == {"train", "val"}
+    replayed = _two_test_classes(tiny_dicom_root, episodes_file=str(tmp_path / "test_episodes.json"))
+    replayed.test_after_fit = True
+    replayed.setup("fit")  # replayed test episodes are checked when they are replayed, not drawn
+
+
+def test_fit_setup_under_test_after_fit_names_a_too_small_test_class(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    sizes = {name: [2, 2, 2] for name in "abcde"} | {"rare": [1, 1]}
+    rng = np.random.default_rng(0)
+    for name, patients in sizes.items():
+        for p, n in enumerate(patients):
+            (tmp_path / name / f"p{p}").mkdir(parents=True)
+            for k in range(n):
+                Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(tmp_path / name / f"p{p}" / f"{k}.png")
+    module = EpisodicDataModule(str(tmp_path), n_way=2, k_shot=1, q_query=2, image_size=8, window=None,
+                                splits={"train": ["a", "b"], "val": ["c", "d"], "test": ["e", "rare"]})  # fmt: skip
+    module.test_after_fit = True
+    with pytest.raises(DataError, match=r"class 'rare' in meta-split 'test' has 2 image\(s\) from 2 patient\(s\)"):
+        module.setup("fit")
+
+
+@pytest.mark.parametrize("name", ["meta_batch_size", "eval_batch_size", "train_batches_per_epoch", "val_episodes",
+                                  "test_episodes"])  # fmt: skip
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_episode_counts_and_batch_sizes_must_be_positive_integers(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"^data\.{name} must be a positive integer, got {value!r}$"):
+        EpisodicDataModule("unused", **{name: value})

@@ -242,3 +242,24 @@ def test_a_negative_seed_is_refused_naming_the_setting() -> None:
     labels, patients = _bank()
     with pytest.raises(DataError, match="seed must be a non-negative integer, got -3"):
         EpisodeSampler(labels, patients, sorted(set(labels)), split="train", n_way=2, k_shot=1, q_query=1, seed=-3)
+
+
+def test_a_short_first_draw_is_redrawn_before_the_fixed_split_so_equal_patients_give_support_alike() -> None:
+    """Class x: 25 images from patients of 10, 5, 3, 3, 2, 1, 1 images; K=5, Q=15 (one draw is short 19% of the time)."""
+    sizes = [10, 5, 3, 3, 2, 1, 1]
+    patients = [f"x{p}" for p, n in enumerate(sizes) for _ in range(n)] + [f"b{p}" for p in range(6) for _ in range(4)]
+    labels = [p[0] for p in patients]
+    sampler = EpisodeSampler(labels, patients, ["b", "x"], split="test", n_way=2, k_shot=5, q_query=15)
+    fixed = {patients[i] for i in sampler._fallback["x"][0].tolist()}
+    gives_support = {"x2": 0, "x3": 0}  # the two 3-image patients
+    as_fixed, n = 0, 2000
+    for index in range(n):
+        episode = sampler.episode(index)
+        x = episode.classes.index("x")
+        support = {patients[i] for i in episode.support[episode.support_labels == x]}
+        query = {patients[i] for i in episode.query[episode.query_labels == x]}
+        as_fixed += support <= fixed and not query & fixed
+        for patient in gives_support:
+            gives_support[patient] += patient in support
+    assert as_fixed / n < 0.05  # one draw then the fixed split: 0.21
+    assert abs(gives_support["x2"] - gives_support["x3"]) / n < 0.05  # one draw: 0.43 against 0.25

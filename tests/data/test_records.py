@@ -183,3 +183,71 @@ def test_images_inside_a_series_folder_are_listed_as_skipped_in_3d(tmp_path: Pat
     assert {"a/s0/converted.nii.gz", "a/s0/key.png", "b/s0/converted.nii.gz"} <= {
         r.path.relative_to(root).as_posix() for r in records
     } and not [s for s in skipped if s.reason == "in-series"]
+
+
+def _mixed_patient_folders(root: Path) -> Path:
+    """Classes ``a`` and ``b``, 3 patient folders each: 2 DICOMs with a PatientID, 1 with it blank, 1 PNG export."""
+    from tests.data.test_readers import ct_dataset, stored_image, write
+
+    for c, name in enumerate("ab"):
+        for p in range(3):
+            folder = root / name / f"pt{name}{p}"
+            for k, patient_id in enumerate((f"ID-{name}{p}", f"ID-{name}{p}", "")):
+                ds = ct_dataset(stored_image(100 * c + 10 * p + k))
+                ds.PatientID = patient_id
+                write(ds, folder / f"IM{k:04d}.dcm")
+            _png(folder / "export.png", seed=100 * c + 10 * p + 9)
+    return root
+
+
+def test_every_file_of_a_patient_folder_is_one_patient_with_or_without_a_patient_id(tmp_path: Path) -> None:
+    """A PNG export or a DICOM with a blanked PatientID beside DICOMs with one: the same patient, not a second one."""
+    root = _mixed_patient_folders(tmp_path / "data")
+    _png(root / "a" / "flat.png", seed=7)  # right in the class folder: its own patient, as before
+    records, _ = discover_records(root)
+    by_folder: dict[str, set[str]] = {}
+    for r in records:
+        by_folder.setdefault(r.path.relative_to(root).parts[1], set()).add(r.patient)
+    assert {name: len(keys) for name, keys in by_folder.items()} == {
+        **{f"pt{c}{p}": 1 for c in "ab" for p in range(3)}, "flat.png": 1}
+    assert len({r.patient for r in records}) == 7
+    assert all(len(r.patient) == 16 and "ID-" not in r.patient for r in records)  # salted hashes only
+
+
+def test_a_patient_id_in_two_folders_links_them(tmp_path: Path) -> None:
+    from tests.data.test_readers import ct_dataset, stored_image, write
+
+    root = _folder(tmp_path / "data")  # a/p0, a/p1, b/p0, b/p1 (PNG)
+    for k, folder in enumerate(("p1", "p7")):  # one PatientID in b/p1 and b/p7: p1 and p7 are one patient
+        ds = ct_dataset(stored_image(k))
+        ds.PatientID = "SAME-PERSON"
+        write(ds, root / "b" / folder / "scan.dcm")
+    records, _ = discover_records(root)
+    patient = {r.path.relative_to(root).as_posix(): r.patient for r in records}
+    assert patient["b/p7/scan.dcm"] == patient["a/p1/IM0000.png"] == patient["b/p1/scan.dcm"] != patient["a/p0/IM0000.png"]
+
+
+def test_no_episode_takes_support_and_query_from_one_mixed_patient_folder(tmp_path: Path) -> None:
+    from medmeta.data.episodes import EpisodeSampler
+
+    records, _ = discover_records(_mixed_patient_folders(tmp_path / "data"))
+    sampler = EpisodeSampler([r.label for r in records], [r.patient for r in records], ["a", "b"], split="test",
+                             n_way=2, k_shot=1, q_query=1)  # fmt: skip
+    folder = [r.path.parent for r in records]
+    for index in range(100):
+        episode = sampler.episode(index)
+        assert not {folder[i] for i in episode.support} & {folder[i] for i in episode.query}, index
+
+
+def test_a_3d_series_and_a_volume_in_one_patient_folder_are_one_patient(tmp_path: Path) -> None:
+    from tests.data.test_readers import ct_dataset, stored_image, write
+
+    root = tmp_path / "data"
+    for k in range(2):
+        ds = ct_dataset(stored_image(k), instance=k + 1)
+        ds.PatientID = "ID-3D"
+        write(ds, root / "a" / "pt0" / "s0" / f"IM{k:04d}.dcm")
+    (root / "a" / "pt0" / "converted.nii.gz").write_bytes(b"\0" * 200)  # found, not read
+    records, _ = discover_records(root, spatial_dims=3)
+    assert sorted(r.path.relative_to(root).as_posix() for r in records) == ["a/pt0/converted.nii.gz", "a/pt0/s0"]
+    assert len({r.patient for r in records}) == 1
