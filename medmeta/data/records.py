@@ -14,10 +14,11 @@ which patient each belongs to are decided together by one link-safe walk; they a
 read together.
 
 A file's patient is its DICOM PatientID, else its first sub-folder under the class folder, the same
-sub-folder name under any class being one patient (as a PatientID is), else the file itself. Every key
-found in one patient sub-folder is one patient: a PatientID joins the folder it is found in (so a PNG
-export, or a DICOM file whose PatientID was blanked, beside DICOM files with one is the same patient),
-and a PatientID found in two folders joins them.
+sub-folder name under any class being one patient (as a PatientID is), else the file itself. In a patient
+sub-folder that also holds images without a PatientID, every key found there is one patient: a PNG
+export, or a DICOM file whose PatientID was blanked, beside DICOM files with one is the same patient,
+and such a folder's PatientIDs join it to any other folder holding them. A sub-folder whose images all
+carry a PatientID is split by PatientID, whatever its name.
 """
 
 from __future__ import annotations
@@ -139,10 +140,12 @@ def _series_keys(folder: Path, class_dir: Path) -> tuple[str | None, str]:
 
 
 def _linked_patients(keys: list[tuple[str | None, str]]) -> list[str]:
-    """One patient key per image: a PatientID and the folder (or file) key it was found with are one patient.
+    """One patient key per image: in a folder that also holds images without a PatientID (a PNG export, a
+    blanked header), every PatientID found there and the folder's key are one patient.
 
-    Keys linked directly or through other images (a union-find over keys) get the same key, one of
-    their own salted hashes, so nothing but salted hashes is ever kept.
+    A folder whose images all carry a PatientID keeps them apart by it, as before: its name then says
+    nothing about the patient. Keys linked directly or through other images (a union-find over keys)
+    get the same key, one of their own salted hashes, so nothing but salted hashes is ever kept.
     """
     parent: dict[str, str] = {}
 
@@ -152,8 +155,9 @@ def _linked_patients(keys: list[tuple[str | None, str]]) -> list[str]:
             key = parent[key]
         return key
 
+    mixed = {folder for dicom, folder in keys if dicom is None}  # folders whose images are patients by folder
     for dicom, folder in keys:
-        if dicom is not None and root(dicom) != root(folder):
+        if dicom is not None and folder in mixed and root(dicom) != root(folder):
             parent[root(folder)] = root(dicom)
     return [root(dicom if dicom is not None else folder) for dicom, folder in keys]
 

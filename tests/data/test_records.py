@@ -251,3 +251,17 @@ def test_a_3d_series_and_a_volume_in_one_patient_folder_are_one_patient(tmp_path
     records, _ = discover_records(root, spatial_dims=3)
     assert sorted(r.path.relative_to(root).as_posix() for r in records) == ["a/pt0/converted.nii.gz", "a/pt0/s0"]
     assert len({r.patient for r in records}) == 1
+
+
+def test_a_folder_whose_dicoms_all_carry_patient_ids_is_split_by_them(tmp_path: Path) -> None:
+    """A generic sub-folder (``images/``) of DICOMs from several patients, in every class: patients by PatientID."""
+    from tests.data.test_readers import ct_dataset, stored_image, write
+
+    root = tmp_path / "data"
+    for c, label in enumerate("ab"):
+        for p in range(3):
+            ds = ct_dataset(stored_image(3 * c + p))
+            ds.PatientID = f"ID-{label}{p}"
+            write(ds, root / label / "images" / f"{p}.dcm")
+    records, _ = discover_records(root)
+    assert len({r.patient for r in records}) == 6  # not one patient called "images" across both classes
