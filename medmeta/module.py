@@ -156,7 +156,8 @@ class FewShotModule(L.LightningModule):
             raise ValueError(f"cuda_graph is for learners that can record a fixed meta-step; {self.algorithm.label()} cannot")
         self._graphed = GraphedOuterLoss(self.algorithm) if cuda_graph else None
         self.skipped_steps, self._last_episodes = 0, []
-        self._buffers_before: dict[str, torch.Tensor] = {}  # this training step's buffers as they were before it
+        self._buffers_before: dict[str, torch.Tensor] = {}  # this optimizer step's buffers as they were before it
+        self._step_open = False  # a micro-batch of the coming optimizer step has run
         self.on_validation_epoch_start()  # the per-episode validation outputs, empty
         self.seen_classes: dict[str, list[str]] | None = None  # of the checkpoint this module was loaded from
         self.test_summary: dict[str, object] = {}  # written by the evaluation callback after a test
@@ -174,9 +175,10 @@ class FewShotModule(L.LightningModule):
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> torch.Tensor:
         """The meta-loss over the meta-batch; refuses non-finite losses before any update."""
         self._check_n_way(batch)
-        if batch_idx % getattr(self._trainer, "accumulate_grad_batches", 1) == 0:  # an optimizer step's first micro-batch
+        if not self._step_open:  # an optimizer step's first micro-batch (of accumulate_grad_batches)
             self._buffers_before = {name: b.clone() for name, b in self.named_buffers()}  # running statistics, say
             self._last_episodes = []  # the episodes of every micro-batch of this optimizer step
+            self._step_open = True
         if self._graphed is not None:
             loss, logits = self._graphed(batch["support_x"], batch["support_y"], batch["query_x"], batch["query_y"])
         else:
@@ -204,6 +206,7 @@ class FewShotModule(L.LightningModule):
         ``GradScaler`` (``16-mixed`` on a GPU) an inf gradient is a loss-scale overflow, left to the scaler,
         which skips the step and lowers its scale (the non-finite loss check stays).
         """
+        self._step_open = False  # the next training step starts the next optimizer step
         scaler = getattr(self._trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
         if scaler is not None and scaler.is_enabled():
             return
