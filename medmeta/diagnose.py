@@ -231,10 +231,15 @@ def read_queries(paths: list[Path], spatial_dims: int) -> tuple[list[ImageRecord
     if hidden:
         logger.info("left out %d hidden query file(s) (a name starting with '.', or in such a folder), "
                     "as medmeta predict does", hidden)  # fmt: skip
-    keys = [file_key(path) for path in files]  # a file given twice (two inputs, a link) is one case
-    files = [path for index, path in enumerate(files) if keys[index] not in keys[:index]]
-    if len(files) < len(keys):
-        logger.info("%d query file(s) given twice are used once", len(keys) - len(files))
+    seen: set[tuple[int, int] | Path] = set()  # a file given twice (two inputs, a link) is one case
+    unique: list[Path] = []
+    for path in files:
+        if file_key(path) not in seen:
+            seen.add(file_key(path))
+            unique.append(path)
+    if len(unique) < len(files):
+        logger.info("%d query file(s) given twice are used once", len(files) - len(unique))
+    files = unique
     warnings, records = [], []
     for number, path in enumerate(files, start=1):
         problem = check_image(path, spatial_dims=spatial_dims)

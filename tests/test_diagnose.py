@@ -459,18 +459,25 @@ def test_steps_are_refused_for_a_learner_that_does_not_adapt_in_steps(
         "maml": True, "anil": True, "finetune": True, "logreg": False, "protonet": False, "mann": False}
 
 
-def test_grad_cam_without_spatial_resolution_is_said_in_the_report(tiny_dicom_root: Path, tmp_path: Path) -> None:
-    """A Conv-4 at 8 px has a 1x1 last feature map: its Grad-CAM maps are blank, and the report says so."""
+def _one_step_checkpoint(root: Path, out: Path, *, image_size: int, eval_inner_steps: int) -> Path:
+    """A 3-way Conv-4 (4 channels) MAML meta-trained for one step on ``root``, saved as ``out/model.ckpt``."""
     torch.manual_seed(0)
-    module = module_for(n_way=3, image_size=8, hidden_channels=4, inner_steps=1, eval_inner_steps=1, pixel_baseline=False)
-    data = EpisodicDataModule(str(tiny_dicom_root), n_way=3, k_shot=1, q_query=1, meta_batch_size=1, image_size=8,
+    module = module_for(n_way=3, image_size=image_size, hidden_channels=4, inner_steps=1,
+                        eval_inner_steps=eval_inner_steps, pixel_baseline=False)  # fmt: skip
+    data = EpisodicDataModule(str(root), n_way=3, k_shot=1, q_query=1, meta_batch_size=1, image_size=image_size,
                               val_episodes=1, test_episodes=1, split_ratios=(0.5, 0.25, 0.25))  # fmt: skip
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, inference_mode=False, default_root_dir=tmp_path)
+                        enable_model_summary=False, limit_val_batches=0, inference_mode=False, default_root_dir=out)  # fmt: skip
     trainer.fit(module, datamodule=data)
-    trainer.save_checkpoint(tmp_path / "small.ckpt")
+    trainer.save_checkpoint(out / "model.ckpt")
+    return out / "model.ckpt"
+
+
+def test_grad_cam_without_spatial_resolution_is_said_in_the_report(tiny_dicom_root: Path, tmp_path: Path) -> None:
+    """A Conv-4 at 8 px has a 1x1 last feature map: its Grad-CAM maps are blank, and the report says so."""
+    ckpt = _one_step_checkpoint(tiny_dicom_root, tmp_path, image_size=8, eval_inner_steps=1)
     support, queries = _cases(tiny_dicom_root, tmp_path, 2, per_class=2)
-    result = diagnose(tmp_path / "small.ckpt", support, [queries], tmp_path / "out")
+    result = diagnose(ckpt, support, [queries], tmp_path / "out")
     message = "Grad-CAM has no spatial resolution at this image size: the maps are blank (the last feature map is 1x1"
     assert sum(message in w for w in result.warnings) == 1
     assert message in result.report.read_text() and message in (result.out / "warnings.txt").read_text()
@@ -478,20 +485,13 @@ def test_grad_cam_without_spatial_resolution_is_said_in_the_report(tiny_dicom_ro
 
 def test_a_new_head_with_zero_evaluation_steps_is_refused(tiny_dicom_root: Path, tmp_path: Path) -> None:
     """A 3-way model evaluated with 0 steps, given 2 diagnoses: its new zero head would score both alike for every case."""
-    torch.manual_seed(0)
-    module = module_for(n_way=3, image_size=16, hidden_channels=4, inner_steps=1, eval_inner_steps=0, pixel_baseline=False)
-    data = EpisodicDataModule(str(tiny_dicom_root), n_way=3, k_shot=1, q_query=1, meta_batch_size=1, image_size=16,
-                              val_episodes=1, test_episodes=1, split_ratios=(0.5, 0.25, 0.25))  # fmt: skip
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, inference_mode=False, default_root_dir=tmp_path)  # fmt: skip
-    trainer.fit(module, datamodule=data)
-    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    ckpt = _one_step_checkpoint(tiny_dicom_root, tmp_path, image_size=16, eval_inner_steps=0)
     support, queries = _cases(tiny_dicom_root, tmp_path, 2, per_class=2)
     with pytest.raises(DataError, match=r"2 diagnoses need a new head.*0 steps.*give --steps"):
-        diagnose(tmp_path / "model.ckpt", support, [queries], tmp_path / "o")
+        diagnose(ckpt, support, [queries], tmp_path / "o")
     assert not (tmp_path / "o").exists()
     three_support, three_queries = _cases(tiny_dicom_root, tmp_path / "three", 3, per_class=2)
-    diagnose(tmp_path / "model.ckpt", three_support, [three_queries], tmp_path / "o3")  # the trained head: 0 steps is fine
+    diagnose(ckpt, three_support, [three_queries], tmp_path / "o3")  # the trained head: 0 steps is fine
     assert (tmp_path / "o3" / "predictions.csv").is_file()
 
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from medmeta.data.formats import DICOM_SUFFIXES, format_of
+from medmeta.data.formats import format_of
 from medmeta.data.manifest import manifest_rows
-from medmeta.data.records import IN_SERIES_DETAIL, file_key, image_files, images_in_series
+from medmeta.data.records import IN_SERIES_DETAIL, file_key, image_files, images_in_series, series_folders
 from medmeta.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -76,13 +76,8 @@ def _folder_cases(root: Path, spatial_dims: int) -> list[Case]:
     if len(skipped) > len(broken):
         logger.info("left out %d path(s) under %s (duplicates, link loops or hidden folders)",
                     len(skipped) - len(broken), root)  # fmt: skip
-    series: set[Path] = set()
-    if spatial_dims == 3:
-        dicom_counts: dict[Path, int] = {}
-        for path in files:
-            if path.name.lower().endswith(DICOM_SUFFIXES):
-                dicom_counts[path.parent] = dicom_counts.get(path.parent, 0) + 1
-        series = {folder for folder, n in dicom_counts.items() if n > 1}
+    series = series_folders(files) if spatial_dims == 3 else set()  # one case each, as in training discovery
+    if series:
         beside = images_in_series(files, series)
         if beside:  # a count: a file name may hold a patient's name
             logger.warning("left out %d image file(s) under %s: %s", len(beside), root, IN_SERIES_DETAIL)

@@ -162,7 +162,7 @@ def _linked_patients(keys: list[tuple[str | None, str]]) -> list[str]:
     return [root(dicom if dicom is not None else folder) for dicom, folder in keys]
 
 
-def _series_folders(files: list[Path]) -> set[Path]:
+def series_folders(files: list[Path]) -> set[Path]:
     """Folders holding two or more DICOM files: each is one series (one volume) in 3D."""
     counts: dict[Path, int] = {}
     for path in files:
@@ -309,7 +309,7 @@ def discover_records(root: str | Path, *, spatial_dims: int = 2) -> tuple[list[I
         files = walk.class_folder(class_dir)
         if files is None:
             continue
-        series = _series_folders(files) if spatial_dims == 3 else set()
+        series = series_folders(files) if spatial_dims == 3 else set()
         candidates = sorted(series | {p for p in files if p.parent not in series})
         for path in images_in_series(files, series):
             logger.info("skipping %s: in-series (%s)", path, IN_SERIES_DETAIL)
